@@ -1,0 +1,174 @@
+"""The command line: a thin `main(argv)` over importable functions. Nothing is parsed or imported at module top level
+beyond the standard library, so `drift-stream --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+logger = logging.getLogger("drift_stream.cli")
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _beta_arg(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta takes a number or 'auto', got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings and errors only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drift-stream",
+        description="Refine SFT data by on-policy data attribution (DRIFT).",
+    )
+    from drift_stream import __version__
+
+    parser.add_argument("--version", action="version", version=f"drift-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("adapters", help="list the built-in dataset-format adapters")
+    _add_common(p)
+
+    p = sub.add_parser("score", help="score every row of a training pool into a run directory")
+    p.add_argument("--data", nargs="+", required=True, metavar="URL", help="input files, globs or directories "
+                   "(local, s3://, gs://, hf://, https://); parquet or jsonl(.gz/.zst)")
+    p.add_argument("--adapter", default="messages", help="built-in adapter name or path to a YAML spec")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--out", required=True, help="run directory (local path or s3://...)")
+    p.add_argument("--scorer", default="drift", choices=("drift", "less", "if", "loss", "ifd", "random"))
+    p.add_argument("--bank", help="bank directory (drift / less / if)")
+    p.add_argument("--allow-mismatch", action="store_true", help="use a bank built for another model or projector")
+    p.add_argument("--beta", type=_beta_arg, default=1.0, help="debiasing exponent: a number or 'auto' (default 1)")
+    p.add_argument("--calibration-rows", type=int, default=256, help="rows used to fit --beta auto")
+    p.add_argument("--keep-query-scores", action="store_true", help="add drift_query_scores (one per query)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward")
+    p.add_argument("--batch-rows", type=int, default=1024, help="rows read and written per batch")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--overlong", choices=("reject", "truncate"), default="reject")
+    p.add_argument("--on-bad-row", choices=("reject", "error"), default="reject")
+    p.add_argument("--num-shards", type=int, default=1, help="split input files over N processes")
+    p.add_argument("--shard-index", type=int, default=0, help="which of the N shards this process runs")
+    p.add_argument("--storage-options", type=_json_arg, default=None, help="fsspec options as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    _add_common(p)
+
+    p = sub.add_parser("bank", help="build or inspect a validation bank")
+    bank_sub = p.add_subparsers(dest="bank_command", required=True, metavar="BANK_COMMAND")
+    b = bank_sub.add_parser("build", help="rollouts -> verifier -> signed query gradients -> bank directory")
+    b.add_argument("--model", required=True)
+    b.add_argument("--queries", required=True, nargs="+", metavar="URL")
+    b.add_argument("--adapter", default="qa")
+    b.add_argument("--verifier", default="numeric", help="exact | numeric | math | regex:PATTERN | reasoning_gym | "
+                   "module:function")
+    b.add_argument("--rollouts", type=int, default=8, help="rollouts per query (K)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--signing", default="sign", choices=("sign", "advantage", "advantage_std", "positive"))
+    b.add_argument("--targets", default="on-policy", choices=("on-policy", "off-policy"))
+    b.add_argument("--preconditioner", default="identity", choices=("identity", "diagonal", "block"))
+    b.add_argument("--damping", type=float, default=0.1, help="damping as a fraction of the mean eigenvalue")
+    b.add_argument("--fisher-data", nargs="+", metavar="URL", help="training rows to estimate the preconditioner")
+    b.add_argument("--fisher-adapter", default="messages")
+    b.add_argument("--fisher-examples", type=int, default=512)
+    b.add_argument("--temperature", type=float, default=1.0)
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--proj-dim", type=int, default=16, help="projection size per side per module")
+    b.add_argument("--last-n-blocks", type=int, default=None, help="track only the last N blocks")
+    b.add_argument("--max-queries", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--storage-options", type=_json_arg, default=None)
+    _add_common(b)
+    i = bank_sub.add_parser("info", help="summarise a bank directory")
+    i.add_argument("bank_dir")
+    _add_common(i)
+
+    p = sub.add_parser("refine", help="select or reweight a scored run")
+    p.add_argument("run_dir")
+    p.add_argument("--policy", required=True, help="top:P | threshold:T | positive | weights | repeat")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the weights map")
+    p.add_argument("--keep-all", action="store_true", help="write every row with a `keep` column")
+    p.add_argument("--storage-options", type=_json_arg, default=None)
+    _add_common(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML page about a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and demo data")
+    p.add_argument("--out", default="drift-demo", help="output directory (default ./drift-demo)")
+    p.add_argument("--policy", default="top:0.25")
+    _add_common(p)
+    return parser
+
+
+def _configure_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    from drift_stream.errors import DriftError
+
+    try:
+        return _dispatch(args)
+    except DriftError as err:
+        print(f"drift-stream: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("drift-stream: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from drift_stream import commands
+
+    progress = not args.quiet
+    if args.command == "adapters":
+        return commands.list_adapters_cmd()
+    if args.command == "score":
+        return commands.score_cmd(args, progress=progress)
+    if args.command == "bank":
+        if args.bank_command == "build":
+            return commands.bank_build_cmd(args, progress=progress)
+        return commands.bank_info_cmd(args.bank_dir)
+    if args.command == "refine":
+        return commands.refine_cmd(args, progress=progress)
+    if args.command == "report":
+        return commands.report_cmd(args)
+    if args.command == "demo":
+        return commands.demo_cmd(args, progress=progress)
+    raise AssertionError(args.command)  # argparse guarantees one of the above
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

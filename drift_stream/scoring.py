@@ -1,0 +1,535 @@
+"""The engine-agnostic core: a batch of rows in, the same rows plus `drift_*` score columns out.
+
+Every scorer (drift, less, if, loss, ifd, random) takes the same path: adapter -> canonical example -> tokens with a
+loss mask -> per-example numbers -> columns. Rows that cannot be scored keep their place and get a
+`drift_reject_reason`; nothing is dropped here (the pipeline routes them to `rejects/`).
+
+Conventions: a higher `drift_score` always means "more worth keeping".
+- drift / less / if: mean over queries of <b_j, u(z)> / ||u(z)||^beta (DESIGN.md section 2).
+- loss: minus the mean response NLL (low-loss rows rank first).
+- ifd: the instruction-following difficulty loss(y|x) / loss(y), ranked high-first as in the IFD paper, except that
+  rows with IFD > 1 (the prompt does not help at all) are sent to the bottom as that paper filters them.
+- random: uniform in [0, 1) from a hash of (seed, row id): invariant to batching, sharding and resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from drift_stream.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SCORERS = ("drift", "less", "if", "loss", "ifd", "random")
+GRADIENT_SCORERS = ("drift", "less", "if")
+SCORE_COLUMNS = (
+    "drift_score",
+    "drift_grad_norm",
+    "drift_num_tokens",
+    "drift_loss",
+    "drift_query_scores",
+    "drift_reject_reason",
+)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What a scorer does to each row. Maps one to one onto `drift-stream score` flags."""
+
+    scorer: str = "drift"
+    adapter: str = "messages"
+    max_tokens: int = 2048
+    overlong: str = "reject"  # reject | truncate
+    batch_size: int = 8  # examples per forward/backward
+    seed: int = 0
+    beta: float | str = 1.0  # a number, or "auto"
+    calibration_rows: int = 256
+    keep_query_scores: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"unknown scorer {self.scorer!r}: choose one of {', '.join(SCORERS)}")
+        if self.overlong not in ("reject", "truncate"):
+            raise ConfigError(f"overlong must be 'reject' or 'truncate', got {self.overlong!r}")
+        if self.max_tokens < 2:
+            raise ConfigError(f"max_tokens must be >= 2, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.calibration_rows < 8:
+            raise ConfigError(f"calibration_rows must be >= 8, got {self.calibration_rows}")
+        if isinstance(self.beta, str):
+            if self.beta != "auto":
+                try:
+                    object.__setattr__(self, "beta", float(self.beta))
+                except ValueError:
+                    raise ConfigError(f"beta must be a number or 'auto', got {self.beta!r}") from None
+        elif not math.isfinite(float(self.beta)):
+            raise ConfigError(f"beta must be finite, got {self.beta}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch types: datasets.map passes dict[str, list]; Ray Data passes pyarrow / pandas; the pipeline passes pa.Table.
+
+
+def _to_table(batch: Any) -> tuple[pa.Table, str]:
+    if isinstance(batch, pa.Table):
+        return batch, "table"
+    if isinstance(batch, pa.RecordBatch):
+        return pa.Table.from_batches([batch]), "record_batch"
+    if isinstance(batch, dict):
+        return pa.table(batch), "dict"
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas comes with datasets
+        pd = None
+    if pd is not None and isinstance(batch, pd.DataFrame):
+        return pa.Table.from_pandas(batch, preserve_index=False), "pandas"
+    raise TypeError(
+        f"cannot score a batch of type {type(batch).__name__}: pass a dict of columns, a pyarrow Table/RecordBatch "
+        "or a pandas DataFrame"
+    )
+
+
+def _from_table(table: pa.Table, kind: str) -> Any:
+    if kind == "table":
+        return table
+    if kind == "record_batch":
+        return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+    if kind == "dict":
+        return table.to_pydict()
+    return table.to_pandas()
+
+
+def random_unit(seed: int, row_id: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, row id)."""
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExampleScores:
+    """Per-example numbers for the rows that were tokenized, in the order they were given."""
+
+    score: np.ndarray  # [n] float64
+    grad_norm: np.ndarray  # [n] float64 (NaN where not computed)
+    loss: np.ndarray  # [n] float64 (NaN where not computed)
+    bad: list[str | None]  # [n] reason when a row turned out unscorable (non-finite)
+    query_scores: np.ndarray | None = None  # [n, m]
+
+
+class BatchScorer:
+    """Base class: turns a batch of rows into the same rows plus score columns. Subclasses score tokenized examples."""
+
+    name = "base"
+
+    def __init__(self, adapter, chat_tokenizer, config: ScoreConfig, model_path: str | None = None):
+        self.adapter = adapter
+        self.chat = chat_tokenizer
+        self.config = config
+        self.model_path = model_path
+
+    # -- the contract ------------------------------------------------------------------------------------------
+    def __call__(self, batch: Any) -> Any:
+        table, kind = _to_table(batch)
+        return _from_table(self.score_table(table), kind)
+
+    def config_dict(self) -> dict:
+        """The resolved config: what the run directory records and compares on resume."""
+        return {"scorer": self.name, "model": self.model_path, **asdict(self.config), **self._extra_config()}
+
+    def manifest_info(self) -> dict:
+        """Facts learned while scoring (e.g. the fitted beta) that the run manifest records."""
+        return {}
+
+    def _extra_config(self) -> dict:
+        return {}
+
+    def _score_examples(self, examples: Sequence) -> ExampleScores:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the shared path ---------------------------------------------------------------------------------------
+    def prepare(self, table: pa.Table) -> tuple[list[str], list[Any], list[str | None]]:
+        """ids, tokenized examples (None where rejected) and reject reasons, one per row."""
+        from drift_stream.formats import RowError
+
+        rows = table.to_pylist()
+        has_id = "id" in table.column_names
+        ids: list[str] = []
+        tokenized: list[Any] = []
+        reasons: list[str | None] = []
+        for row in rows:
+            try:
+                example = self.adapter.to_example(row)
+                row_id = str(row["id"]) if has_id and row["id"] is not None else example.id
+                ids.append(row_id)
+                tokenized.append(self.chat.encode(example))
+                reasons.append(None)
+            except RowError as err:
+                ids.append(str(row["id"]) if has_id and row.get("id") is not None else self._fallback_id(row))
+                tokenized.append(None)
+                reasons.append(err.reason)
+        return ids, tokenized, reasons
+
+    @staticmethod
+    def _fallback_id(row: dict) -> str:
+        from drift_stream.formats import row_id
+
+        return row_id(row)
+
+    def score_table(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        ids, tokenized, reasons = self.prepare(table)
+        valid = [i for i in range(n) if tokenized[i] is not None]
+        score = np.full(n, np.nan)
+        grad_norm = np.full(n, np.nan)
+        loss = np.full(n, np.nan)
+        num_tokens = np.zeros(n, dtype=np.int32)
+        query_scores: list[Any] = [None] * n
+        if valid:
+            # Sorting by length keeps padding low; per-example numbers do not depend on the batch they fall in.
+            order = sorted(valid, key=lambda i: len(tokenized[i].input_ids))
+            result = self._score_examples([tokenized[i] for i in order])
+            for pos, i in enumerate(order):
+                num_tokens[i] = int(sum(tokenized[i].loss_mask))
+                if result.bad[pos] is not None:
+                    reasons[i] = result.bad[pos]
+                    continue
+                score[i] = result.score[pos]
+                grad_norm[i] = result.grad_norm[pos]
+                loss[i] = result.loss[pos]
+                if result.query_scores is not None and self.config.keep_query_scores:
+                    query_scores[i] = result.query_scores[pos].astype(np.float32).tolist()
+        rejected = np.array([r is not None for r in reasons], dtype=bool)
+        score[rejected] = np.nan
+        out = table
+        if "id" not in out.column_names:
+            out = out.append_column("id", pa.array(ids, pa.string()))
+        for name in SCORE_COLUMNS:
+            if name in out.column_names:
+                out = out.drop_columns([name])  # re-scoring a scored table replaces its columns
+        out = out.append_column("drift_score", pa.array(_nullable(score), pa.float32()))
+        out = out.append_column("drift_grad_norm", pa.array(_nullable(grad_norm), pa.float32()))
+        out = out.append_column("drift_num_tokens", pa.array(num_tokens, pa.int32()))
+        out = out.append_column("drift_loss", pa.array(_nullable(loss), pa.float32()))
+        if self.config.keep_query_scores and self.name in GRADIENT_SCORERS:
+            out = out.append_column("drift_query_scores", pa.array(query_scores, pa.list_(pa.float32())))
+        out = out.append_column("drift_reject_reason", pa.array(reasons, pa.string()))
+        return out
+
+
+def _nullable(values: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in values]
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class RandomScorer(BatchScorer):
+    name = "random"
+
+    def _score_examples(self, examples):
+        n = len(examples)
+        score = np.array([random_unit(self.config.seed, ex.id) for ex in examples])
+        return ExampleScores(score=score, grad_norm=np.full(n, np.nan), loss=np.full(n, np.nan), bad=[None] * n)
+
+
+class _ModelScorer(BatchScorer):
+    """Scorers that run the model: loads it lazily so that constructing one is cheap."""
+
+    def __init__(self, adapter, chat_tokenizer, config, model_path=None, model=None):
+        super().__init__(adapter, chat_tokenizer, config, model_path)
+        self._model = model
+        self._featurizer = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from drift_stream.models import load_model
+
+            self._model = load_model(self.model_path, device=self.config.device, dtype=self.config.dtype)
+        return self._model
+
+    def _pad_id(self) -> int:
+        pad = self.chat.tokenizer.pad_token_id
+        return int(pad if pad is not None else 0)
+
+    def _collate(self, chunk):
+        from drift_stream.formats import collate
+
+        batch = collate(chunk, pad_token_id=self._pad_id())
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _losses(self, examples) -> tuple[np.ndarray, list[str | None]]:
+        from drift_stream.models import sequence_losses
+
+        losses: list[float] = []
+        for chunk in _batches(examples, self.config.batch_size):
+            loss, _ = sequence_losses(self.model, self._collate(chunk))
+            losses.extend(loss.double().cpu().tolist())
+        arr = np.array(losses, dtype=np.float64)
+        bad = [None if math.isfinite(v) else "nonfinite_loss" for v in arr]
+        return arr, bad
+
+
+class LossScorer(_ModelScorer):
+    name = "loss"
+
+    def _score_examples(self, examples):
+        loss, bad = self._losses(examples)
+        return ExampleScores(score=-loss, grad_norm=np.full(len(loss), np.nan), loss=loss, bad=bad)
+
+
+def response_only(example, start_token_id: int):
+    """loss(y) without x: the example's loss-masked tokens alone, after one start token (all of them targets)."""
+    from drift_stream.formats import TokenizedExample
+
+    response = [t for t, m in zip(example.input_ids, example.loss_mask) if m]
+    return TokenizedExample(id=example.id, input_ids=[start_token_id, *response], loss_mask=[0] + [1] * len(response))
+
+
+class IFDScorer(_ModelScorer):
+    name = "ifd"
+
+    def _start_token_id(self) -> int:
+        tok = self.chat.tokenizer
+        for candidate in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _score_examples(self, examples):
+        loss_cond, bad = self._losses(examples)
+        alone = [response_only(ex, self._start_token_id()) for ex in examples]
+        loss_alone, bad_alone = self._losses(alone)
+        ifd = loss_cond / np.maximum(loss_alone, 1e-12)
+        score = np.where(ifd > 1.0, -ifd, ifd)
+        bad = [a or b for a, b in zip(bad, bad_alone)]
+        return ExampleScores(score=score, grad_norm=np.full(len(ifd), np.nan), loss=loss_cond, bad=bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient scorers: DRIFT and its off-policy baselines on the same machinery.
+
+
+def fit_beta(mean_raw: np.ndarray, grad_norm: np.ndarray) -> float:
+    """The beta that makes log|S| uncorrelated with log||u|| on a calibration sample.
+
+    With S = R / ||u||^beta, log|S| = log|R| - beta * log||u||, so the zero-correlation beta is the least-squares slope
+    of log|R| on log||u||.   mean_raw: [n], grad_norm: [n]
+    """
+    keep = np.isfinite(mean_raw) & np.isfinite(grad_norm) & (np.abs(mean_raw) > 0) & (grad_norm > 0)
+    if keep.sum() < 8:
+        raise ConfigError(
+            f"beta: auto needs at least 8 scorable calibration rows, got {int(keep.sum())}: "
+            "raise --calibration-rows or pass a number for --beta"
+        )
+    log_r = np.log(np.abs(mean_raw[keep]))
+    log_n = np.log(grad_norm[keep])
+    var = np.var(log_n)
+    if var <= 0:
+        return 1.0
+    return float(np.mean((log_r - log_r.mean()) * (log_n - log_n.mean())) / var)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation with average ranks for ties (NaN-free inputs)."""
+    from scipy.stats import rankdata
+
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+class DriftScorer(_ModelScorer):
+    """DRIFT: mean over validation queries of <b_j, u(z)> / ||u(z)||^beta, with b_j from an on-policy bank.
+
+    `less` and `if` are the same machinery on an off-policy bank with beta fixed to 1 and 0.
+    """
+
+    name = "drift"
+
+    def __init__(self, adapter, chat_tokenizer, config, bank, model_path=None, model=None, allow_mismatch=False):
+        if config.scorer in ("less", "if") and bank.targets != "off-policy":
+            raise ConfigError(
+                f"scorer {config.scorer!r} is the off-policy baseline but the bank at {bank.path} was built with "
+                f"on-policy targets: build one with `drift-stream bank build --targets off-policy`"
+            )
+        if config.scorer == "less":
+            config = _replace(config, beta=1.0)
+        elif config.scorer == "if":
+            config = _replace(config, beta=0.0)
+        super().__init__(adapter, chat_tokenizer, config, model_path, model)
+        self.name = config.scorer
+        self.bank = bank
+        self.allow_mismatch = allow_mismatch
+        self._beta: float | None = None if config.beta == "auto" else float(config.beta)
+        self._debias: dict = {}
+        self._checked = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str,
+        bank: str,
+        adapter: str = "messages",
+        *,
+        allow_mismatch: bool = False,
+        **config: Any,
+    ) -> "DriftScorer":
+        """Build a scorer from paths: `DriftScorer.from_pretrained("model_dir", bank="bank_dir", adapter="messages")`."""
+        from drift_stream.bank import ValidationBank
+        from drift_stream.formats import ChatTokenizer, load_adapter
+        from drift_stream.models import load_tokenizer
+
+        cfg = ScoreConfig(scorer=config.pop("scorer", "drift"), adapter=adapter, **config)
+        tokenizer = load_tokenizer(model_path)
+        chat = ChatTokenizer(tokenizer, max_tokens=cfg.max_tokens, overlong=cfg.overlong)
+        vb = ValidationBank.load(bank)
+        return cls(load_adapter(adapter), chat, cfg, vb, model_path=model_path, allow_mismatch=allow_mismatch)
+
+    # -- features ---------------------------------------------------------------------------------------------
+    @property
+    def featurizer(self):
+        if self._featurizer is None:
+            from drift_stream.grads.features import GradientFeaturizer
+
+            model = self.model
+            self._featurizer = GradientFeaturizer(model, self.bank.feature_config)
+            if not self._checked:
+                self.bank.check_compatible(model=model, featurizer=self._featurizer, allow_mismatch=self.allow_mismatch)
+                self._checked = True
+        return self._featurizer
+
+    def _raw(self, examples):
+        """Per-query raw scores [n, m], gradient norms [n], losses [n], bad reasons."""
+        import torch
+
+        featurizer = self.featurizer
+        vectors = self.bank.query_vectors  # [m, D] float32
+        raws, norms, losses, bad = [], [], [], []
+        for chunk in _batches(examples, self.config.batch_size):
+            out = featurizer.featurize(self._collate(chunk))
+            feats = out.features.to(torch.float64).cpu()  # [B, D]
+            raws.append(feats @ vectors.to(torch.float64).T)  # [B, m]
+            norms.append(out.grad_norm.double().cpu())
+            losses.append(out.loss.double().cpu())
+            bad.extend(out.bad)
+        return (
+            torch.cat(raws).numpy(),
+            torch.cat(norms).numpy(),
+            torch.cat(losses).numpy(),
+            bad,
+        )
+
+    def calibrate(self, batch: Any) -> float:
+        """Fit beta on a calibration sample of rows (beta: auto). Returns the fitted beta."""
+        table, _ = _to_table(batch)
+        _, tokenized, _ = self.prepare(table)
+        examples = [t for t in tokenized if t is not None]
+        if not examples:
+            raise ConfigError("beta: auto found no scorable row in the calibration sample")
+        raw, norm, _, bad = self._raw(examples)
+        ok = np.array([b is None for b in bad])
+        mean_raw = raw.mean(axis=1)
+        beta = fit_beta(mean_raw[ok], norm[ok])
+        self._beta = beta
+        self._debias = debias_stats(mean_raw[ok], norm[ok], beta)
+        self._debias["calibration_rows"] = int(ok.sum())
+        logger.info("beta: auto fitted beta=%.4f on %d rows", beta, int(ok.sum()))
+        return beta
+
+    @property
+    def beta(self) -> float | None:
+        return self._beta
+
+    def _score_examples(self, examples):
+        if self._beta is None:
+            raise ConfigError(
+                "beta: auto has not been calibrated: call scorer.calibrate(rows) on a sample first "
+                "(the CLI does this on the first --calibration-rows rows of the input)"
+            )
+        raw, norm, loss, bad = self._raw(examples)
+        scale = np.power(np.maximum(norm, 1e-30), self._beta)[:, None]  # [n, 1]
+        per_query = raw / scale  # [n, m]
+        score = per_query.mean(axis=1)
+        return ExampleScores(score=score, grad_norm=norm, loss=loss, bad=bad, query_scores=per_query)
+
+    def _extra_config(self) -> dict:
+        return {"bank": str(self.bank.path), "bank_fingerprint": self.bank.fingerprint}
+
+    def manifest_info(self) -> dict:
+        info: dict = {"beta": self._beta, "beta_mode": "auto" if self.config.beta == "auto" else "fixed"}
+        if self._debias:
+            info["debias"] = self._debias
+        return info
+
+
+def debias_stats(mean_raw: np.ndarray, grad_norm: np.ndarray, beta: float) -> dict:
+    """Spearman of |score| with the gradient norm before (beta = 0) and after debiasing."""
+    after = mean_raw / np.power(np.maximum(grad_norm, 1e-30), beta)
+    return {
+        "beta": float(beta),
+        "spearman_abs_score_vs_norm_before": spearman(np.abs(mean_raw), grad_norm),
+        "spearman_abs_score_vs_norm_after": spearman(np.abs(after), grad_norm),
+        "spearman_score_vs_norm_before": spearman(mean_raw, grad_norm),
+        "spearman_score_vs_norm_after": spearman(after, grad_norm),
+    }
+
+
+def _replace(config: ScoreConfig, **changes: Any) -> ScoreConfig:
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def build_scorer(
+    scorer: str,
+    *,
+    model: str | None,
+    adapter: str = "messages",
+    bank: str | None = None,
+    allow_mismatch: bool = False,
+    model_obj: Any = None,
+    tokenizer: Any = None,
+    **config: Any,
+) -> BatchScorer:
+    """Build any scorer by name from paths (what the CLI calls). `model_obj`/`tokenizer` reuse loaded objects."""
+    from drift_stream.formats import ChatTokenizer, load_adapter
+    from drift_stream.models import load_tokenizer
+
+    cfg = ScoreConfig(scorer=scorer, adapter=adapter, **config)
+    if model is None and tokenizer is None:
+        raise ConfigError("--model is required: the tokenizer decides tokens, loss masks and over-long rejects")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model)
+    chat = ChatTokenizer(tok, max_tokens=cfg.max_tokens, overlong=cfg.overlong)
+    adapter_obj = load_adapter(adapter)
+    if scorer == "random":
+        return RandomScorer(adapter_obj, chat, cfg, model_path=model)
+    if scorer == "loss":
+        return LossScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
+    if scorer == "ifd":
+        return IFDScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
+    if bank is None:
+        raise ConfigError(f"scorer {scorer!r} needs --bank BANK_DIR (build one with `drift-stream bank build`)")
+    from drift_stream.bank import ValidationBank
+
+    vb = ValidationBank.load(bank)
+    return DriftScorer(adapter_obj, chat, cfg, vb, model_path=model, model=model_obj, allow_mismatch=allow_mismatch)
