@@ -18,7 +18,7 @@ import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -85,8 +85,8 @@ def _to_table(batch: Any) -> tuple[pa.Table, str]:
         return batch, "table"
     if isinstance(batch, pa.RecordBatch):
         return pa.Table.from_batches([batch]), "record_batch"
-    if isinstance(batch, dict):
-        return pa.table(batch), "dict"
+    if isinstance(batch, Mapping):  # datasets passes a LazyBatch, a Mapping that is not a dict
+        return pa.table({key: batch[key] for key in batch.keys()}), "dict"
     try:
         import pandas as pd
     except ImportError:  # pragma: no cover - pandas comes with datasets

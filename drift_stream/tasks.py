@@ -46,6 +46,7 @@ class TaskSpec:
     name: str
     index: int  # position in the seed layout; never reuse one
     config: Mapping[str, Any] = field(default_factory=dict)
+    family: str = ""  # off_task donors come from another family ("" = the task's own name)
 
     def __post_init__(self):
         if self.index < 0 or self.index >= _SPLIT_STRIDE // _TASK_STRIDE:
@@ -56,8 +57,9 @@ TASK_SPECS: dict[str, TaskSpec] = {
     # Parenthesised +, -, * over one-digit (possibly negative) numbers; answers by Python's eval, so precedence holds.
     "basic_arithmetic": TaskSpec("basic_arithmetic", 0, dict(
         min_terms=2, max_terms=3, min_digits=1, max_digits=1, operators=("+", "-", "*"),
-        allow_parentheses=True, allow_negation=False)),
-    "chain_sum": TaskSpec("chain_sum", 1, dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)),
+        allow_parentheses=True, allow_negation=False), family="arithmetic"),
+    "chain_sum": TaskSpec("chain_sum", 1, dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
+                          family="arithmetic"),
     "gcd": TaskSpec("gcd", 2, dict(min_numbers=2, max_numbers=2, min_value=2, max_value=60)),
     "products": TaskSpec("products", 3, dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2)),
     "leg_counting": TaskSpec("leg_counting", 4, dict(min_animals=1, max_animals=2, min_instances=1, max_instances=5)),
@@ -106,6 +108,11 @@ def _spec(task: str) -> TaskSpec:
     if task not in TASK_SPECS:
         raise ConfigError(f"unknown task {task!r}: known tasks are {sorted(TASK_SPECS)}")
     return TASK_SPECS[task]
+
+
+def family(task: str) -> str:
+    """The task's family: off_task corruption answers a question with another family's response."""
+    return _spec(task).family or task
 
 
 def stream_seed(seed: int, split: str, task: str) -> int:
@@ -256,7 +263,7 @@ def corrupt_response(item: TaskItem, kind: str, rng: random.Random, donor: TaskI
 
     wrong_answer: the last step and the final answer are off by 1-10. truncated: cut before the answer line.
     garbled: ~30% of characters replaced at random. off_task: a clean response to `donor` (another task's item).
-    too_short: a 1-3 character reply. too_long: the work repeated to 150-200 characters, then the correct answer.
+    too_short: a 1-3 character reply. too_long: the work repeated to 150-200 characters (capped so the row fits 240 tokens), then the correct answer.
     """
     clean = item.response
     if kind == "wrong_answer":
@@ -274,13 +281,14 @@ def corrupt_response(item: TaskItem, kind: str, rng: random.Random, donor: TaskI
             chars[i] = rng.choice([c for c in _PRINTABLE if c != chars[i]])
         return "".join(chars)
     if kind == "off_task":
-        if donor is None or donor.task == item.task:
-            raise ValueError("off_task needs a donor item from another task")
+        if donor is None or family(donor.task) == family(item.task):
+            raise ValueError("off_task needs a donor item from another task family")
         return donor.response
     if kind == "too_short":
         return rng.choice(_TOO_SHORT)
     if kind == "too_long":
-        target = rng.randint(150, 200)
+        # 150-200 characters, but the whole row stays within 240 character tokens (the model's context is 256)
+        target = min(rng.randint(150, 200), 240 - len(item.question) - len(item.answer) - 6 - len(ANSWER_MARKER) - 2)
         steps = list(item.steps)
         while len(", ".join(steps)) < target:
             steps.extend(item.steps)
@@ -327,8 +335,8 @@ def make_sft_pool(
     total_rate = sum(corruption.values())
     if total_rate > 1 or any(v < 0 for v in corruption.values()):
         raise ConfigError(f"corruption fractions must be >= 0 and sum to <= 1, got {dict(corruption)}")
-    if corruption.get("off_task") and len(task_shares) < 2:
-        raise ConfigError("off_task corruption needs at least two tasks")
+    if corruption.get("off_task") and len({family(t) for t in task_shares}) < 2:
+        raise ConfigError("off_task corruption needs tasks from at least two families")
     exclude = set(exclude)
     per_task = allocate(size, task_shares)
     items = [it for task, n in per_task.items() for it in generate_items(task, count=n, seed=seed, exclude=exclude)]
@@ -346,7 +354,7 @@ def make_sft_pool(
         else:
             donor = None
             if label == "off_task":
-                other = rng.choice(sorted(t for t in by_task if t != item.task))
+                other = rng.choice(sorted(t for t in by_task if family(t) != family(item.task)))
                 donor = rng.choice(by_task[other])
             response = corrupt_response(item, label, rng, donor)
         messages = [{"role": "user", "content": item.question}, {"role": "assistant", "content": response}]
@@ -391,3 +399,49 @@ def clean_rows(task_counts: Mapping[str, int], *, seed: int, split: str = "pool"
                 "corruption": CLEAN,
             })
     return rows
+
+
+# ---- a whole data recipe: pool + validation queries + test ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """Sizes, task mix and corruption of a pool / queries / test triple. Defaults: the shipped demo data."""
+
+    seed: int = 0
+    pool_size: int = 3000
+    pool_tasks: Mapping[str, float] = field(default_factory=lambda: {
+        "basic_arithmetic": 0.35, "chain_sum": 0.35, "gcd": 0.1, "products": 0.1, "leg_counting": 0.1})
+    corruption: Mapping[str, float] = field(default_factory=lambda: {
+        "wrong_answer": 0.10, "truncated": 0.04, "garbled": 0.05, "off_task": 0.05, "too_short": 0.03,
+        "too_long": 0.03})
+    queries: Mapping[str, int] = field(default_factory=lambda: {"basic_arithmetic": 64, "chain_sum": 64})
+    test: Mapping[str, int] = field(default_factory=lambda: {
+        "basic_arithmetic": 100, "chain_sum": 100, "gcd": 34, "products": 33, "leg_counting": 33})
+
+    def __post_init__(self):
+        for name, mapping in (("pool_tasks", self.pool_tasks), ("queries", self.queries), ("test", self.test)):
+            for task in mapping:
+                _spec(task)
+            if any(v < 0 for v in mapping.values()):
+                raise ConfigError(f"{name} values must be >= 0, got {dict(mapping)}")
+        if self.pool_size < 0 or self.seed < 0:
+            raise ConfigError(f"pool_size and seed must be >= 0, got {self.pool_size}, {self.seed}")
+
+
+@dataclass(frozen=True)
+class Splits:
+    pool: list  # {id, messages, task, corruption}
+    queries: list  # {id, question, answer, task}
+    test: list  # {id, question, answer, task}
+
+
+def make_splits(recipe: DataRecipe = DataRecipe()) -> Splits:
+    """Test first, then validation queries, then the pool, each excluding every question drawn before it."""
+    test = make_queries(recipe.test, seed=recipe.seed, split="test")
+    seen = {row["question"] for row in test}
+    queries = make_queries(recipe.queries, seed=recipe.seed, split="queries", exclude=seen)
+    seen |= {row["question"] for row in queries}
+    pool = make_sft_pool(recipe.pool_tasks, size=recipe.pool_size, corruption=recipe.corruption,
+                         seed=recipe.seed, exclude=seen)
+    return Splits(pool=pool, queries=queries, test=test)

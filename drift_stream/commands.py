@@ -1,0 +1,136 @@
+"""What each CLI subcommand does, as importable functions over parsed arguments. The CLI only parses and dispatches."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def list_adapters_cmd() -> int:
+    from drift_stream.formats import list_adapters
+
+    rows = list_adapters()
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
+    print("\nA custom format: pass --adapter path/to/spec.yaml (see adapters/*.yaml for the spec language).")
+    return 0
+
+
+def score_cmd(args, progress: bool = True) -> int:
+    from drift_stream.pipeline import RunConfig, run_score
+    from drift_stream.report import summarize_run
+    from drift_stream.scoring import build_scorer
+
+    scorer = build_scorer(
+        args.scorer,
+        model=args.model,
+        adapter=args.adapter,
+        bank=args.bank,
+        allow_mismatch=args.allow_mismatch,
+        beta=args.beta,
+        calibration_rows=args.calibration_rows,
+        keep_query_scores=args.keep_query_scores,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        overlong=args.overlong,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    config = RunConfig(
+        data=tuple(args.data),
+        out=args.out,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        batch_rows=args.batch_rows,
+        on_bad_row=args.on_bad_row,
+        storage_options=args.storage_options,
+    )
+    run_score(config, scorer, progress=progress)
+    if not args.quiet:
+        print(summarize_run(args.out, storage_options=args.storage_options))
+    return 0
+
+
+def bank_build_cmd(args, progress: bool = True) -> int:
+    from drift_stream.bank import BankConfig, ValidationBank, build_bank
+    from drift_stream.grads import FeatureConfig
+    from drift_stream.rollouts.engine import RolloutConfig
+
+    config = BankConfig(
+        signing=args.signing,
+        targets=args.targets,
+        preconditioner=args.preconditioner,
+        damping=args.damping,
+        rollouts=RolloutConfig(
+            num_rollouts=args.rollouts,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        ),
+        features=FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim, last_n_blocks=args.last_n_blocks),
+        fisher_examples=args.fisher_examples,
+    )
+    build_bank(
+        args.model,
+        args.queries,
+        args.out,
+        config,
+        verifier=args.verifier,
+        adapter=args.adapter,
+        fisher_data=args.fisher_data,
+        fisher_adapter=args.fisher_adapter,
+        max_queries=args.max_queries,
+        device=args.device,
+        storage_options=args.storage_options,
+        progress=progress,
+    )
+    if not args.quiet:
+        print(ValidationBank.load(args.out).summary())
+    return 0
+
+
+def bank_info_cmd(bank_dir: str) -> int:
+    from drift_stream.bank import ValidationBank
+
+    print(ValidationBank.load(bank_dir).summary())
+    return 0
+
+
+def refine_cmd(args, progress: bool = True) -> int:
+    from drift_stream.refine import refine_run
+
+    manifest = refine_run(
+        args.run_dir,
+        args.policy,
+        args.out,
+        seed=args.seed,
+        temperature=args.temperature,
+        keep_all=args.keep_all,
+        storage_options=args.storage_options,
+        progress=progress,
+    )
+    if not args.quiet:
+        print(
+            f"refined {manifest['rows_in']} rows with policy {args.policy}: "
+            f"{manifest['rows_out']} rows written to {args.out}"
+        )
+    return 0
+
+
+def report_cmd(args) -> int:
+    from drift_stream.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(f"report written to {path}")
+    return 0
+
+
+def demo_cmd(args, progress: bool = True) -> int:
+    from drift_stream.demo import run_demo
+
+    run_demo(args.out, policy=args.policy, progress=progress)
+    return 0

@@ -1,0 +1,123 @@
+"""`drift-stream demo`: the whole pipeline on the embedded default, with nothing but the package.
+
+bank (on-policy rollouts of the shipped tiny model on the demo validation queries) -> score the demo pool ->
+refine (top 25% by default) -> HTML report -> a summary of how much of each corruption kind the refined set kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    model: str
+    pool: str
+    queries: str
+    test: str
+
+
+def demo_assets() -> DemoAssets:
+    root = resources.files("drift_stream") / "assets"
+    paths = DemoAssets(
+        model=str(root / "tiny-reasoner"),
+        pool=str(root / "demo" / "pool.parquet"),
+        queries=str(root / "demo" / "queries.parquet"),
+        test=str(root / "demo" / "test.parquet"),
+    )
+    for name in ("model", "pool", "queries"):
+        if not Path(getattr(paths, name)).exists():
+            from drift_stream.errors import DriftError
+
+            raise DriftError(f"the embedded default is missing {getattr(paths, name)}: reinstall drift-stream")
+    return paths
+
+
+def corruption_table(pool_path: str, refined_dir: str) -> list[tuple[str, int, int]]:
+    """(kind, rows in pool, rows kept) for each corruption kind, 'clean' first."""
+    import polars as pl
+
+    pool = pl.read_parquet(pool_path, columns=["corruption"])
+    kept = pl.scan_parquet(str(Path(refined_dir) / "data" / "*.parquet")).select("corruption").collect()
+    pool_counts = dict(pool.group_by("corruption").len().iter_rows())
+    kept_counts = dict(kept.group_by("corruption").len().iter_rows())
+    kinds = sorted(pool_counts, key=lambda k: (k != "clean", k))
+    return [(kind, int(pool_counts[kind]), int(kept_counts.get(kind, 0))) for kind in kinds]
+
+
+def format_corruption_table(rows: list[tuple[str, int, int]]) -> str:
+    total_pool = sum(p for _, p, _ in rows)
+    total_kept = sum(k for _, _, k in rows)
+    lines = [f"{'kind':<14}{'pool':>8}{'share':>8}{'kept':>8}{'share':>8}"]
+    for kind, p, k in rows:
+        lines.append(f"{kind:<14}{p:>8}{p / total_pool:>8.1%}{k:>8}{(k / total_kept if total_kept else 0):>8.1%}")
+    corrupt_pool = sum(p for kind, p, _ in rows if kind != "clean")
+    corrupt_kept = sum(k for kind, _, k in rows if kind != "clean")
+    lines.append(
+        f"{'corrupted':<14}{corrupt_pool:>8}{corrupt_pool / total_pool:>8.1%}{corrupt_kept:>8}"
+        f"{(corrupt_kept / total_kept if total_kept else 0):>8.1%}"
+    )
+    return "\n".join(lines)
+
+
+def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> dict:
+    from drift_stream.bank import BankConfig, build_bank
+    from drift_stream.grads import FeatureConfig
+    from drift_stream.pipeline import RunConfig, run_score
+    from drift_stream.refine import refine_run
+    from drift_stream.report import summarize_run, write_report
+    from drift_stream.rollouts.engine import RolloutConfig
+    from drift_stream.scoring import build_scorer
+
+    assets = demo_assets()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    bank_dir, run_dir, refined_dir = root / "bank", root / "run", root / "refined"
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    if not (bank_dir / "manifest.json").exists():
+        config = BankConfig(
+            rollouts=RolloutConfig(num_rollouts=8, temperature=1.0, max_new_tokens=64, seed=0),
+            features=FeatureConfig(),
+        )
+        build_bank(assets.model, [assets.queries], str(bank_dir), config, verifier="numeric", adapter="qa",
+                   progress=progress)
+    timings["bank_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scorer = build_scorer("drift", model=assets.model, adapter="messages", bank=str(bank_dir), batch_size=16)
+    run_score(RunConfig(data=(assets.pool,), out=str(run_dir)), scorer, progress=progress)
+    timings["score_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    refine_run(str(run_dir), policy, str(refined_dir), progress=progress)
+    timings["refine_s"] = time.perf_counter() - start
+
+    report_path = write_report(str(run_dir), str(root / "report.html"))
+    table = corruption_table(assets.pool, str(refined_dir))
+    summary = {
+        "bank": str(bank_dir),
+        "run": str(run_dir),
+        "refined": str(refined_dir),
+        "report": report_path,
+        "policy": policy,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "corruption": [{"kind": k, "pool": p, "kept": kept} for k, p, kept in table],
+    }
+    (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(summarize_run(str(run_dir)))
+    print(f"\nCorruption in the pool and in the refined set ({policy}):")
+    print(format_corruption_table(table))
+    print(
+        f"\nbank     {bank_dir}\nscored   {run_dir}\nrefined  {refined_dir}\nreport   {report_path}\n"
+        f"time     bank {timings['bank_s']:.0f}s, score {timings['score_s']:.0f}s, refine {timings['refine_s']:.0f}s"
+    )
+    return summary

@@ -1,0 +1,362 @@
+"""Projected per-example gradients from forward/backward hooks (the LoGra / Kronecker trick).
+
+For a tracked module m with inputs a_t and output gradients d_t, the per-example gradient of that example's loss is
+G_m = sum_t d_t a_t^T. We only ever form P_out G_m P_in^T = sum_t (P_out d_t)(P_in a_t)^T, a [k_out, k_in] matrix
+per example: the forward hook keeps P_in a_t, a tensor hook on the module output receives d_t during ONE backward of
+the sum of per-example losses. Examples never interact (no weight gradient is ever formed), so each row of the batch
+gets its own feature.
+
+Why it is cheap: every parameter is frozen while we run, and the autograd graph starts at the outputs of the earliest
+tracked modules (we make those outputs require grad). The backward therefore computes input gradients only, never
+the weight-gradient matmuls of a plain backward, and never reaches the blocks before the first tracked module
+(`last_n_blocks`). Parameter `.grad` is never touched.
+
+Positions are `cumsum(attention_mask) - 1`, so left and right padding give the same features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+from drift_stream.errors import ConfigError
+from drift_stream.grads.projection import FeatureConfig, GradientProjector
+
+logger = logging.getLogger(__name__)
+
+_LORA_NAME = re.compile(r"^(?P<host>.+)\.(?P<side>lora_A|lora_B)\.[^.]+$")
+
+
+@dataclass(frozen=True)
+class TrackedModule:
+    name: str  # full name in model.named_modules()
+    host: str  # name matched by patterns: the LoRA-wrapped layer for adapters, else `name`
+    kind: str  # "linear" | "conv1d" | "lora_A" | "lora_B"
+    in_features: int
+    out_features: int
+    block: int | None  # index in the decoder block list, None outside it
+
+
+@dataclass
+class FeatureOutput:
+    """One featurized batch. Tensors are on the CPU.
+
+    features [B, D] float32 (float64 when the model is float64); rows flagged in `bad` are all zero.
+    grad_norm [B] = ||features||; loss [B] mean NLL over masked tokens (same dtype); num_tokens [B] int64;
+    bad[i] is None or a reason: "no_loss_tokens", "nonfinite_loss", "nonfinite_features".
+    """
+
+    features: "torch.Tensor"  # noqa: F821
+    grad_norm: "torch.Tensor"  # noqa: F821
+    loss: "torch.Tensor"  # noqa: F821
+    num_tokens: "torch.Tensor"  # noqa: F821
+    bad: list
+
+
+def _module_kind_and_shape(module) -> tuple[str, int, int] | None:
+    """('linear'|'conv1d', in, out) for a Linear or HF Conv1D (whose weight is [in, out]); else None."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        fan_in, fan_out = module.weight.shape
+        return "conv1d", int(fan_in), int(fan_out)
+    return None
+
+
+def _block_list(model, linear_names: list[str]) -> tuple[str, int] | None:
+    """(name, length) of the ModuleList holding the most linears: the decoder blocks."""
+    import torch
+
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        prefix = name + "." if name else ""
+        count = sum(1 for n in linear_names if n.startswith(prefix))
+        if count and (best is None or count > best[2]):
+            best = (name, len(module), count)
+    return None if best is None else (best[0], best[1])
+
+
+def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
+    """The modules whose projected gradients make up the feature, in `named_modules()` order."""
+    excluded = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        emb = fn() if callable(fn) else None
+        if emb is not None:
+            excluded.add(id(emb))
+    named = list(model.named_modules())
+    lora_mode = any(_LORA_NAME.match(n) for n, _ in named)
+    candidates = []
+    for name, module in named:
+        ks = _module_kind_and_shape(module)
+        if ks is None or id(module) in excluded:
+            continue
+        kind, fan_in, fan_out = ks
+        host = name
+        if lora_mode:
+            match = _LORA_NAME.match(name)
+            if match is None:
+                continue  # frozen base layers of a LoRA model: the adapters are what is trained
+            host, kind = match.group("host"), match.group("side")
+        candidates.append((name, host, kind, fan_in, fan_out))
+    blocks = _block_list(model, [c[0] for c in candidates])
+    tracked = []
+    for name, host, kind, fan_in, fan_out in candidates:
+        block = None
+        if blocks is not None:
+            m = re.match(re.escape(blocks[0]) + r"\.(\d+)\.", name) if blocks[0] else re.match(r"(\d+)\.", name)
+            block = int(m.group(1)) if m else None
+        if config.module_patterns:
+            if not any(fnmatch.fnmatchcase(host, p) or fnmatch.fnmatchcase(name, p) for p in config.module_patterns):
+                continue
+        elif block is None:
+            continue
+        if config.last_n_blocks is not None:
+            if blocks is None:
+                raise ConfigError("last_n_blocks needs a model with a list of decoder blocks; none was found")
+            if block is None or block < blocks[1] - config.last_n_blocks:
+                continue
+        tracked.append(TrackedModule(name, host, kind, fan_in, fan_out, block))
+    if not tracked:
+        raise ConfigError(
+            f"no module to track in {type(model).__name__} with module_patterns={list(config.module_patterns)} "
+            f"and last_n_blocks={config.last_n_blocks}: check the names in model.named_modules()"
+        )
+    return tracked
+
+
+class _Capture:
+    """Per-batch state shared by the hooks."""
+
+    def __init__(self, valid, compute_dtype):
+        self.valid = valid  # [B, T] bool: positions that belong to an example (attention_mask == 1)
+        self.compute_dtype = compute_dtype
+        self.sums: dict[str, object] = {}  # name -> [B, k_out, k_in]
+        self.leaves: list = []  # module outputs we made require grad: where the autograd graph starts
+
+
+class GradientFeaturizer:
+    """Turns a collated batch into projected per-example gradients: `featurize(batch) -> FeatureOutput`."""
+
+    def __init__(self, model, config: FeatureConfig | None = None):
+        import torch
+
+        self.model = model
+        self.config = config or FeatureConfig()
+        self.projector = GradientProjector(self.config)
+        self.modules = find_tracked_modules(model, self.config)
+        param = next(model.parameters())
+        self.device = param.device
+        self.compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        by_name = dict(model.named_modules())
+        self._module_objs = [by_name[t.name] for t in self.modules]
+        # Transposed projections on the model's device, in the accumulation dtype: P_in^T [in, k_in], P_out^T [out, k_out].
+        self._proj_t = {}
+        for t in self.modules:
+            p_in, p_out = self.projector.matrices(t.name, t.in_features, t.out_features)
+            self._proj_t[t.name] = (
+                p_in.to(self.compute_dtype).t().contiguous().to(self.device),
+                p_out.to(self.compute_dtype).t().contiguous().to(self.device),
+            )
+        self.block_sizes = [self.config.proj_dim_out * self.config.proj_dim_in] * len(self.modules)
+        self.dim = sum(self.block_sizes)
+        logger.debug("tracking %d modules, feature dim %d", len(self.modules), self.dim)
+
+    # ------------------------------------------------------------------ description
+    def projection_matrices(self, name: str):
+        """(P_in [k_in, in], P_out [k_out, out]) of a tracked module, float32 on the CPU."""
+        t = next((t for t in self.modules if t.name == name), None)
+        if t is None:
+            raise KeyError(f"{name!r} is not a tracked module")
+        return self.projector.matrices(t.name, t.in_features, t.out_features)
+
+    def spec(self) -> dict:
+        """JSON-able fingerprint: projector, tracked modules and shapes, feature layout and dim."""
+        shapes = [(t.name, t.in_features, t.out_features) for t in self.modules]
+        return {
+            "projector": self.projector.spec(),
+            "projection_checksum": self.projector.checksum(shapes),
+            "config": self.config.to_dict(),
+            "modules": [
+                {"name": t.name, "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features}
+                for t in self.modules
+            ],
+            "block_sizes": list(self.block_sizes),
+            "layout": "modules in order, each k_out x k_in row-major",
+            "loss": "mean NLL over loss-masked tokens",
+            "positions": "cumsum(attention_mask) - 1",
+            "dim": self.dim,
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, state: _Capture, name: str, module, args, output):
+        import torch
+
+        a = args[0]  # [B, T, in]
+        p_in_t, _ = self._proj_t[name]
+        with torch.autocast(self.device.type, enabled=False):
+            pa = torch.matmul(a.to(state.compute_dtype), p_in_t)  # [B, T, k_in]
+        pa = pa.masked_fill(~state.valid.unsqueeze(-1), 0.0)  # padding contributes nothing, NaN or not
+        out = output
+        if not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+            state.leaves.append(out)
+        out.register_hook(partial(self._grad_hook, state, name, pa))
+        return out if out is not output else None
+
+    def _grad_hook(self, state: _Capture, name: str, pa, grad):
+        import torch
+
+        _, p_out_t = self._proj_t[name]
+        with torch.autocast(self.device.type, enabled=False):
+            pd = torch.matmul(grad.to(state.compute_dtype), p_out_t)  # [B, T, k_out]
+            pd = pd.masked_fill(~state.valid.unsqueeze(-1), 0.0)
+            contrib = torch.bmm(pd.transpose(1, 2), pa)  # [B, k_out, k_in], summed over tokens
+        prev = state.sums.get(name)
+        state.sums[name] = contrib if prev is None else prev + contrib
+
+    @contextlib.contextmanager
+    def tracking(self, valid) -> Iterator[_Capture]:
+        """Freeze parameters, switch to eval mode and hook the tracked modules; always undone on exit.
+
+        valid [B, T] bool: positions holding real tokens.
+        """
+        model = self.model
+        was_training = model.training
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        handles = []
+        state = _Capture(valid, self.compute_dtype)
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            model.eval()
+            for t, module in zip(self.modules, self._module_objs):
+                handles.append(module.register_forward_hook(partial(self._forward_hook, state, t.name)))
+            yield state
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            model.train(was_training)
+
+    # ------------------------------------------------------------------ batches
+    def _prepare(self, batch: dict):
+        import torch
+
+        missing = [k for k in ("input_ids", "attention_mask", "loss_mask") if k not in batch]
+        if missing:
+            raise ValueError(f"batch is missing {missing}: build it with drift_stream.formats.collate")
+        ids = torch.as_tensor(batch["input_ids"]).to(self.device, torch.long)
+        attn = torch.as_tensor(batch["attention_mask"]).to(self.device, torch.long)
+        lmask = torch.as_tensor(batch["loss_mask"]).to(self.device, torch.float32)
+        if ids.dim() != 2 or attn.shape != ids.shape or lmask.shape != ids.shape or ids.shape[0] == 0:
+            raise ValueError(
+                f"input_ids, attention_mask, loss_mask must share a non-empty [B, T] shape, got "
+                f"{tuple(ids.shape)}, {tuple(attn.shape)}, {tuple(lmask.shape)}"
+            )
+        if not bool(((lmask == 0) | (lmask == 1)).all()):
+            raise ValueError("loss_mask must hold only 0 and 1")
+        if bool((lmask[:, 0] != 0).any()):
+            raise ValueError("loss_mask[:, 0] must be 0: the first token is never predicted")
+        if bool(((lmask > 0) & (attn == 0)).any()):
+            raise ValueError("loss_mask is 1 on a padding position (attention_mask == 0)")
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        return ids, attn, lmask, positions
+
+    def _autocast(self):
+        import torch
+
+        if self.config.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast_dtype))
+
+    def _per_example_loss(self, ids, attn, lmask, positions):
+        """Forward pass; (loss [B] in the accumulation dtype, NaN where no tokens; num_tokens [B] int64)."""
+        import torch
+
+        with self._autocast():
+            logits = self.model(
+                input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False
+            ).logits  # [B, T, V]
+        logits = logits[:, :-1].to(self.compute_dtype)
+        targets = ids[:, 1:]
+        mask = lmask[:, 1:] > 0
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view_as(targets)  # [B, T-1]
+        num_tokens = mask.sum(dim=1)
+        loss = torch.where(mask, nll, 0.0).sum(dim=1) / num_tokens  # 0/0 = NaN for rows without targets
+        return loss, num_tokens
+
+    def loss_only(self, batch: dict):
+        """Per-example mean NLL without a backward: (loss [B], num_tokens [B] int64), on the CPU.
+
+        loss is float32 (float64 for a float64 model).
+        """
+        import torch
+
+        ids, attn, lmask, positions = self._prepare(batch)
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                loss, num_tokens = self._per_example_loss(ids, attn, lmask, positions)
+        finally:
+            self.model.train(was_training)
+        return loss.cpu(), num_tokens.cpu()
+
+    def featurize(self, batch: dict) -> FeatureOutput:
+        """batch: input_ids / attention_mask / loss_mask [B, T] (see formats.collate) -> FeatureOutput."""
+        import torch
+
+        ids, attn, lmask, positions = self._prepare(batch)
+        batch_size = ids.shape[0]
+        with torch.inference_mode(False), torch.enable_grad(), self.tracking(attn.bool()) as state:
+            loss, num_tokens = self._per_example_loss(ids, attn, lmask, positions)
+            usable = torch.isfinite(loss) & (num_tokens > 0)
+            total = torch.where(usable, loss, 0.0).sum()
+            if not state.leaves:
+                raise RuntimeError("no tracked module ran in the forward pass: is the model called another way?")
+            if total.requires_grad:
+                torch.autograd.grad(total, state.leaves, allow_unused=True)
+            parts = []
+            for t in self.modules:
+                s = state.sums.get(t.name)
+                if s is None:  # module not on the loss path: zero gradient
+                    s = torch.zeros(batch_size, self.config.proj_dim_out, self.config.proj_dim_in,
+                                    dtype=self.compute_dtype, device=self.device)
+                parts.append(s.reshape(batch_size, -1))
+            features = torch.cat(parts, dim=1)  # [B, D]
+        loss = loss.detach()
+        bad = [None] * batch_size
+        rows_finite = torch.isfinite(features).all(dim=1).cpu().tolist()
+        loss_finite = torch.isfinite(loss).cpu().tolist()
+        counts = num_tokens.cpu().tolist()
+        for i in range(batch_size):
+            if counts[i] == 0:
+                bad[i] = "no_loss_tokens"
+            elif not loss_finite[i]:
+                bad[i] = "nonfinite_loss"
+            elif not rows_finite[i]:
+                bad[i] = "nonfinite_features"
+        bad_rows = torch.tensor([b is not None for b in bad], device=features.device)
+        features = features.masked_fill(bad_rows.unsqueeze(1), 0.0)
+        if bad_rows.any():
+            logger.debug("featurize: %d of %d rows flagged: %s", int(bad_rows.sum()), batch_size, bad)
+        return FeatureOutput(
+            features=features.cpu(),
+            grad_norm=torch.linalg.vector_norm(features, dim=1).cpu(),
+            loss=loss.cpu(),
+            num_tokens=num_tokens.cpu(),
+            bad=bad,
+        )

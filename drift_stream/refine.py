@@ -1,0 +1,532 @@
+"""Refinement policies over a scored run directory: keep, weight or repeat rows by `drift_score`.
+
+Policies (DESIGN.md section 2):
+
+* ``top:P``        keep the top fraction P of rows by score over the whole run: exactly round(P * N) rows
+                   (half rounds up); ties on the score are broken by `id`, then by position in the run.
+* ``threshold:T``  keep rows with score > T.
+* ``positive``     keep rows with score > 0.
+* ``weights``      keep every row and add ``weight`` (float32). With z the score standardised over the run
+                   (population std), ``weight = exp(z / temperature)`` normalised to mean 1 over the run. The map is
+                   monotone non-decreasing in the score (strictly increasing until exp underflows).
+                   Low temperature -> sharper weights; high -> flatter.
+* ``repeat``       integer copies from the same weights: ``floor(w) + Bernoulli(w - floor(w))`` drawn from ``seed``;
+                   each row is written that many times, shuffled across the output shards. No weight column
+                   (a trainer that reads weights would count them twice).
+
+Only the (id, score) columns of the whole run are ever scanned at once (polars, lazily); rows stream shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from drift_stream import __version__
+from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
+
+logger = logging.getLogger(__name__)
+
+POLICY_KINDS = ("top", "threshold", "positive", "weights", "repeat")
+FILTER_KINDS = ("top", "threshold", "positive")
+SCORE = "drift_score"
+ID = "id"
+BATCH_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A refinement policy; build it from a string with `Policy.parse("top:0.1")`."""
+
+    kind: str
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ConfigError(f"unknown refine policy {self.kind!r}: use one of top:P, threshold:T, positive, "
+                              "weights, repeat")
+        if self.kind in ("top", "threshold"):
+            if self.value is None or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+                raise ConfigError(f"policy {self.kind} needs a finite number, got {self.value!r} "
+                                  f"(e.g. {'top:0.1' if self.kind == 'top' else 'threshold:0.0'})")
+            if self.kind == "top" and not 0.0 < self.value <= 1.0:
+                raise ConfigError(f"top fraction must be in (0, 1], got {self.value} (top:0.1 keeps the top 10%)")
+        elif self.value is not None:
+            raise ConfigError(f"policy {self.kind} takes no value, got {self.kind}:{self.value}")
+
+    @classmethod
+    def parse(cls, spec: str | Policy) -> Policy:
+        """Parse ``top:P``, ``threshold:T``, ``positive``, ``weights`` or ``repeat``."""
+        if isinstance(spec, Policy):
+            return spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigError(f"refine policy must be a non-empty string such as 'top:0.1', got {spec!r}")
+        kind, sep, raw = spec.strip().partition(":")
+        kind = kind.strip().lower()
+        if kind not in POLICY_KINDS:
+            raise ConfigError(f"unknown refine policy {spec!r}: use one of top:P, threshold:T, positive, weights, "
+                              "repeat")
+        if not sep:
+            return cls(kind)
+        if kind not in ("top", "threshold"):
+            raise ConfigError(f"policy {kind} takes no value, got {spec!r}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"policy {kind} needs a number after ':', got {raw!r} in {spec!r}") from None
+        return cls(kind, value)
+
+    @property
+    def is_filter(self) -> bool:
+        return self.kind in FILTER_KINDS
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Resolved refine settings; recorded in the refine manifest and compared on reruns."""
+
+    policy: str
+    seed: int = 0
+    temperature: float = 1.0
+    keep_all: bool = False
+
+    def __post_init__(self) -> None:
+        policy = Policy.parse(self.policy)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature <= 0:
+            raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.keep_all and not policy.is_filter:
+            raise ConfigError(f"keep_all (--keep-all) only applies to top/threshold/positive, not {policy}")
+
+
+# ---------------------------------------------------------------------------------------------------------- I/O
+
+
+def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) for a local path or fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def list_data_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Sorted `data/train-*.parquet` paths of a run directory; InputError when there are none."""
+    shards = sorted(p for p in fs.glob(f"{root}/data/train-*.parquet") if not os.path.basename(p).startswith("."))
+    if not shards:
+        raise InputError(f"no scored shards under {root}/data/ (expected data/train-XXXXX-of-YYYYY.parquet): "
+                         "is this a run directory written by `drift-stream score`?")
+    return shards
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    """The JSON object at `path`, or None when the file does not exist."""
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+
+
+def scan_shards(fs: fsspec.AbstractFileSystem, shards: list[str]) -> pl.LazyFrame:
+    """A polars LazyFrame over the shards in this order (native scan locally, pyarrow dataset over fsspec else)."""
+    if is_local(fs):
+        return pl.scan_parquet(shards)
+    return pl.scan_pyarrow_dataset(pads.dataset(shards, filesystem=fs, format="parquet"))
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Local: temp name then rename. Object stores: one PUT, which is atomic."""
+    parent = os.path.dirname(path)
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+@contextmanager
+def atomic_parquet_writer(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter whose file appears at `path` only once closed without error."""
+    local = is_local(fs)
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    else:
+        fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="drift-refine-")
+        os.close(fd)
+    writer = pq.ParquetWriter(tmp, schema)
+    try:
+        yield writer
+        writer.close()
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)  # a single upload: the object appears complete or not at all
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _iter_batches(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"cannot read shard {path}: {e}") from e
+
+
+def _shard_schema(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Schema, int]:
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            return pf.schema_arrow, pf.metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"cannot read shard {path}: {e}") from e
+
+
+def _add_field(schema: pa.Schema, field: pa.Field) -> pa.Schema:
+    """Append `field`; keep the metadata, updating a `datasets` feature list so HF readers see the new column."""
+    meta = dict(schema.metadata or {})
+    if b"huggingface" in meta:
+        try:
+            hf = json.loads(meta[b"huggingface"])
+            feats = hf.get("info", {}).get("features")
+            if isinstance(feats, dict):
+                dtype = {pa.bool_(): "bool", pa.float32(): "float32"}[field.type]
+                feats[field.name] = {"dtype": dtype, "_type": "Value"}
+                meta[b"huggingface"] = json.dumps(hf).encode()
+        except ValueError:
+            del meta[b"huggingface"]
+    return schema.append(field).with_metadata(meta)
+
+
+def _git_sha() -> str | None:
+    """Commit of the package checkout when it is one (reads .git directly: no subprocess)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        with open(os.path.join(root, ".git", "HEAD")) as f:
+            head = f.read().strip()
+        if head.startswith("ref: "):
+            with open(os.path.join(root, ".git", head[5:])) as f:
+                return f.read().strip()
+        return head
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class _TopCut:
+    """The last kept row in (score desc, id asc, position asc) order."""
+
+    score: float
+    id: str
+    row: int
+
+
+def _check_scores(lf: pl.LazyFrame, root: str) -> tuple[int, dict[str, float]]:
+    stats = lf.select(
+        pl.len().alias("n"),
+        pl.col(SCORE).null_count().alias("nulls"),
+        pl.col(SCORE).is_nan().sum().alias("nans"),
+        pl.col(SCORE).cast(pl.Float64).mean().alias("mean"),
+        pl.col(SCORE).cast(pl.Float64).std(ddof=0).alias("std"),
+        pl.col(SCORE).min().cast(pl.Float64).alias("min"),
+        pl.col(SCORE).max().cast(pl.Float64).alias("max"),
+    ).collect().row(0, named=True)
+    if stats["nulls"] or stats["nans"]:
+        raise InputError(f"{root}/data has {stats['nulls']} null and {stats['nans']} NaN drift_score values: scored "
+                         "shards must hold finite scores only (unscorable rows belong in rejects/)")
+    return int(stats["n"]), {k: stats[k] for k in ("mean", "std", "min", "max")}
+
+
+def _top_cut(lf: pl.LazyFrame, k: int) -> _TopCut:
+    """The k-th row (1-based) in (score desc, id asc, position asc) order; needs only (id, score) of the run."""
+    v = lf.select(pl.col(SCORE).top_k(k).min().cast(pl.Float64)).collect().item()
+    n_above = lf.filter(pl.col(SCORE) > v).select(pl.len()).collect().item()
+    tied = (lf.select(ID, SCORE).with_row_index("_row").filter(pl.col(SCORE) == v)
+            .sort([ID, "_row"]).slice(k - n_above - 1, 1).collect())
+    return _TopCut(float(v), str(tied[ID][0]), int(tied["_row"][0]))
+
+
+def _top_mask(batch: pa.RecordBatch, cut: _TopCut, first_row: int) -> np.ndarray:
+    score = batch.column(SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
+    keep = score > cut.score
+    tied = np.flatnonzero(score == cut.score)
+    if tied.size:
+        ids = pc.take(batch.column(ID), pa.array(tied))
+        before = pc.less(ids, cut.id).to_numpy(zero_copy_only=False)
+        same = pc.equal(ids, cut.id).to_numpy(zero_copy_only=False)
+        keep[tied] = before | (same & (first_row + tied <= cut.row))
+    return keep
+
+
+def _weights(score: np.ndarray, stats: dict[str, float], log_norm: float, temperature: float) -> np.ndarray:
+    """float64 weights = exp((s - max) / (std * T)) / mean over the run of the same (mean 1 over the run)."""
+    if not stats["std"] > 0:
+        return np.ones_like(score, dtype=np.float64)
+    return np.exp((score.astype(np.float64) - stats["max"]) / (stats["std"] * temperature) - log_norm)
+
+
+def _log_weight_norm(lf: pl.LazyFrame, stats: dict[str, float], temperature: float, n: int) -> float:
+    """log of the mean over the run of exp((s - max) / (std * T)); the largest term is 1, so no overflow."""
+    if not stats["std"] > 0:
+        return 0.0
+    total = lf.select(((pl.col(SCORE).cast(pl.Float64) - stats["max"]) / (stats["std"] * temperature)).exp().sum()
+                      ).collect().item()
+    return math.log(total / n)
+
+
+# ------------------------------------------------------------------------------------------------------- refine_run
+
+
+def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, temperature: float = 1.0,
+               keep_all: bool = False, storage_options: dict | None = None, progress: bool = True) -> dict:
+    """Apply `policy` to the scored shards of `run_dir`, write `out/data/train-*.parquet` and `out/manifest.json`.
+
+    Returns the refine manifest (schemas/refine_manifest.schema.json).
+    """
+    from tqdm.auto import tqdm
+
+    policy = Policy.parse(policy)
+    config = RefineConfig(str(policy), seed=seed, temperature=float(temperature), keep_all=keep_all)
+    src_fs, src = open_fs(run_dir, storage_options)
+    out_fs, dst = open_fs(out, storage_options)
+    if src_fs.unstrip_protocol(src) == out_fs.unstrip_protocol(dst):
+        raise ConfigError(f"refine output {out} is the run directory itself: pass another --out")
+    old = read_json(out_fs, f"{dst}/manifest.json")
+    if old is not None and old.get("config") != asdict(config):
+        raise RunDirMismatchError(f"{out} holds a refine made with config {old.get('config')}; this one is "
+                                  f"{asdict(config)}: choose another --out or delete it")
+
+    shards = list_data_shards(src_fs, src)
+    schemas, counts = zip(*(_shard_schema(src_fs, s) for s in shards))
+    for path, schema in zip(shards, schemas):
+        missing = [c for c in (ID, SCORE) if c not in schema.names]
+        if missing:
+            raise InputError(f"shard {path} has no {', '.join(missing)} column: refine needs scored shards")
+        added = "keep" if policy.is_filter else "weight" if policy.kind == "weights" else None
+        if added and added in schema.names:
+            raise ConfigError(f"shard {path} already has a {added!r} column; refine would overwrite it. "
+                              "Drop the column first or refine with another policy")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    lf = scan_shards(src_fs, shards).select(ID, SCORE)
+    n, stats = _check_scores(lf, src)
+    if n != offsets[-1]:
+        raise InputError(f"shard row counts ({offsets[-1]}) disagree with the scan ({n}) under {src}/data")
+    logger.info("refine %s: %d scored rows in %d shards, policy %s", run_dir, n, len(shards), policy)
+
+    cut: dict[str, Any] | None = None
+    top: _TopCut | None = None
+    log_norm = 0.0
+    if policy.kind == "top":
+        k = int(math.floor(policy.value * n + 0.5))
+        if k == 0:
+            logger.warning("top:%g of %d rows keeps no row", policy.value, n)
+        else:
+            top = _top_cut(lf, k)
+        cut = {"score": None if top is None else top.score, "id": None if top is None else top.id,
+               "row": None if top is None else top.row, "rows_target": k}
+    elif policy.kind in ("threshold", "positive"):
+        cut = {"score": float(policy.value or 0.0)}
+    elif n:
+        log_norm = _log_weight_norm(lf, stats, config.temperature, n)
+
+    num_out = len(shards)
+    names = [f"{dst}/data/train-{i:05d}-of-{num_out:05d}.parquet" for i in range(num_out)]
+    bar = tqdm(total=n, unit="rows", desc=f"refine {policy}", disable=not progress, dynamic_ncols=True)
+    acc = _Accumulator()
+    try:
+        if policy.kind == "repeat":
+            written = _write_repeat(src_fs, shards, schemas, out_fs, names, stats, log_norm, config, bar, acc)
+        else:
+            written = []
+            for i, (path, schema) in enumerate(zip(shards, schemas)):
+                written.append(_write_shard(src_fs, path, schema, out_fs, names[i], policy, config, top, stats,
+                                            log_norm, int(offsets[i]), bar, acc))
+    finally:
+        bar.close()
+
+    manifest = {
+        "kind": "refine",
+        "version": __version__,
+        "git_sha": _git_sha(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_run": str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir),
+        "source_rows_rejected": _source_rejected(read_json(src_fs, f"{src}/manifest.json")),
+        "policy": {"spec": str(policy), "kind": policy.kind, "value": policy.value},
+        "config": asdict(config),
+        "rows_in": n,
+        "rows_kept": acc.kept,
+        "rows_written": int(sum(written)),
+        "cut": cut,
+        "score_stats_in": stats,
+        "score_stats_kept": acc.score_stats(),
+        "weight_stats": acc.weight_stats() if policy.kind in ("weights", "repeat") else None,
+        "repeat": ({"copies_total": int(sum(written)), "rows_with_copies": acc.kept,
+                    "expected_copies": float(n)} if policy.kind == "repeat" else None),
+        "shards": [{"path": f"data/{os.path.basename(p)}", "rows": int(r)} for p, r in zip(names, written)],
+    }
+    write_bytes_atomic(out_fs, f"{dst}/manifest.json", json.dumps(manifest, indent=2).encode())
+    logger.info("refine %s -> %s: kept %d of %d rows, wrote %d", run_dir, out, acc.kept, n, manifest["rows_written"])
+    return manifest
+
+
+def _source_rejected(manifest: dict | None) -> int | None:
+    if not manifest:
+        return None
+    rej = manifest.get("rows_rejected")
+    if isinstance(rej, dict):
+        return int(sum(rej.values()))
+    return int(rej) if isinstance(rej, (int, float)) else None
+
+
+class _Moments:
+    """Running count / sum / sum of squares / min / max (float64)."""
+
+    def __init__(self) -> None:
+        self.n, self.sum, self.sumsq, self.min, self.max = 0, 0.0, 0.0, math.inf, -math.inf
+
+    def add(self, x: np.ndarray) -> None:
+        if x.size:
+            x = x.astype(np.float64)
+            self.n += int(x.size)
+            self.sum += float(x.sum())
+            self.sumsq += float(np.square(x).sum())
+            self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+
+    def stats(self) -> dict[str, float] | None:
+        if not self.n:
+            return None
+        mean = self.sum / self.n
+        return {"mean": mean, "std": math.sqrt(max(self.sumsq / self.n - mean * mean, 0.0)), "min": self.min,
+                "max": self.max}
+
+
+class _Accumulator:
+    """Kept-row count, moments of kept scores and of weights."""
+
+    def __init__(self) -> None:
+        self.scores, self.weights = _Moments(), _Moments()
+
+    @property
+    def kept(self) -> int:
+        return self.scores.n
+
+    def score_stats(self) -> dict[str, float] | None:
+        return self.scores.stats()
+
+    def weight_stats(self) -> dict[str, float] | None:
+        return self.weights.stats()
+
+
+def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy: Policy, config: RefineConfig,
+                 top: _TopCut | None, stats: dict[str, float], log_norm: float, first_row: int, bar, acc) -> int:
+    """One input shard -> one output shard for the filter and weights policies; returns rows written."""
+    column = "keep" if policy.is_filter else "weight"
+    out_schema = _add_field(schema, pa.field(column, pa.bool_() if policy.is_filter else pa.float32()))
+    written = 0
+    with atomic_parquet_writer(out_fs, dest, out_schema) as writer:
+        for batch in _iter_batches(src_fs, path):
+            score = batch.column(SCORE).to_numpy(zero_copy_only=False)
+            if policy.kind == "top":
+                keep = _top_mask(batch, top, first_row) if top is not None else np.zeros(len(score), dtype=bool)
+            elif policy.is_filter:
+                keep = score.astype(np.float64) > (policy.value or 0.0)
+            if policy.is_filter:
+                acc.scores.add(score[keep])
+                table = pa.Table.from_batches([batch]).append_column("keep", pa.array(keep, pa.bool_()))
+                if not config.keep_all:
+                    table = table.filter(pa.array(keep))
+            else:
+                weight = _weights(score, stats, log_norm, config.temperature).astype(np.float32)
+                acc.scores.add(score)
+                acc.weights.add(weight)
+                table = pa.Table.from_batches([batch]).append_column("weight", pa.array(weight, pa.float32()))
+            writer.write_table(table.cast(out_schema))
+            written += table.num_rows
+            first_row += batch.num_rows
+            bar.update(batch.num_rows)
+    return written
+
+
+def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], stats: dict[str, float],
+                  log_norm: float, config: RefineConfig, bar, acc) -> list[int]:
+    """Two-pass external shuffle: copies go to random buckets on local disk, then each bucket is permuted."""
+    num_out = len(names)
+    schema = schemas[0]
+    for path, other in zip(shards, schemas):
+        if not other.equals(schema, check_metadata=False):
+            raise InputError(f"shard {path} has schema {other} but {shards[0]} has {schema}: repeat shuffles rows "
+                             "across shards and needs one schema")
+    with tempfile.TemporaryDirectory(prefix="drift-repeat-") as tmp:
+        parts: list[list[str]] = [[] for _ in range(num_out)]
+        for i, path in enumerate(shards):
+            rng = np.random.default_rng([config.seed, 0, i])
+            writers: dict[int, pq.ParquetWriter] = {}
+            for batch in _iter_batches(src_fs, path):
+                score = batch.column(SCORE).to_numpy(zero_copy_only=False)
+                weight = _weights(score, stats, log_norm, config.temperature)
+                base = np.floor(weight)
+                copies = (base + (rng.random(len(weight)) < weight - base)).astype(np.int64)
+                acc.scores.add(score[copies > 0])
+                acc.weights.add(weight.astype(np.float32))
+                index = np.repeat(np.arange(len(copies)), copies)
+                bucket = rng.integers(0, num_out, size=index.size)
+                table = pa.Table.from_batches([batch]).take(pa.array(index))
+                for b in np.unique(bucket):
+                    if b not in writers:
+                        part = os.path.join(tmp, f"bucket-{b:05d}-part-{i:05d}.parquet")
+                        parts[b].append(part)
+                        writers[b] = pq.ParquetWriter(part, schema)
+                    writers[b].write_table(table.filter(pa.array(bucket == b)).cast(schema))
+                bar.update(batch.num_rows)
+            for w in writers.values():
+                w.close()
+        written = []
+        for b, dest in enumerate(names):
+            table = (pa.concat_tables([pq.read_table(p) for p in parts[b]]) if parts[b]
+                     else schema.empty_table())
+            perm = np.random.default_rng([config.seed, 1, b]).permutation(table.num_rows)
+            with atomic_parquet_writer(out_fs, dest, schema) as writer:
+                writer.write_table(table.take(pa.array(perm, pa.int64())))
+            written.append(table.num_rows)
+            for p in parts[b]:
+                os.remove(p)
+    return written
