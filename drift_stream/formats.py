@@ -19,6 +19,7 @@ Loss on " {c}" <eos> of every assistant turn; the generation prompt ends with "A
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -137,8 +138,12 @@ def _builtin_dir():
     return resources.files("drift_stream") / "adapters"
 
 
-def _schema() -> dict:
-    return json.loads((resources.files("drift_stream") / "schemas" / "adapter.schema.json").read_text())
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads((resources.files("drift_stream") / "schemas" / "adapter.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
 
 
 def list_adapters() -> list[tuple[str, str]]:
@@ -155,7 +160,7 @@ def load_adapter(name_or_path: str | Path) -> "Adapter":
     """A built-in adapter by name, or a user's YAML spec by path."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if text.endswith((".yaml", ".yml")) or "/" in text or path.is_file():
+    if text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text:
         if not path.is_file():
             raise AdapterError(f"adapter file {text!r} does not exist")
         return Adapter(_read_yaml(path.read_text(), text), source=str(path))
@@ -180,11 +185,8 @@ def _read_yaml(text: str, source: str) -> dict:
 
 def validate_adapter_spec(spec: Mapping[str, Any], source: str = "<spec>") -> None:
     """Check a spec against schemas/adapter.schema.json and the per-kind rules; AdapterError lists every problem."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(_schema())
     problems = []
-    for err in sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path))):
+    for err in sorted(_validator().iter_errors(spec), key=lambda e: list(map(str, e.absolute_path))):
         where = ".".join(map(str, err.absolute_path)) or "(top level)"
         problems.append(f"{where}: {err.message}")
     kind = spec.get("kind")
@@ -450,13 +452,11 @@ class ChatTokenizer:
             raise ChatTemplateError("use_chat_template=True but the tokenizer has no chat_template")
         self._template_sha1 = hashlib.sha1(str(template).encode()).hexdigest() if self.uses_chat_template else None
         self.eos_token_id = tokenizer.eos_token_id
-        self.stop_ids = frozenset(int(t) for t in stop_token_ids) | (
-            {self.eos_token_id} if self.eos_token_id is not None else set()
-        )
-        if self.eos_token_id is None and not self.uses_chat_template:
-            raise ChatTemplateError("the tokenizer has neither a chat template nor an eos_token: set tokenizer.eos_token")
+        if self.eos_token_id is None:
+            raise ConfigError("the tokenizer has no eos_token (it ends text and plain-template turns): set one")
+        self.stop_ids = frozenset(int(t) for t in stop_token_ids) | {self.eos_token_id}
         self._lead = self._leading_special_ids()
-        self._start = self._lead or ([self.eos_token_id] if self.eos_token_id is not None else [])
+        self._start = self._lead or [self.eos_token_id]
         if self.uses_chat_template:
             self._probe_template()
 
@@ -577,10 +577,11 @@ class ChatTokenizer:
                         f"conversation, so loss masks cannot be computed (the template renders earlier turns "
                         f"differently, e.g. strips reasoning): pass a template without that, or use_chat_template=False"
                     )
-        tokens = self._tokenize([full] + [text for pair in bounds for text in pair])
-        ids, mask = tokens[0], [0] * len(tokens[0])
-        for turn in range(len(bounds)):
-            before, through = tokens[1 + 2 * turn], tokens[2 + 2 * turn]
+        texts = list(dict.fromkeys([full] + [text for pair in bounds for text in pair]))  # the last turn ends at `full`
+        tokens = dict(zip(texts, self._tokenize(texts)))
+        ids, mask = tokens[full], [0] * len(tokens[full])
+        for before_text, through_text in bounds:
+            before, through = tokens[before_text], tokens[through_text]
             if ids[: len(before)] != before or ids[: len(through)] != through:
                 raise RowError("mask_boundary")  # tokens merge across a turn boundary for this row's text
             start, end = len(before), len(through)
@@ -591,25 +592,22 @@ class ChatTokenizer:
         return ids, mask
 
     def _plain(self, messages: list[dict], generation_prompt: bool) -> tuple[list[int], list[int]]:
-        ids, mask = list(self._lead), [0] * len(self._lead)
-        sep = self._tokenize(["\n\n"])[0]
+        # (text, loss) pieces in order; "\n\n" separates turns; tokenized in one call
+        pieces: list[tuple[str, int]] = []
         for i, m in enumerate(messages):
             if i:
-                ids += sep
-                mask += [0] * len(sep)
+                pieces.append(("\n\n", 0))
             if m["role"] == "assistant":
-                head, body = self._tokenize(["Assistant:", " " + m["content"]])
-                body = body + [self.eos_token_id]
-                ids += head + body
-                mask += [0] * len(head) + [1] * len(body)
+                pieces += [("Assistant:", 0), (" " + m["content"], 1), ("", 1)]  # "" marks the EOS token
             else:
-                seg = self._tokenize([f"{m['role'].capitalize()}: {m['content']}"])[0]
-                ids += seg
-                mask += [0] * len(seg)
+                pieces.append((f"{m['role'].capitalize()}: {m['content']}", 0))
         if generation_prompt:
-            head = (sep if messages else []) + self._tokenize(["Assistant:"])[0]
-            ids += head
-            mask += [0] * len(head)
+            pieces += [("\n\n", 0)] * bool(messages) + [("Assistant:", 0)]
+        ids, mask = list(self._lead), [0] * len(self._lead)
+        for (text, loss), toks in zip(pieces, self._tokenize([t for t, _ in pieces]) if pieces else []):
+            toks = toks if text else [self.eos_token_id]
+            ids += toks
+            mask += [loss] * len(toks)
         return ids, mask
 
     def _probe_template(self) -> None:

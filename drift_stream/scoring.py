@@ -147,7 +147,14 @@ class BatchScorer:
 
     def config_dict(self) -> dict:
         """The resolved config: what the run directory records and compares on resume."""
-        return {"scorer": self.name, "model": self.model_path, **asdict(self.config), **self._extra_config()}
+        return {
+            "scorer": self.name,
+            "model": self.model_path,
+            **asdict(self.config),
+            "adapter_spec": self.adapter.config_dict(),
+            "tokenization": self.chat.config_dict(),
+            **self._extra_config(),
+        }
 
     def manifest_info(self) -> dict:
         """Facts learned while scoring (e.g. the fitted beta) that the run manifest records."""
@@ -165,28 +172,18 @@ class BatchScorer:
         from drift_stream.formats import RowError
 
         rows = table.to_pylist()
-        has_id = "id" in table.column_names
         ids: list[str] = []
         tokenized: list[Any] = []
         reasons: list[str | None] = []
         for row in rows:
+            ids.append(self.adapter.row_id(row))
             try:
-                example = self.adapter.to_example(row)
-                row_id = str(row["id"]) if has_id and row["id"] is not None else example.id
-                ids.append(row_id)
-                tokenized.append(self.chat.encode(example))
+                tokenized.append(self.chat.encode(self.adapter.to_example(row)))
                 reasons.append(None)
             except RowError as err:
-                ids.append(str(row["id"]) if has_id and row.get("id") is not None else self._fallback_id(row))
                 tokenized.append(None)
                 reasons.append(err.reason)
         return ids, tokenized, reasons
-
-    @staticmethod
-    def _fallback_id(row: dict) -> str:
-        from drift_stream.formats import row_id
-
-        return row_id(row)
 
     def score_table(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -263,14 +260,10 @@ class _ModelScorer(BatchScorer):
             self._model = load_model(self.model_path, device=self.config.device, dtype=self.config.dtype)
         return self._model
 
-    def _pad_id(self) -> int:
-        pad = self.chat.tokenizer.pad_token_id
-        return int(pad if pad is not None else 0)
-
     def _collate(self, chunk):
         from drift_stream.formats import collate
 
-        batch = collate(chunk, pad_token_id=self._pad_id())
+        batch = collate(chunk, pad_token_id=self.chat.pad_token_id)
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -516,6 +509,8 @@ def build_scorer(
     from drift_stream.models import load_tokenizer
 
     cfg = ScoreConfig(scorer=scorer, adapter=adapter, **config)
+    if scorer in GRADIENT_SCORERS and bank is None:
+        raise ConfigError(f"scorer {scorer!r} needs --bank BANK_DIR (build one with `drift-stream bank build`)")
     if model is None and tokenizer is None:
         raise ConfigError("--model is required: the tokenizer decides tokens, loss masks and over-long rejects")
     tok = tokenizer if tokenizer is not None else load_tokenizer(model)
@@ -527,8 +522,6 @@ def build_scorer(
         return LossScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
     if scorer == "ifd":
         return IFDScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
-    if bank is None:
-        raise ConfigError(f"scorer {scorer!r} needs --bank BANK_DIR (build one with `drift-stream bank build`)")
     from drift_stream.bank import ValidationBank
 
     vb = ValidationBank.load(bank)

@@ -344,6 +344,12 @@ def test_spec_semantic_errors(tmp_path, body, needle):
     assert needle in str(err.value)
 
 
+def test_builtin_name_wins_over_a_file_in_cwd(tmp_path, monkeypatch):
+    (tmp_path / "messages").write_text("not yaml: [")
+    monkeypatch.chdir(tmp_path)
+    assert load_adapter("messages").source == "builtin:messages"
+
+
 def test_missing_path_and_non_mapping(tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
         load_adapter(tmp_path / "nope.yaml")
@@ -504,6 +510,10 @@ def test_tokenizer_config_errors(char_tok):
         ChatTokenizer(char_tok, overlong="drop")
     with pytest.raises(ChatTemplateError, match="no chat_template"):
         ChatTokenizer(make_char_tokenizer(chat_template=False), use_chat_template=True)
+    no_eos = make_char_tokenizer()
+    no_eos.eos_token = None
+    with pytest.raises(ConfigError, match="no eos_token"):
+        ChatTokenizer(no_eos)
     with pytest.raises(ValueError, match="exactly one"):
         Example(id="x", text="a", messages=())
 

@@ -217,7 +217,7 @@ class ShardWriter:
             return
         if self._rejects is None:
             self._rejects = _AtomicParquet(self.run, self.rejects_rel, self.rejects_schema)
-        self._rejects.write(_conform(table, self.rejects_schema))
+        self._rejects.write(conform_table(table, self.rejects_schema))
 
     def commit(self, counts: Mapping[str, Any], scores: ScoreSummary) -> dict[str, Any]:
         """Publish both shards, then write the marker. Returns the marker."""
@@ -247,7 +247,8 @@ class ShardWriter:
                 writer.abort()
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns (matched by name, cast; missing ones null)."""
     columns = []
     for field in schema:
         if field.name in table.column_names:
@@ -421,6 +422,7 @@ class RunDirectory:
             "rows_rejected": rows_rejected,
             "rejected_by_reason": dict(sorted(by_reason.items())),
             "score_stats": merge_score_summaries([m["score_summary"] for m in ordered]),
+            "scorer_info": ordered[0].get("scorer_info", {}) if ordered else {},
             "data_files": [m["data_file"] for m in ordered],
             "rejects_files": [m["rejects_file"] for m in ordered if m["rejects_file"]],
             "config": json.loads(json.dumps(config)),

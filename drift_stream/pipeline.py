@@ -1,0 +1,214 @@
+"""`run_score`: stream -> scorer -> run directory, resumable and sharded. The one entry point of `drift-stream score`.
+
+Per input file of this shard (file i of N goes to shard i % num_shards) that has no completion marker yet: stream it in
+chunks of `batch_rows` rows (read ahead on a background thread), score each chunk, append the scored rows to
+`data/` and the rejected ones (undecodable lines and rows the scorer rejected) to `rejects/`, then publish both shards
+and write the marker. Output order within a shard is input order. Afterwards the manifest is recomputed from all
+markers, so the process that finishes last leaves the complete manifest.
+
+What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()`. Not compared,
+because they do not change any output row: `out`, `num_shards`, `shard_index`, `batch_rows`, `prefetch_batches`,
+`on_bad_row` and the storage options (credentials are never recorded).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from drift_stream.errors import BadRowError, ConfigError, DriftError
+from drift_stream.io.run_dir import (
+    RAW_LINE_COLUMN,
+    ROW_INDEX_COLUMN,
+    RunDirectory,
+    ScoreSummary,
+    ShardWriter,
+    conform_table,
+    reason_code,
+)
+from drift_stream.io.streams import Chunk, InputFile, expand_inputs, input_schema, iter_chunks, prefetch, shard_files
+
+logger = logging.getLogger(__name__)
+
+REASON_COLUMN = "drift_reject_reason"
+ON_BAD_ROW = ("reject", "error")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to run `drift-stream score` over files (or one `datasets.IterableDataset`) into a run directory."""
+
+    data: Any  # tuple of URLs / paths / globs, or a datasets.IterableDataset
+    out: str
+    num_shards: int = 1
+    shard_index: int = 0
+    batch_rows: int = 1024  # rows per chunk handed to the scorer; bounds memory
+    on_bad_row: str = "reject"  # reject: bad rows go to rejects/; error: the first bad row stops the run
+    prefetch_batches: int = 2  # chunks read ahead on the background thread
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)  # never recorded
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, bytes)):
+            object.__setattr__(self, "data", (str(self.data),))
+        elif isinstance(self.data, (list, tuple)):
+            object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+            if not self.data:
+                raise ConfigError("no input given: pass at least one --data URL")
+        elif not _is_iterable_dataset(self.data):
+            raise ConfigError(f"data must be URLs or a datasets.IterableDataset, got {type(self.data).__name__}")
+        if not str(self.out):
+            raise ConfigError("--out is required")
+        if self.num_shards < 1:
+            raise ConfigError(f"num_shards must be >= 1, got {self.num_shards}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.batch_rows < 1:
+            raise ConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.on_bad_row not in ON_BAD_ROW:
+            raise ConfigError(f"on_bad_row must be 'reject' or 'error', got {self.on_bad_row!r}")
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise ConfigError("storage_options must be a dict (CLI: --storage-options '{\"key\": ...}')")
+
+
+def _is_iterable_dataset(obj: Any) -> bool:
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, IterableDataset)
+
+
+def recorded_config(files: list[InputFile], scorer: Any) -> dict[str, Any]:
+    """What config.json records and a rerun must match."""
+    return {"input_files": [f.url for f in files], "scorer": scorer.config_dict()}
+
+
+def run_score(config: RunConfig, scorer: Callable[[pa.Table], pa.Table], progress: bool = True) -> dict[str, Any]:
+    """Score this shard's input files into `config.out`; skip finished ones. Returns the manifest."""
+    files = expand_inputs(config.data, config.storage_options)
+    run = RunDirectory(config.out, config.storage_options)
+    record = recorded_config(files, scorer)
+    run.check_config(record)
+    mine = shard_files(files, config.num_shards, config.shard_index)
+    done = run.completed_indexes()
+    todo = [f for f in mine if f.index not in done]
+    logger.info(
+        "shard %d/%d: %d of %d input files, %d already complete, %d to score into %s",
+        config.shard_index, config.num_shards, len(mine), len(files), len(mine) - len(todo), len(todo), run.url,
+    )
+    if todo:
+        _score_files(todo, run, scorer, config, progress)
+    manifest = run.update_manifest(record, [f.url for f in files])
+    if manifest["complete"]:
+        logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
+                    manifest["rows_scored"], manifest["rows_rejected"])
+    return manifest
+
+
+def _events(todo: list[InputFile], config: RunConfig) -> Iterator[tuple[str, InputFile, Any]]:
+    """("start", file, schema), ("chunk", file, Chunk)..., ("end", file, None) for every file, in order."""
+    for file in todo:
+        schema = input_schema(file, config.storage_options)
+        yield "start", file, schema
+        for chunk in iter_chunks(file, schema, config.batch_rows, config.storage_options):
+            yield "chunk", file, chunk
+        yield "end", file, None
+
+
+def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunConfig, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    current: _FileScoring | None = None
+    try:
+        for kind, file, payload in prefetch(_events(todo, config), config.prefetch_batches):
+            if kind == "start":
+                current = _FileScoring(run.shard_writer(file, payload), config.on_bad_row)
+            elif kind == "chunk":
+                bar.update(current.score(payload, scorer))
+            else:
+                marker = current.commit(scorer)
+                current = None
+                logger.info("%s: %d rows in, %d scored, %d rejected", file.url, marker["rows_in"],
+                            marker["rows_scored"], marker["rows_rejected"])
+    finally:
+        if current is not None:
+            current.writer.abort()
+        bar.close()
+
+
+class _FileScoring:
+    """Scores the chunks of one input file into its ShardWriter and keeps its counts."""
+
+    def __init__(self, writer: ShardWriter, on_bad_row: str) -> None:
+        self.writer, self.on_bad_row = writer, on_bad_row
+        self.rows_in = self.rows_scored = self.rows_rejected = 0
+        self.by_reason: dict[str, int] = {}
+        self.scores = ScoreSummary()
+
+    def _fail(self, row_index: int, reason: str) -> None:
+        raise BadRowError(
+            f"input file {self.writer.file.url}, row {row_index} (0-based; jsonl: line index) is bad: {reason}. "
+            "Fix the row, or rerun with --on-bad-row reject to send bad rows to rejects/"
+        )
+
+    def score(self, chunk: Chunk, scorer) -> int:
+        """Score one chunk; returns the number of input rows it held."""
+        table, n_bad = chunk.table, len(chunk.bad_rows)
+        if self.on_bad_row == "error" and chunk.bad_rows:
+            self._fail(chunk.bad_rows[0].row_index, chunk.bad_rows[0].reason)
+        parts: list[pa.Table] = []
+        if table.num_rows:
+            out = scorer(table)
+            if not isinstance(out, pa.Table) or out.num_rows != table.num_rows:
+                got = out.num_rows if isinstance(out, pa.Table) else type(out).__name__
+                raise DriftError(f"the scorer returned {got} rows for {table.num_rows}: it must keep every row")
+            if REASON_COLUMN not in out.column_names:
+                raise DriftError(f"the scorer's output has no {REASON_COLUMN} column")
+            rejected = pc.is_valid(out.column(REASON_COLUMN)).to_numpy(zero_copy_only=False)
+            if self.on_bad_row == "error" and rejected.any():
+                first = int(np.flatnonzero(rejected)[0])
+                self._fail(int(chunk.row_index[first]), out.column(REASON_COLUMN)[first].as_py())
+            scored = out.filter(pa.array(~rejected)).drop_columns([REASON_COLUMN])
+            if scored.num_rows:
+                self.writer.write_scored(scored)
+                self.scores.add(scored.column("drift_score").to_numpy(zero_copy_only=False).astype(np.float64))
+            self.rows_scored += scored.num_rows
+            if rejected.any():
+                bad = out.filter(pa.array(rejected))
+                bad = bad.append_column(ROW_INDEX_COLUMN, pa.array(chunk.row_index[rejected], pa.int64()))
+                parts.append(bad)
+        if n_bad:
+            parts.append(pa.table({
+                REASON_COLUMN: pa.array([b.reason for b in chunk.bad_rows], pa.string()),
+                ROW_INDEX_COLUMN: pa.array([b.row_index for b in chunk.bad_rows], pa.int64()),
+                RAW_LINE_COLUMN: pa.array([b.raw for b in chunk.bad_rows], pa.string()),
+            }))
+        if parts:
+            rejects = pa.concat_tables([conform_table(p, self.writer.rejects_schema) for p in parts])
+            rejects = rejects.sort_by(ROW_INDEX_COLUMN)  # input order within the chunk
+            self.writer.write_rejects(rejects)
+            self.rows_rejected += rejects.num_rows
+            for reason in rejects.column(REASON_COLUMN).to_pylist():
+                code = reason_code(reason)
+                self.by_reason[code] = self.by_reason.get(code, 0) + 1
+        self.rows_in += table.num_rows + n_bad
+        return table.num_rows + n_bad
+
+    def commit(self, scorer) -> dict[str, Any]:
+        info = scorer.manifest_info() if hasattr(scorer, "manifest_info") else {}
+        counts = {
+            "rows_in": self.rows_in,
+            "rows_scored": self.rows_scored,
+            "rows_rejected": self.rows_rejected,
+            "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            "scorer_info": info,
+        }
+        return self.writer.commit(counts, self.scores)

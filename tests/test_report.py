@@ -1,0 +1,140 @@
+"""The HTML report and terminal summary on synthetic run directories; Spearman against scipy."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_refine import MESSAGES, write_run
+
+from drift_stream.report import rankdata, render_example, spearman, summarize_run, write_report
+
+
+def write_bank(path, rates: dict[str, tuple[int, int]], gap=0.8) -> None:
+    path.mkdir(parents=True)
+    queries = [{"query_id": q, "num_correct": c, "num_incorrect": w} for q, (c, w) in rates.items()]
+    (path / "manifest.json").write_text(json.dumps({"queries": queries, "proximity_gap": gap}))
+
+
+def test_rankdata_and_spearman_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=500), 1)  # many ties
+    y = 0.5 * x + rng.normal(size=500)
+    np.testing.assert_array_equal(rankdata(x), stats.rankdata(x, method="average"))
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    z = rng.lognormal(size=500)
+    assert spearman(z, -np.log(z)) == pytest.approx(-1.0, abs=1e-12)
+    with_nan = x.copy()
+    with_nan[:5] = np.nan
+    assert spearman(with_nan, y) == pytest.approx(stats.spearmanr(x[5:], y[5:]).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones(10), y[:10])) and np.isnan(spearman([1.0], [2.0]))
+
+
+def test_report_has_every_section_and_right_numbers(tmp_path):
+    bank = tmp_path / "bank"
+    write_bank(bank, {"q0": (8, 0), "q1": (3, 5), "q2": (0, 8), "q3": (2, 6)},
+               gap={"onpolicy_loss": 0.4, "offpolicy_loss": 1.2, "gap": 0.8})
+    full = write_run(str(tmp_path / "run"), raw=True, bank=str(bank))
+    out = write_report(str(tmp_path / "run"), top_k=5)
+    assert out == f"{tmp_path / 'run'}/report.html"
+    page = (tmp_path / "run" / "report.html").read_text()
+    for section in ('id="scores"', 'id="correlations"', 'id="bank"', 'id="top"', 'id="bottom"', 'id="rejects"'):
+        assert section in page
+    assert page.count("<svg") == 1 + 4 + 1  # histogram, 2 x (score, raw) scatters, pass rates
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    score = full["drift_score"].to_numpy().astype(np.float64)
+    norm = full["drift_grad_norm"].to_numpy().astype(np.float64)
+    raw = full["drift_raw_score"].to_numpy().astype(np.float64)
+    rho = spearman(score, norm)
+    assert f"{rho:.3g}" in page and f"{spearman(raw, norm):.3g}" in page
+    assert "spearman_after" in page  # the manifest's debias block
+    # pass rates 1, 3/8, 0, 2/8 -> mean 0.40625; one all-wrong, one all-right query
+    assert "0.4062" in page and re.search(r"all wrong.*?<td class=\"num\">1</td>", page)
+    assert "offpolicy_loss" in page
+    # rejects by reason kind: too_long 2, empty_response 1
+    assert re.search(r"<td>too_long</td><td class=\"num\">2</td>", page)
+    assert re.search(r"<td>empty_response</td><td class=\"num\">1</td>", page)
+    # top example first: the highest score, with its chat text escaped
+    best = int(np.argmax(score))
+    row_no = full["row_no"][best].as_py()
+    top_block = page[page.index('id="top"'):page.index('id="bottom"')]
+    assert f"What is {row_no} + 1? &lt;b&gt;&amp;&lt;/b&gt;" in top_block
+    assert "<b>&</b>" not in page
+    assert top_block.count('class="example"') == 5
+
+
+def test_report_escapes_hostile_text_and_handles_no_bank(tmp_path):
+    root = tmp_path / "run"
+    (root / "data").mkdir(parents=True)
+    evil = '<script>alert("x")</script>'
+    pq.write_table(pa.table({
+        "id": [evil, "b", "c"], "text": [evil, "plain & simple", "x" * 5000],
+        "drift_score": pa.array([3.0, 1.0, -2.0], pa.float32()),
+        "drift_grad_norm": pa.array([1.0, 2.0, 3.0], pa.float32()),
+        "drift_num_tokens": pa.array([5, 6, 7], pa.int32())}), root / "data" / "train-00000-of-00001.parquet")
+    write_report(str(root), str(tmp_path / "r.html"), top_k=2)
+    page = (tmp_path / "r.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "names no bank" in page and "No rejected rows." in page
+    assert "3,500 more characters" in page  # long text truncated
+    bottom = page[page.index('id="bottom"'):page.index('id="rejects"')]
+    assert bottom.count('class="example"') == 1 and "xxxx" in bottom  # 3 rows, top 2: bottom gets the rest
+
+
+def test_render_example_formats():
+    chat = render_example({"messages": [{"role": "user", "content": "hi <you>"},
+                                        {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]})
+    assert 'class="turn user"' in chat and "hi &lt;you&gt;" in chat and "<pre>yo</pre>" in chat
+    sharegpt = render_example({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+    assert 'class="turn human"' in sharegpt and 'class="turn gpt"' in sharegpt
+    pc = render_example({"prompt": "2+2=", "completion": "4"})
+    assert 'class="turn prompt"' in pc and "<pre>4</pre>" in pc
+    conv_pc = render_example({"prompt": [{"role": "user", "content": "2+2"}],
+                              "completion": [{"role": "assistant", "content": "4"}]})
+    assert 'class="turn user"' in conv_pc and 'class="turn assistant"' in conv_pc
+    alpaca = render_example({"instruction": "add", "input": "2 2", "output": "4"})
+    assert [m for m in re.findall(r'class="turn (\w+)"', alpaca)] == ["instruction", "input", "output"]
+    other = render_example({"id": "x", "body": "free", "drift_score": 1.0})
+    assert "free" in other and "drift_score" not in other
+
+
+def test_summarize_run_is_short_and_true(tmp_path):
+    bank = tmp_path / "bank"
+    write_bank(bank, {"q0": (8, 0), "q1": (4, 4)}, gap=0.5)
+    full = write_run(str(tmp_path / "run"), bank=str(bank))
+    text = summarize_run(str(tmp_path / "run"))
+    lines = text.splitlines()
+    assert 4 <= len(lines) <= 8
+    n = full.num_rows
+    assert f"rows in {n + 3:,} = scored {n:,} + rejected 3 (too_long: 2, empty_response: 1)" in text
+    score = full["drift_score"].to_numpy().astype(np.float64)
+    assert f"mean {score.mean():.4g}" in text and f"positive {100 * (score > 0).mean():.3g}%" in text
+    assert f"drift_score vs drift_grad_norm {spearman(score, full['drift_grad_norm'].to_numpy()):.3g}" in text
+    assert "bank: 2 queries, mean pass rate 0.75" in text and "proximity gap 0.5" in text
+
+
+def test_bank_pass_rates_from_rollouts_parquet(tmp_path):
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    (bank / "manifest.json").write_text(json.dumps({"version": "0.1.0"}))
+    pq.write_table(pa.table({"query_id": ["a", "a", "b", "b", "b", "b"], "reward": [1.0, 0.0, 1.0, 1.0, 1.0, 0.0],
+                             "messages": pa.array([[]] * 6, MESSAGES)}), bank / "rollouts.parquet")
+    write_run(str(tmp_path / "run"), bank=str(bank))
+    assert "bank: 2 queries, mean pass rate 0.625" in summarize_run(str(tmp_path / "run"))
+
+
+def test_report_to_memory_url(tmp_path):
+    import fsspec
+
+    write_run(str(tmp_path / "run"))
+    fs = fsspec.filesystem("memory")
+    try:
+        out = write_report(str(tmp_path / "run"), "memory://reports/r.html")
+        assert out == "memory://reports/r.html" and b'id="top"' in fs.cat("/reports/r.html")
+    finally:
+        fs.rm("/reports", recursive=True)
