@@ -26,11 +26,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from drift_stream.errors import BankError, BankMismatchError, ConfigError
 from drift_stream.grads.projection import FeatureConfig
-from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts, resolve_backend
+from drift_stream.rollouts.engine import (  # noqa: F401 - Query and load_queries are part of this module's API
+    Query,
+    RolloutConfig,
+    generate_rollouts,
+    iter_input_rows,
+    load_queries,
+    resolve_backend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,107 +160,17 @@ def signed_weights(rewards: Sequence[float], signing: str, correct_threshold: fl
     return (centered if signing == "advantage" else [c / std for c in centered]), None
 
 
-# --------------------------------------------------------------------------------------------------- inputs
+# --------------------------------------------------------------------------------------------------- build
 
 
-def _parse_metadata(value: Any) -> Mapping | None:
-    from drift_stream.formats import RowError
-
-    if value is None or isinstance(value, Mapping):
-        return value
-    if isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            raise RowError("invalid_json:metadata") from None
-        if isinstance(parsed, Mapping):
-            return parsed
-    raise RowError("wrong_type:metadata")
-
-
-def query_from_row(row: Mapping[str, Any], adapter) -> Query:
-    """A Query from one input row: the adapter's example plus optional `task` and `metadata` (dict or JSON) columns."""
-    from drift_stream.formats import RowError
-
-    example = adapter.to_example(row)
-    messages = list(example.messages or ())
-    reference = example.reference
-    if messages and messages[-1].get("role") == "assistant":  # a chat row: its last assistant turn is the reference
-        reference = reference if reference is not None else messages[-1]["content"]
-        messages = messages[:-1]
-    if not messages or messages[-1].get("role") != "user":
-        raise RowError("no_user_turn")
-    task = row.get("task")
-    return Query(id=example.id, messages=tuple(messages), answer=example.answer, reference=reference,
-                 task=None if task is None else str(task), metadata=_parse_metadata(row.get("metadata")))
-
-
-def _iter_rows(source, storage_options=None) -> Iterable[tuple[dict | None, str | None]]:
-    """(row, None) or (None, reason) from URLs (via drift_stream.io.streams) or an iterable of rows."""
-    if isinstance(source, (str, os.PathLike)) or (
-        isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source)
-    ):
-        from drift_stream.io import streams
-
-        urls = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
-        for file in streams.expand_inputs(urls, storage_options):
-            schema = streams.input_schema(file, storage_options)
-            for chunk in streams.iter_chunks(file, schema, 1024, storage_options):
-                for bad in chunk.bad_rows:
-                    yield None, bad.reason
-                yield from ((row, None) for row in chunk.table.to_pylist())
-    else:
-        yield from ((row, None) for row in source)
-
-
-def load_queries(source, adapter="qa", storage_options=None) -> tuple[list[Query], list[dict]]:
-    """(queries, rejected [{"index", "id", "reason"}]) from URLs, rows, Examples or Queries."""
-    from drift_stream.formats import Example, RowError, load_adapter
-
-    adapter = load_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
-    queries, rejected, seen = [], [], set()
-    for index, (item, reason) in enumerate(_iter_rows(source, storage_options)):
-        qid = None
-        try:
-            if reason is not None:
-                raise RowError(reason)
-            if isinstance(item, Query):
-                query = item
-            elif isinstance(item, Example):
-                query = query_from_row({}, _ExampleAdapter(item))
-            else:
-                query = query_from_row(item, adapter)
-            qid = query.id
-            if qid in seen:
-                raise RowError("duplicate_id")
-        except RowError as exc:
-            rejected.append({"index": index, "id": qid, "reason": exc.reason})
-            continue
-        seen.add(qid)
-        queries.append(query)
-    if rejected:
-        logger.warning("%d validation queries rejected (first: %s)", len(rejected), rejected[0])
-    if not queries:
-        raise ConfigError(f"no usable validation queries ({len(rejected)} rejected): check --queries and --adapter")
-    return queries, rejected
-
-
-class _ExampleAdapter:
-    def __init__(self, example):
-        self.example = example
-
-    def to_example(self, row):
-        return self.example
-
-
-def _iter_fisher_examples(fisher_data, adapter, chat_tokenizer, limit: int, storage_options=None):
-    """Tokenized training rows (at most `limit`) and a {reason: count} of the ones that could not be used."""
+def _fisher_examples(fisher_data, adapter, chat_tokenizer, limit: int, storage_options=None):
+    """Tokenized training rows (at most `limit`) and {reason: count} of the rows that could not be used."""
     from drift_stream.formats import Example, RowError, TokenizedExample, load_adapter
 
     adapter = load_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
     rejected: dict[str, int] = {}
     out = []
-    for item, reason in _iter_rows(fisher_data, storage_options):
+    for item, reason in iter_input_rows(fisher_data, storage_options):
         if len(out) >= limit:
             break
         try:
@@ -268,11 +185,8 @@ def _iter_fisher_examples(fisher_data, adapter, chat_tokenizer, limit: int, stor
     return out, rejected
 
 
-# --------------------------------------------------------------------------------------------------- features
-
-
 def _featurize_all(featurizer, examples, pad_id: int, batch_size: int, desc: str, progress: bool, loss_only=False):
-    """(features [N, D] float32 | None, loss [N] float64, num_tokens [N], bad list) over tokenized examples."""
+    """(features [N, D] float32 | None, loss [N] float64, num_tokens [N], bad [N]) over tokenized examples."""
     import torch
 
     from drift_stream.formats import collate
@@ -304,12 +218,120 @@ def _featurize_all(featurizer, examples, pad_id: int, batch_size: int, desc: str
     return (None if loss_only else torch.cat(feats)), torch.cat(losses), torch.cat(counts), bad
 
 
-def _token_mean(losses, counts) -> float | None:
-    pairs = [(x, n) for x, n in zip(losses, counts) if n > 0 and math.isfinite(x)]
-    return sum(x * n for x, n in pairs) / sum(n for _, n in pairs) if pairs else None
+class _Targets:
+    """Features of a list of sequences, addressed by an owner key (a rollout or query index)."""
+
+    def __init__(self, featurizer, examples: dict, pad_id: int, batch_size: int, desc: str, progress: bool,
+                 loss_only: bool = False):
+        self.owners = list(examples)
+        self.features, self.loss, self.num_tokens, self.bad = _featurize_all(
+            featurizer, [examples[o] for o in self.owners], pad_id, batch_size, desc, progress, loss_only)
+        self.row = {owner: i for i, owner in enumerate(self.owners)}
+
+    def ok(self, owner) -> bool:
+        return owner in self.row and self.bad[self.row[owner]] is None
+
+    def reason(self, owner) -> str | None:
+        return None if owner not in self.row or self.bad[self.row[owner]] is None else f"features:{self.bad[self.row[owner]]}"
 
 
-# --------------------------------------------------------------------------------------------------- build
+def _encode_all(items: dict, encode) -> tuple[dict, dict]:
+    """({key: TokenizedExample}, {key: RowError reason}) for {key: args} through `encode(*args)`."""
+    from drift_stream.formats import RowError
+
+    done, errors = {}, {}
+    for key, args in items.items():
+        try:
+            done[key] = encode(*args)
+        except RowError as exc:
+            errors[key] = exc.reason
+    return done, errors
+
+
+def _query_row(qid, counts, rollout_loss, reference_loss, excluded, ref_error) -> dict:
+    n = counts["correct"] + counts["incorrect"]
+    gap = None if rollout_loss is None or reference_loss is None else reference_loss - rollout_loss
+    return {"id": qid, **counts, "pass_rate": counts["correct"] / n if n else None, "rollout_loss": rollout_loss,
+            "reference_loss": reference_loss, "proximity_gap": gap, "excluded": excluded, "reference_error": ref_error}
+
+
+def _on_policy(queries, rollouts, results, feats: _Targets, encode_errors, ref_loss, ref_errors, config, tokenizer):
+    """(manifest rows, {query id: g_j [D] float64}, parquet rows, rollout vectors [R, D] | None)."""
+    import torch
+
+    rows, vectors, table = [], {}, []
+    rollout_vectors = torch.zeros(len(rollouts), feats.features.shape[1] if feats.features is not None else 0) \
+        if config.save_rollout_vectors else None
+    k_all = config.rollouts.num_rollouts
+    for j, q in enumerate(queries):
+        idx = range(j * k_all, (j + 1) * k_all)
+        failures = {i: results[i].failure or encode_errors.get(i) or feats.reason(i) for i in idx}
+        valid = [i for i in idx if failures[i] is None]
+        correct = {i: results[i].reward >= config.correct_threshold - 1e-12 for i in valid}
+        counts = {"correct": sum(correct.values()), "incorrect": len(valid) - sum(correct.values()),
+                  "failed": k_all - len(valid)}
+        weights, why = signed_weights([results[i].reward for i in valid], config.signing, config.correct_threshold)
+        sign_of = dict(zip(valid, weights or []))
+        if weights is not None:
+            stack = feats.features[[feats.row[i] for i in valid]].double()  # [K_j, D]
+            g = (torch.tensor(weights, dtype=torch.float64) @ stack) / len(valid)  # [D]
+            if float(g.norm()) > 0:
+                vectors[q.id] = g
+            else:
+                why = "zero_vector"
+        scored = [i for i in idx if feats.ok(i)]  # every rollout with a finite loss counts toward the gap
+        rollout_loss = _token_mean([float(feats.loss[feats.row[i]]) for i in scored],
+                                   [int(feats.num_tokens[feats.row[i]]) for i in scored])
+        rows.append(_query_row(q.id, counts, rollout_loss, ref_loss.get(j), why, ref_errors.get(j)))
+        for i in idx:
+            r = rollouts[i]
+            if rollout_vectors is not None and feats.ok(i):
+                rollout_vectors[i] = feats.features[feats.row[i]]
+            table.append({
+                "query_id": r.query_id, "rollout_index": r.rollout_index, "prompt": tokenizer.decode(list(r.prompt_ids)),
+                "completion": r.completion, "reward": results[i].reward, "correct": correct.get(i),
+                "sign": sign_of.get(i), "finish_reason": r.finish_reason, "failure_reason": failures[i],
+                "completion_ids": list(r.completion_ids), "num_prompt_tokens": len(r.prompt_ids),
+                "num_completion_tokens": len(r.completion_ids), "mean_logprob": r.mean_logprob,
+                "loss": float(feats.loss[feats.row[i]]) if feats.ok(i) else None,
+            })
+    return rows, vectors, table, rollout_vectors
+
+
+def _off_policy(queries, refs: _Targets, ref_errors):
+    """(manifest rows, {query id: g_j [D] float64}): g_j is the feature of the query with its reference answer."""
+    rows, vectors = [], {}
+    zero = {"correct": 0, "incorrect": 0, "failed": 0}
+    for j, q in enumerate(queries):
+        why = ref_errors.get(j) or refs.reason(j)
+        if why is None:
+            g = refs.features[refs.row[j]].double()
+            if float(g.norm()) > 0:
+                vectors[q.id] = g
+            else:
+                why = "zero_vector"
+        loss = float(refs.loss[refs.row[j]]) if refs.ok(j) else None
+        rows.append(_query_row(q.id, zero, None, loss, why, ref_errors.get(j)))
+    return rows, vectors
+
+
+def _fit_preconditioner(kind, config: BankConfig, featurizer, fisher_data, fisher_adapter, chat_tok, storage_options):
+    from drift_stream.formats import collate
+    from drift_stream.grads.precondition import Preconditioner, PreconditionerConfig
+
+    info = {"examples_used": 0, "rejected": {}}
+    pre = Preconditioner(PreconditionerConfig(kind=kind, damping=config.damping), featurizer.block_sizes)
+    if kind == "identity":
+        return pre, info
+    examples, rejected = _fisher_examples(fisher_data, fisher_adapter, chat_tok, config.fisher_examples,
+                                          storage_options)
+    if not examples:
+        raise ConfigError(f"--fisher-data gave no usable training rows (rejected by reason: {rejected})")
+    for s in range(0, len(examples), config.feature_batch_size):
+        out = featurizer.featurize(collate(examples[s : s + config.feature_batch_size], chat_tok.pad_token_id))
+        pre.update(out.features, out.bad)
+    pre.finalize()
+    return pre, {"examples_used": pre.count, "skipped": pre.skipped, "rejected": rejected}
 
 
 def build_bank(
@@ -329,18 +351,17 @@ def build_bank(
     overwrite: bool = False,
     progress: bool = True,
 ) -> "ValidationBank":
-    """Build a bank directory at `out_dir` and return it loaded.
+    """Build a bank directory at `out_dir` and return it, loaded.
 
-    model: HF model directory (or a loaded model with `tokenizer=`). queries: URL(s) (parquet / jsonl, read with
-    `adapter`), or rows / Examples / Queries. verifier: a spec for `load_verifier` or a Verifier. fisher_data:
-    URL(s), rows (read with `fisher_adapter`), Examples or TokenizedExamples of the training pool.
+    model: HF model directory (or a loaded model, with `tokenizer=`). queries: URL(s) of parquet / jsonl read with
+    `adapter`, or rows / Examples / Queries. verifier: a `load_verifier` spec or a Verifier. fisher_data: URL(s),
+    rows (read with `fisher_adapter`), Examples or TokenizedExamples of the training pool.
     """
     import torch
 
-    from drift_stream.formats import ChatTokenizer, Example, RowError, collate
+    from drift_stream.formats import ChatTokenizer, Example, RowError
     from drift_stream.grads.features import GradientFeaturizer
-    from drift_stream.grads.precondition import Preconditioner, PreconditionerConfig
-    from drift_stream.rollouts.verifiers import load_verifier, verify_rollouts
+    from drift_stream.rollouts.verifiers import VerifyResult, load_verifier, verify_rollouts
 
     config = config or BankConfig()
     out_dir = Path(out_dir)
@@ -348,225 +369,117 @@ def build_bank(
         raise BankError(f"{out_dir} already holds a bank: choose another --out or pass --overwrite")
     on_policy = config.targets == "on-policy"
     verifier = load_verifier(verifier) if on_policy else None
-    if isinstance(model, (str, os.PathLike)):
+    model_path = str(model) if isinstance(model, (str, os.PathLike)) else None
+    if model_path is not None:
         from drift_stream.models import load_model, load_tokenizer
 
-        model_path = str(model)
         tokenizer = tokenizer or load_tokenizer(model_path)
-    else:
-        model_path = None
-        if tokenizer is None:
-            raise ConfigError("build_bank got a loaded model: pass its tokenizer= too")
+    elif tokenizer is None:
+        raise ConfigError("build_bank got a loaded model: pass its tokenizer= too")
     chat_tok = ChatTokenizer(tokenizer, max_tokens=config.max_tokens)
-    query_list, rejected = load_queries(queries, adapter, storage_options)
-    prompts_ok = []
-    for q in query_list:
-        try:
-            chat_tok.encode_prompt(q.messages)
-            prompts_ok.append(q)
-        except RowError as exc:
-            rejected.append({"index": None, "id": q.id, "reason": exc.reason})
-    timings = {"generation": 0.0, "verification": 0.0, "gradients": 0.0, "preconditioner": 0.0}
+    loaded, rejected = load_queries(queries, adapter, storage_options)
+    prompt_errors = _encode_all({q.id: (q.messages,) for q in loaded}, chat_tok.encode_prompt)[1]
+    rejected += [{"index": None, "id": qid, "reason": reason} for qid, reason in prompt_errors.items()]
+    query_list = [q for q in loaded if q.id not in prompt_errors]
+    if not query_list:
+        raise ConfigError(f"no validation query fits the tokenizer ({len(rejected)} rejected: {rejected[:3]})")
+    timings = dict.fromkeys(("generation", "verification", "gradients", "preconditioner"), 0.0)
 
     rollouts = []
     backend = resolve_backend(config.rollouts.backend, model_path)
     if on_policy and backend == "vllm":  # vLLM runs before the HF model is loaded, so both never share the GPU
         t0 = time.perf_counter()
-        rollouts = generate_rollouts(model_path, tokenizer, chat_tok, prompts_ok, config.rollouts, progress)
+        rollouts = generate_rollouts(model_path, tokenizer, chat_tok, query_list, config.rollouts, progress)
         timings["generation"] = time.perf_counter() - t0
     if model_path is not None:
         model = load_model(model_path, device=device, dtype=dtype)
     if on_policy and backend != "vllm":
         t0 = time.perf_counter()
-        rollouts = generate_rollouts(model, tokenizer, chat_tok, prompts_ok, config.rollouts, progress)
+        rollouts = generate_rollouts(model, tokenizer, chat_tok, query_list, config.rollouts, progress)
         timings["generation"] = time.perf_counter() - t0
-
-    by_id = {q.id: q for q in prompts_ok}
-    rewards: list[float | None] = []
-    failures: list[str | None] = []
+    results: list[VerifyResult] = []
     if on_policy:
         t0 = time.perf_counter()
+        by_id = {q.id: q for q in query_list}
         results = verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rollouts],
                                   config.verifier_timeout_s, progress)
         timings["verification"] = time.perf_counter() - t0
-        rewards = [res.reward for res in results]
-        failures = [res.failure for res in results]
 
     t0 = time.perf_counter()
     featurizer = GradientFeaturizer(model, config.features)
-    pad_id = chat_tok.pad_token_id
-    # Targets: each rollout's own tokens (on-policy) or the reference answer (off-policy), loss on the response.
-    target_examples, target_owner = [], []  # owner: index into rollouts (on-policy) or query (off-policy)
-    target_errors: dict[int, str] = {}
+    batch_args = (chat_tok.pad_token_id, config.feature_batch_size)
+    # Reference answers: the off-policy targets, and the other side of the proximity gap.
+    refs, ref_errors = _encode_all(
+        {j: (Example(id=q.id, messages=tuple(q.messages) + ({"role": "assistant", "content": q.reference_response},)),)
+         for j, q in enumerate(query_list) if q.reference_response is not None}, chat_tok.encode)
+    ref_errors.update({j: "no_reference" for j, q in enumerate(query_list) if q.reference_response is None})
+    refs = _Targets(featurizer, refs, *batch_args, "reference", progress, loss_only=on_policy)
+    ref_loss = {j: float(refs.loss[refs.row[j]]) for j in refs.owners if refs.ok(j)}
     if on_policy:
-        for i, r in enumerate(rollouts):
-            try:
-                target_examples.append(chat_tok.encode_rollout(r.prompt_ids, r.completion_ids, id=r.query_id))
-                target_owner.append(i)
-            except RowError as exc:
-                target_errors[i] = exc.reason
-    refs, ref_owner, ref_errors = [], [], {}
-    for j, q in enumerate(prompts_ok):
-        if q.reference_response is None:
-            ref_errors[j] = "no_reference"
-            continue
-        try:
-            ref = Example(id=q.id, messages=tuple(q.messages) + ({"role": "assistant", "content": q.reference_response},))
-            refs.append(chat_tok.encode(ref))
-            ref_owner.append(j)
-        except RowError as exc:
-            ref_errors[j] = exc.reason
-    feats, t_loss, t_count, t_bad = _featurize_all(featurizer, target_examples if on_policy else refs, pad_id,
-                                                   config.feature_batch_size, "features", progress)
-    _, r_loss, r_count, r_bad = (
-        _featurize_all(featurizer, refs, pad_id, config.feature_batch_size, "reference loss", progress, loss_only=True)
-        if on_policy else (None, t_loss, t_count, t_bad)
-    )
-    timings["gradients"] = time.perf_counter() - t0
-    dim = featurizer.dim
-
-    ref_loss = {ref_owner[i]: float(r_loss[i]) for i in range(len(ref_owner)) if r_bad[i] is None}
-    per_query = []  # manifest rows
-    signed = []  # g_j in float64, for queries kept
-    kept_ids = []
-    rollout_rows = []  # parquet rows
-    rollout_vectors = torch.zeros(len(rollouts), dim) if (on_policy and config.save_rollout_vectors) else None
-    row_of = {owner: i for i, owner in enumerate(target_owner)}  # rollout index -> feature row
-    if on_policy:
-        start = 0
-        for j, q in enumerate(prompts_ok):
-            k_all = config.rollouts.num_rollouts
-            idx = list(range(start, start + k_all))
-            start += k_all
-            valid, counts = [], {"correct": 0, "incorrect": 0, "failed": 0}
-            losses, tokens = [], []
-            for i in idx:
-                reason = failures[i] or target_errors.get(i)
-                if reason is None and t_bad[row_of[i]] is not None:
-                    reason = f"features:{t_bad[row_of[i]]}"
-                failures[i] = reason
-                if i in row_of and t_bad[row_of[i]] is None:
-                    losses.append(float(t_loss[row_of[i]]))
-                    tokens.append(int(t_count[row_of[i]]))
-                    if rollout_vectors is not None:
-                        rollout_vectors[i] = feats[row_of[i]]
-                if reason is not None:
-                    counts["failed"] += 1
-                    continue
-                correct = rewards[i] >= config.correct_threshold - 1e-12
-                counts["correct" if correct else "incorrect"] += 1
-                valid.append(i)
-            weights, why = signed_weights([rewards[i] for i in valid], config.signing, config.correct_threshold)
-            sign_of = dict(zip(valid, weights or []))
-            for i in idx:
-                r = rollouts[i]
-                rollout_rows.append({
-                    "query_id": r.query_id, "rollout_index": r.rollout_index,
-                    "prompt": tokenizer.decode(list(r.prompt_ids)), "completion": r.completion,
-                    "reward": rewards[i], "correct": None if failures[i] else rewards[i] >= config.correct_threshold - 1e-12,
-                    "sign": sign_of.get(i), "finish_reason": r.finish_reason, "failure_reason": failures[i],
-                    "completion_ids": list(r.completion_ids), "num_prompt_tokens": len(r.prompt_ids),
-                    "num_completion_tokens": len(r.completion_ids), "mean_logprob": r.mean_logprob,
-                    "loss": float(t_loss[row_of[i]]) if i in row_of and t_bad[row_of[i]] is None else None,
-                })
-            vector = None
-            if weights is not None:
-                stack = feats[[row_of[i] for i in valid]].double()  # [K_j, D]
-                vector = (torch.tensor(weights, dtype=torch.float64) @ stack) / len(valid)  # [D]
-                if not float(vector.norm()) > 0:
-                    vector, why = None, "zero_vector"
-            rollout_loss = _token_mean(losses, tokens)
-            per_query.append(_query_row(q.id, counts, rollout_loss, ref_loss.get(j), why, ref_errors.get(j)))
-            if vector is not None:
-                signed.append(vector)
-                kept_ids.append(q.id)
+        # Each rollout's own tokens: prompt + completion, loss on the completion.
+        encoded, encode_errors = _encode_all(
+            {i: (r.prompt_ids, r.completion_ids, r.query_id) for i, r in enumerate(rollouts)}, chat_tok.encode_rollout)
+        feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress)
+        rows, vectors, table, rollout_vectors = _on_policy(query_list, rollouts, results, feats, encode_errors,
+                                                           ref_loss, ref_errors, config, tokenizer)
     else:
-        feat_row = {owner: i for i, owner in enumerate(ref_owner)}
-        for j, q in enumerate(prompts_ok):
-            why = ref_errors.get(j)
-            if why is None and t_bad[feat_row[j]] is not None:
-                why = f"features:{t_bad[feat_row[j]]}"
-            vector = feats[feat_row[j]].double() if why is None else None
-            if vector is not None and not float(vector.norm()) > 0:
-                vector, why = None, "zero_vector"
-            per_query.append(_query_row(q.id, {"correct": 0, "incorrect": 0, "failed": 0}, None, ref_loss.get(j),
-                                        why, ref_errors.get(j)))
-            if vector is not None:
-                signed.append(vector)
-                kept_ids.append(q.id)
+        (rows, vectors), table, rollout_vectors = _off_policy(query_list, refs, ref_errors), [], None
+    timings["gradients"] = time.perf_counter() - t0
 
-    excluded = [row for row in per_query if row["excluded"]]
+    excluded = [row for row in rows if row["excluded"]]
     if excluded:
-        logger.warning("%d of %d queries carry no signal under signing %r and are left out of the bank "
-                       "(first: %s: %s)", len(excluded), len(per_query), config.signing, excluded[0]["id"],
-                       excluded[0]["excluded"])
-    if not signed:
-        raise BankError(f"no query carries a signal under signing {config.signing!r}: all {len(per_query)} were "
-                        "excluded (see the warnings); try --signing sign or more --rollouts")
-    g = torch.stack(signed)  # [m, D] float64
+        logger.warning("%d of %d queries carry no signal under signing %r and are left out of the bank (first: "
+                       "%s: %s)", len(excluded), len(rows), config.signing, excluded[0]["id"], excluded[0]["excluded"])
+    if not vectors:
+        raise BankError(f"no query carries a signal under signing {config.signing!r}: all {len(rows)} were excluded "
+                        "(see the manifest reasons in the warnings); try --signing sign or more --rollouts")
+    kept_ids = [q.id for q in query_list if q.id in vectors]
+    g = torch.stack([vectors[qid] for qid in kept_ids])  # [m, D] float64
 
     t0 = time.perf_counter()
     kind = config.preconditioner
-    fisher_info = {"examples_used": 0, "rejected": {}}
     if fisher_data is None and kind != "identity":
         logger.warning("no fisher data given: using the identity preconditioner instead of %r", kind)
         kind = "identity"
-    pre = Preconditioner(PreconditionerConfig(kind=kind, damping=config.damping), featurizer.block_sizes)
-    if kind != "identity":
-        fisher_examples, fisher_rejected = _iter_fisher_examples(fisher_data, fisher_adapter, chat_tok,
-                                                                 config.fisher_examples, storage_options)
-        if not fisher_examples:
-            raise ConfigError(f"--fisher-data gave no usable training rows (rejected: {fisher_rejected})")
-        for s in range(0, len(fisher_examples), config.feature_batch_size):
-            out = featurizer.featurize(collate(fisher_examples[s : s + config.feature_batch_size], pad_id))
-            pre.update(out.features, out.bad)
-        pre.finalize()
-        fisher_info = {"examples_used": pre.count, "skipped": pre.skipped, "rejected": fisher_rejected}
+    pre, fisher_info = _fit_preconditioner(kind, config, featurizer, fisher_data, fisher_adapter, chat_tok,
+                                           storage_options)
     b = pre.apply(g)  # [m, D] float64
     if config.normalize:
         b = b / b.norm(dim=1, keepdim=True)
     timings["preconditioner"] = time.perf_counter() - t0
 
-    gaps = [row["proximity_gap"] for row in per_query if row["proximity_gap"] is not None]
-    scored = [row for row in per_query if row["correct"] + row["incorrect"] > 0]
+    gap_rows = [r for r in rows if r["proximity_gap"] is not None]
+    judged = sum(r["correct"] + r["incorrect"] for r in rows)
     spec = featurizer.spec()
     manifest = {
         "format": "drift-stream-bank", "format_version": BANK_FORMAT_VERSION, "version": _package_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {**fingerprint_model(model), "path": model_path},
-        "tokenizer": fingerprint_tokenizer(tokenizer),
+        "model": {**fingerprint_model(model), "path": model_path}, "tokenizer": fingerprint_tokenizer(tokenizer),
         "projector": {"fingerprint": fingerprint_projector(spec), "spec": spec},
-        "modules": [m["name"] for m in spec["modules"]], "dim": dim,
-        "signing": config.signing, "targets": config.targets,
-        "verifier": None if verifier is None else verifier.spec(),
+        "modules": [m["name"] for m in spec["modules"]], "dim": featurizer.dim,
+        "signing": config.signing, "targets": config.targets, "verifier": verifier and verifier.spec(),
         "preconditioner": {"kind": kind, "damping": config.damping, **fisher_info},
         "normalize": config.normalize, "beta": config.beta, "config": config.to_dict(),
-        "num_queries": len(kept_ids), "query_ids": kept_ids, "queries": per_query, "rejected_queries": rejected,
-        "pass_rate": (sum(r["correct"] for r in scored) / sum(r["correct"] + r["incorrect"] for r in scored)
-                      if scored else None),
-        "proximity_gap": {
-            "gap": sum(gaps) / len(gaps) if gaps else None, "num_queries": len(gaps),
-            "rollout_loss": _mean([r["rollout_loss"] for r in per_query if r["proximity_gap"] is not None]),
-            "reference_loss": _mean([r["reference_loss"] for r in per_query if r["proximity_gap"] is not None]),
-        },
+        "num_queries": len(kept_ids), "query_ids": kept_ids, "queries": rows, "rejected_queries": rejected,
+        "pass_rate": sum(r["correct"] for r in rows) / judged if judged else None,
+        "proximity_gap": {"gap": _mean([r["proximity_gap"] for r in gap_rows]), "num_queries": len(gap_rows),
+                          "rollout_loss": _mean([r["rollout_loss"] for r in gap_rows]),
+                          "reference_loss": _mean([r["reference_loss"] for r in gap_rows])},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
-    tensors = {"query_vectors": b.float().contiguous(), "signed_vectors": g.float().contiguous()}
+    tensors = {"query_vectors": b.float().contiguous(), "signed_vectors": g.float().contiguous(),
+               **{k: v.contiguous() for k, v in pre.state_dict().items()}}
     if rollout_vectors is not None:
         tensors["rollout_vectors"] = rollout_vectors.contiguous()
-    tensors.update({k: v.contiguous() for k, v in pre.state_dict().items()})
-    write_bank(out_dir, tensors, manifest, rollout_rows)
+    write_bank(out_dir, tensors, manifest, table)
     logger.info("bank written to %s: %d queries, dim %d, pass rate %s, proximity gap %s", out_dir, len(kept_ids),
-                dim, manifest["pass_rate"], manifest["proximity_gap"]["gap"])
+                featurizer.dim, manifest["pass_rate"], manifest["proximity_gap"]["gap"])
     return ValidationBank.load(out_dir)
 
 
-def _query_row(qid, counts, rollout_loss, reference_loss, excluded, ref_error) -> dict:
-    n = counts["correct"] + counts["incorrect"]
-    gap = None if rollout_loss is None or reference_loss is None else reference_loss - rollout_loss
-    return {"id": qid, **counts, "pass_rate": counts["correct"] / n if n else None, "rollout_loss": rollout_loss,
-            "reference_loss": reference_loss, "proximity_gap": gap, "excluded": excluded,
-            "reference_error": ref_error}
+def _token_mean(losses, counts) -> float | None:
+    pairs = [(x, n) for x, n in zip(losses, counts) if n > 0 and math.isfinite(x)]
+    return sum(x * n for x, n in pairs) / sum(n for _, n in pairs) if pairs else None
 
 
 def _mean(values) -> float | None:
@@ -604,7 +517,7 @@ def write_bank(out_dir: Path, tensors: dict, manifest: dict, rollout_rows: list[
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     tmp = out_dir / f".{TENSORS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "drift-stream-bank", "format_version": str(BANK_FORMAT_VERSION)})
+    save_file(tensors, str(tmp))  # no metadata: safetensors writes its map in random order, breaking byte equality
     os.replace(tmp, out_dir / TENSORS_FILE)
     tmp = out_dir / f".{ROLLOUTS_FILE}.tmp"
     pq.write_table(pa.Table.from_pylist(rollout_rows, schema=_rollouts_schema()), str(tmp))

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="one self-contained HTML page about a run")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    p.add_argument("--storage-options", type=_json_arg, default=None)
     _add_common(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and demo data")

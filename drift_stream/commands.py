@@ -116,7 +116,7 @@ def refine_cmd(args, progress: bool = True) -> int:
     if not args.quiet:
         print(
             f"refined {manifest['rows_in']} rows with policy {args.policy}: "
-            f"{manifest['rows_out']} rows written to {args.out}"
+            f"{manifest['rows_written']} rows written to {args.out}"
         )
     return 0
 
@@ -124,7 +124,7 @@ def refine_cmd(args, progress: bool = True) -> int:
 def report_cmd(args) -> int:
     from drift_stream.report import write_report
 
-    path = write_report(args.run_dir, args.out)
+    path = write_report(args.run_dir, args.out, storage_options=args.storage_options)
     print(f"report written to {path}")
     return 0
 

@@ -3,7 +3,9 @@
 Per input file of this shard (file i of N goes to shard i % num_shards) that has no completion marker yet: stream it in
 chunks of `batch_rows` rows (read ahead on a background thread), score each chunk, append the scored rows to
 `data/` and the rejected ones (undecodable lines and rows the scorer rejected) to `rejects/`, then publish both shards
-and write the marker. Output order within a shard is input order. Afterwards the manifest is recomputed from all
+and write the marker. Output order within a shard is input order. Data rows carry every input column, `id` and the
+scorer's `drift_*` columns except `drift_reject_reason` (null there); rejects carry the reason, `drift_row_index` and,
+for undecodable lines, `drift_raw_line`. Afterwards the manifest is recomputed from all
 markers, so the process that finishes last leaves the complete manifest.
 
 What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()`. Not compared,
@@ -127,8 +129,9 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
 
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
+    events = prefetch(_events(todo, config), config.prefetch_batches)
     try:
-        for kind, file, payload in prefetch(_events(todo, config), config.prefetch_batches):
+        for kind, file, payload in events:
             if kind == "start":
                 current = _FileScoring(run.shard_writer(file, payload), config.on_bad_row)
             elif kind == "chunk":
@@ -139,6 +142,7 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
                 logger.info("%s: %d rows in, %d scored, %d rejected", file.url, marker["rows_in"],
                             marker["rows_scored"], marker["rows_rejected"])
     finally:
+        events.close()  # stops the reader thread now, even when an error is propagating
         if current is not None:
             current.writer.abort()
         bar.close()

@@ -97,7 +97,10 @@ class Policy:
         return self.kind in FILTER_KINDS
 
     def __str__(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+        if self.value is None:
+            return self.kind
+        text = repr(float(self.value))  # shortest text that parses back to the same float
+        return f"{self.kind}:{text.removesuffix('.0')}"
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def list_data_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Sorted `data/train-*.parquet` paths of a run directory; InputError when there are none."""
+    fs.invalidate_cache(f"{root}/data")  # another process may have written it since this instance last listed
     shards = sorted(p for p in fs.glob(f"{root}/data/train-*.parquet") if not os.path.basename(p).startswith("."))
     if not shards:
         raise InputError(f"no scored shards under {root}/data/ (expected data/train-XXXXX-of-YYYYY.parquet): "
@@ -199,11 +203,11 @@ def atomic_parquet_writer(fs: fsspec.AbstractFileSystem, path: str, schema: pa.S
             os.remove(tmp)
 
 
-def _iter_batches(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+def _iter_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.RecordBatch]:
     try:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+            yield from pf.iter_batches(batch_size=BATCH_ROWS)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"cannot read shard {path}: {e}") from e
 
@@ -329,10 +333,12 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     out_fs, dst = open_fs(out, storage_options)
     if src_fs.unstrip_protocol(src) == out_fs.unstrip_protocol(dst):
         raise ConfigError(f"refine output {out} is the run directory itself: pass another --out")
+    source = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
     old = read_json(out_fs, f"{dst}/manifest.json")
-    if old is not None and old.get("config") != asdict(config):
-        raise RunDirMismatchError(f"{out} holds a refine made with config {old.get('config')}; this one is "
-                                  f"{asdict(config)}: choose another --out or delete it")
+    if old is not None and (old.get("config"), old.get("source_run")) != (asdict(config), source):
+        raise RunDirMismatchError(
+            f"{out} holds a refine of {old.get('source_run')} with config {old.get('config')}; this one is of "
+            f"{source} with {asdict(config)}: choose another --out or delete it")
 
     shards = list_data_shards(src_fs, src)
     schemas, counts = zip(*(_shard_schema(src_fs, s) for s in shards))
@@ -388,7 +394,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         "version": __version__,
         "git_sha": _git_sha(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source_run": str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir),
+        "source_run": source,
         "source_rows_rejected": _source_rejected(read_json(src_fs, f"{src}/manifest.json")),
         "policy": {"spec": str(policy), "kind": policy.kind, "value": policy.value},
         "config": asdict(config),

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 from drift_stream import __version__
 from drift_stream.refine import list_data_shards, open_fs, read_json, scan_shards, write_bytes_atomic
 
+from drift_stream.stats import rankdata, spearman  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 SCORE, NORM, TOKENS, RAW = "drift_score", "drift_grad_norm", "drift_num_tokens", "drift_raw_score"
@@ -26,33 +28,6 @@ MAX_TEXT_CHARS = 1_500
 
 
 # ------------------------------------------------------------------------------------------------------- numerics
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (scipy's `rankdata(method="average")`).  x: [n] -> [n]"""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    new = np.concatenate(([True], xs[1:] != xs[:-1]))
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], x.size)
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation over the pairs where both are finite; NaN when undefined (n < 2, constant)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 2:
-        return float("nan")
-    rx, ry = rankdata(x), rankdata(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return float(rx @ ry) / denom if denom > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------- gathering
@@ -83,19 +58,35 @@ def _fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return f"{int(x):,}"
     if isinstance(x, (float, np.floating)):
-        return "n/a" if math.isnan(x) else f"{x:.{digits}g}"
+        return "n/a" if math.isnan(x) else f"{float(x) + 0.0:.{digits}g}"  # + 0.0: no "-0"
     return str(x)
 
 
 def _find_debias(manifest: dict | None) -> dict | None:
-    """The `debias` block of a run manifest: at the top level or one level down (e.g. under `scorer`)."""
+    """Debiasing facts of a run manifest: `scorer_info` (beta, beta_mode, its `debias` block) or a top-level
+    `debias` block."""
     if not manifest:
         return None
-    if isinstance(manifest.get("debias"), dict):
-        return manifest["debias"]
-    for value in manifest.values():
-        if isinstance(value, dict) and isinstance(value.get("debias"), dict):
-            return value["debias"]
+    for holder in (manifest, manifest.get("scorer_info")):
+        if not isinstance(holder, dict):
+            continue
+        facts = {k: holder[k] for k in ("beta", "beta_mode") if isinstance(holder.get(k), (int, float, str))}
+        if isinstance(holder.get("debias"), dict):
+            facts.update(holder["debias"])
+        if facts:
+            return facts
+    return None
+
+
+def _find_bank(config: Any) -> str | None:
+    """The bank path in a run config: `config.bank` or one level down (`config.scorer.bank`)."""
+    if not isinstance(config, dict):
+        return None
+    if isinstance(config.get("bank"), str):
+        return config["bank"]
+    for value in config.values():
+        if isinstance(value, dict) and isinstance(value.get("bank"), str):
+            return value["bank"]
     return None
 
 
@@ -113,8 +104,7 @@ def _reject_counts(fs, root: str) -> dict[str, int]:
 
 def _bank_info(manifest: dict | None, run_fs, run_root: str, storage_options: dict | None) -> dict | None:
     """Per-query pass rates and the proximity gap of the bank named in the run config, when it can be read."""
-    config = (manifest or {}).get("config") or {}
-    bank = config.get("bank") if isinstance(config, dict) else None
+    bank = _find_bank((manifest or {}).get("config"))
     if not bank:
         return None
     fs, root = open_fs(bank, storage_options)
@@ -123,26 +113,18 @@ def _bank_info(manifest: dict | None, run_fs, run_root: str, storage_options: di
     bm = read_json(fs, f"{root}/manifest.json")
     if bm is None:
         logger.warning("bank %s named in the run config has no manifest.json: report shows no bank section", bank)
-        return {"path": str(bank), "pass_rates": {}, "proximity_gap": None, "missing": True}
+        return {"path": str(bank), "pass_rates": {}, "pass_rate": None, "proximity_gap": None, "missing": True}
     rates: dict[str, float] = {}
-    for key in ("queries", "per_query"):
-        for q in bm.get(key) or []:
-            if not isinstance(q, dict):
-                continue
-            qid = str(q.get("query_id", q.get("id", len(rates))))
-            if "pass_rate" in q:
-                rates[qid] = float(q["pass_rate"])
-            else:
-                ok = q.get("num_correct", q.get("correct"))
-                bad = q.get("num_incorrect", q.get("incorrect"))
-                if ok is not None and bad is not None and ok + bad > 0:
-                    rates[qid] = ok / (ok + bad)
+    for i, q in enumerate(bm.get("queries") or []):  # schemas/bank_manifest.schema.json
+        if isinstance(q, dict) and q.get("pass_rate") is not None:  # null: no verifiable rollout
+            rates[str(q.get("id", i))] = float(q["pass_rate"])
     if not rates and fs.exists(f"{root}/rollouts.parquet"):
         with fs.open(f"{root}/rollouts.parquet", "rb") as f:
             roll = pl.from_arrow(pq.read_table(f, columns=["query_id", "reward"]))
         agg = roll.group_by("query_id").agg(pl.col("reward").cast(pl.Float64).mean()).sort("query_id")
         rates = {str(q): float(r) for q, r in agg.iter_rows()}
-    return {"path": str(bank), "pass_rates": rates, "proximity_gap": bm.get("proximity_gap"), "missing": False}
+    return {"path": str(bank), "pass_rates": rates, "pass_rate": bm.get("pass_rate"),
+            "proximity_gap": bm.get("proximity_gap"), "missing": False}
 
 
 def _fetch_rows(fs, shards: list[str], rows: list[int]) -> dict[int, dict]:
@@ -150,6 +132,8 @@ def _fetch_rows(fs, shards: list[str], rows: list[int]) -> dict[int, dict]:
     out: dict[int, dict] = {}
     start = 0
     wanted = sorted(set(rows))
+    if not wanted:
+        return out
     for path in shards:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -166,6 +150,31 @@ def _fetch_rows(fs, shards: list[str], rows: list[int]) -> dict[int, dict]:
     return out
 
 
+def _first_k(key: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest keys, in (key desc, position asc) order.  key: [n] -> [min(k, n)]"""
+    n = key.size
+    if k >= n:
+        idx = np.arange(n)
+    elif k <= 0:
+        idx = np.arange(0)
+    else:
+        v = np.partition(key, n - k)[n - k]  # the k-th largest key
+        above = np.flatnonzero(key > v)
+        idx = np.concatenate([above, np.flatnonzero(key == v)[:k - above.size]])
+    return idx[np.lexsort((idx, -key[idx]))]
+
+
+def _extreme_rows(score: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+    """Positions of the k highest scores (descending) and of the k lowest (ascending), never the same rows."""
+    key = np.where(np.isfinite(score), score, -np.inf).astype(np.float64)
+    top = _first_k(key, k)
+    rest = np.ones(key.size, dtype=bool)
+    rest[top] = False
+    rest = np.flatnonzero(rest)  # ascending positions, so ties stay in position order
+    bottom = rest[_first_k(-key[rest], min(k, rest.size))]
+    return [int(i) for i in top], [int(i) for i in bottom]
+
+
 def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: dict | None = None,
            seed: int = 0) -> RunSummary:
     """Read a run directory's scores, manifest, rejects and bank into a RunSummary (numeric columns only, plus
@@ -180,11 +189,9 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
         from drift_stream.errors import InputError
 
         raise InputError(f"shards under {root}/data have no {SCORE} column: is this a scored run directory?")
-    df = lf.select(cols).collect()
-    data = {c: df[c].cast(pl.Float64).to_numpy() for c in cols}
-    score = data[SCORE]
+    score = lf.select(SCORE).collect()[SCORE].to_numpy()  # [N], the one column read in full
     n = int(score.size)
-    finite = score[np.isfinite(score)]
+    finite = score[np.isfinite(score)].astype(np.float64)
     q = np.quantile(finite, [0.1, 0.5, 0.9]) if finite.size else [math.nan] * 3
     stats = {"mean": float(finite.mean()) if finite.size else math.nan,
              "std": float(finite.std()) if finite.size else math.nan,
@@ -193,21 +200,21 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
              "positive_fraction": float((finite > 0).mean()) if finite.size else math.nan}
     counts, edges = np.histogram(finite, bins=bins) if finite.size else (np.zeros(0), np.zeros(1))
 
-    rng = np.random.default_rng(seed)
-    idx = np.arange(n) if n <= MAX_SPEARMAN_ROWS else np.sort(rng.choice(n, MAX_SPEARMAN_ROWS, replace=False))
+    # Correlations on every row up to MAX_SPEARMAN_ROWS, else on every step-th row (a systematic sample).
+    step = max(1, math.ceil(n / MAX_SPEARMAN_ROWS))
+    sample = lf.select(cols).gather_every(step).collect() if step > 1 else lf.select(cols).collect()
+    data = {c: sample[c].cast(pl.Float64).to_numpy() for c in cols}
+    data = {c: v for c, v in data.items() if c == SCORE or np.isfinite(v).any()}  # e.g. no grad norm for `loss`
     rho: dict[str, float] = {}
     for other in (NORM, TOKENS):
         if other in data:
-            rho[f"{SCORE}~{other}"] = spearman(score[idx], data[other][idx])
+            rho[f"{SCORE}~{other}"] = spearman(data[SCORE], data[other])
             if RAW in data:
-                rho[f"{RAW}~{other}"] = spearman(data[RAW][idx], data[other][idx])
-    pts = np.sort(rng.choice(n, min(n, MAX_SCATTER_POINTS), replace=False)) if n else np.zeros(0, dtype=int)
+                rho[f"{RAW}~{other}"] = spearman(data[RAW], data[other])
+    m = len(data[SCORE])
+    pts = np.sort(np.random.default_rng(seed).choice(m, min(m, MAX_SCATTER_POINTS), replace=False))
     scatter = {c: v[pts] for c, v in data.items()}
-
-    order = np.argsort(-score, kind="stable")
-    k = min(top_k, n)
-    top_rows = [int(i) for i in order[:k]]
-    bottom_rows = [int(i) for i in order[::-1][:min(k, n - k)]]  # never the same rows as the top
+    top_rows, bottom_rows = _extreme_rows(score, top_k)
     fetched = _fetch_rows(fs, shards, top_rows + bottom_rows)
     return RunSummary(
         run_dir=str(run_dir), manifest=manifest, rows_scored=n, score_stats=stats, hist_counts=counts,
@@ -239,8 +246,10 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None) -> str:
     if s.spearman:
         lines.append("spearman: " + "  ".join(f"{k.replace('~', ' vs ')} {_fmt(v, 3)}" for k, v in s.spearman.items()))
     if s.debias:
-        lines.append("debias: " + "  ".join(f"{k} {_fmt(v, 3)}" for k, v in s.debias.items()
-                                            if isinstance(v, (int, float))))
+        facts = dict(s.debias)
+        beta, mode = facts.pop("beta", None), facts.pop("beta_mode", None)
+        lines.append(f"debias: beta {_fmt(beta, 3)}" + (f" ({mode})" if mode else "") + "".join(
+            f"  {k} {_fmt(v, 3)}" for k, v in facts.items() if isinstance(v, (int, float))))
     if s.bank and s.bank["pass_rates"]:
         r = np.array(list(s.bank["pass_rates"].values()))
         lines.append(f"bank: {r.size} queries, mean pass rate {_fmt(float(r.mean()), 3)}, "
@@ -250,6 +259,8 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None) -> str:
 
 
 def _gap_text(gap: Any) -> str:
+    if isinstance(gap, dict) and "gap" in gap:
+        return f"{_fmt(gap['gap'], 3)} over {_fmt(gap.get('num_queries'))} queries"
     if isinstance(gap, dict):
         return ", ".join(f"{k} {_fmt(v, 3)}" for k, v in gap.items())
     return _fmt(gap, 3)
@@ -257,12 +268,14 @@ def _gap_text(gap: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ SVG
 
-W, H, ML, MR, MT, MB = 560, 240, 58, 14, 14, 44
+W, H, ML, MR, MT, MB = 540, 240, 58, 14, 14, 44
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 5, log: bool = False) -> list[float]:
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         return [lo]
+    if log and hi - lo >= 1.5:  # whole decades
+        return [float(e) for e in range(math.ceil(lo), math.floor(hi) + 1)]
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
@@ -280,7 +293,7 @@ def _axes(xlo: float, xhi: float, ylo: float, yhi: float, xlabel: str, ylabel: s
         return H - MB - ((v - ylo) / (yhi - ylo) if yhi > ylo else 0.5) * (H - MT - MB)
 
     parts = [f'<rect x="{ML}" y="{MT}" width="{W - ML - MR}" height="{H - MT - MB}" class="frame"/>']
-    for t in _ticks(xlo, xhi):
+    for t in _ticks(xlo, xhi, log=log_x):
         x = ML + ((t - xlo) / (xhi - xlo) if xhi > xlo else 0.5) * (W - ML - MR)
         label = f"{10 ** t:.3g}" if log_x else f"{t:.3g}"
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{H - MB}" y2="{H - MB + 4}" class="tick"/>'
@@ -320,9 +333,9 @@ def svg_scatter(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str) -> str:
         return "<p>No finite points.</p>"
     log_x = bool(x.min() > 0 and x.max() / x.min() > 30)
     xs = np.log10(x) if log_x else x
-    pad_y = 0.05 * (y.max() - y.min() or 1.0)
-    fx, fy, axes = _axes(float(xs.min()), float(xs.max()), float(y.min() - pad_y), float(y.max() + pad_y),
-                         xlabel, ylabel, log_x)
+    pad_x, pad_y = 0.03 * (xs.max() - xs.min() or 1.0), 0.05 * (y.max() - y.min() or 1.0)
+    fx, fy, axes = _axes(float(xs.min() - pad_x), float(xs.max() + pad_x), float(y.min() - pad_y),
+                         float(y.max() + pad_y), xlabel, ylabel, log_x)
     dots = "".join(f'<circle cx="{fx(10 ** a if log_x else a):.1f}" cy="{fy(b):.1f}" r="2.2" class="dot"/>'
                    for a, b in zip(xs, y))
     return _svg(axes + dots, f"{ylabel} against {xlabel}")
@@ -368,9 +381,9 @@ def render_example(row: dict) -> str:
         return _turns(row["messages"])
     if row.get("conversations") is not None:
         return _turns(row["conversations"], "from", "value")
-    if row.get("prompt") is not None and "completion" in row:
-        return (_turns(row["prompt"]) if isinstance(row["prompt"], list) else _turn("prompt", row["prompt"])) + \
-            (_turns(row["completion"]) if isinstance(row["completion"], list) else _turn("completion", row["completion"]))
+    if row.get("prompt") is not None and "completion" in row:  # TRL: strings or conversational lists
+        return "".join(_turns(row[k]) if isinstance(row[k], list) else _turn(k, row[k])
+                       for k in ("prompt", "completion"))
     if row.get("instruction") is not None:
         return "".join(_turn(k, row[k]) for k in ("instruction", "input", "output") if row.get(k))
     if row.get("question") is not None:
@@ -397,11 +410,13 @@ def _examples_html(rows: list[dict], label: str) -> str:
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1c2430;background:#f6f7f9}
 main{max-width:1180px;margin:0 auto;padding:18px 26px 60px}
-h1{font-size:22px;margin:8px 0 2px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d7dbe2;padding-bottom:4px}
+h1{font-size:22px;margin:8px 0 2px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d7dbe2;padding-bottom:4px}
 .sub{color:#5b6575}.cards{display:flex;gap:12px;flex-wrap:wrap;margin:14px 0}
 .card{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:8px 14px;min-width:120px}
 .card b{display:block;font-size:19px}.card span{color:#5b6575;font-size:12px}
-.plots{display:flex;gap:14px;flex-wrap:wrap}.plot{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:6px}
+.plots{display:flex;gap:14px;flex-wrap:wrap;align-items:flex-start}
+.plot{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:6px;width:fit-content;margin:8px 0}
 .plot h3{font-size:13px;margin:2px 6px 0;font-weight:600}
 svg text{font-size:11px;fill:#3b4452}svg .label{font-size:12px;fill:#1c2430}
 .frame{fill:#fff;stroke:#b8bfca}.grid{stroke:#edf0f4}.tick{stroke:#8a93a1}.bar{fill:#4c78a8}.bar:hover{fill:#f58518}
@@ -422,7 +437,8 @@ pre{white-space:pre-wrap;word-break:break-word;margin:2px 0;font:13px/1.4 ui-mon
 def _table(rows: list[tuple], head: tuple) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(
-        f'<td class="num">{_fmt(c)}</td>' if isinstance(c, (int, float, np.number)) and not isinstance(c, bool)
+        f'<td class="num">{_fmt(c)}</td>' if c is None or isinstance(c, (int, float, np.number))
+        and not isinstance(c, bool)
         else f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
@@ -452,7 +468,7 @@ def render_html(s: RunSummary) -> str:
     corr_rows = [(k.replace("~", " vs "), v) for k, v in rho.items()]
     debias = ""
     if s.debias:
-        debias = "<h3>Debiasing (from the run manifest)</h3>" + _table(
+        debias = "<h3>Debiasing (scorer facts from the run manifest)</h3>" + _table(
             [(k, v) for k, v in s.debias.items() if isinstance(v, (int, float, str))], ("quantity", "value"))
     bank = '<p class="note">The run config names no bank (a baseline scorer): no pass rates.</p>'
     if s.bank:
@@ -463,28 +479,34 @@ def render_html(s: RunSummary) -> str:
             bank += '<p class="note">Its manifest could not be read.</p>'
         elif rates:
             r = np.array(list(rates.values()))
-            bank += _table([("queries", r.size), ("mean pass rate", float(r.mean())),
+            bank += _table([("queries with verified rollouts", r.size), ("mean per-query pass rate", float(r.mean())),
+                            ("pass rate over all rollouts", s.bank["pass_rate"]),
                             ("queries all wrong (pass rate 0)", int((r == 0).sum())),
                             ("queries all right (pass rate 1)", int((r == 1).sum()))], ("quantity", "value"))
             bank += _plot("per-query pass rates (hover a bar for the query)", svg_pass_rates(rates))
         else:
             bank += '<p class="note">The bank manifest has no per-query counts.</p>'
         if isinstance(gap, dict):
-            bank += "<h3>Proximity gap</h3>" + _table([(k, v) for k, v in gap.items()], ("quantity", "value"))
+            bank += ("<h3>Proximity gap</h3><p class=\"note\">Mean token loss of the reference answers minus that of "
+                     "the model's own rollouts: how far off-policy targets are from on-policy ones.</p>"
+                     + _table([(k, v) for k, v in gap.items()], ("quantity", "value")))
         elif gap is not None:
             bank += f"<p>Proximity gap (loss of off-policy references minus on-policy rollouts): {_fmt(gap)}</p>"
     rejects = (_table([(k, v) for k, v in s.rejects.items()] + [("total", rejected)], ("reason", "rows"))
                if s.rejects else "<p>No rejected rows.</p>")
     config = html.escape(json.dumps(m.get("config", {}), indent=2, sort_keys=True, default=str))
+    generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    card_html = "".join(f'<div class="card"><b>{html.escape(_fmt(v))}</b><span>{k}</span></div>' for k, v in cards)
+    hist = _plot(f"drift_score over {s.rows_scored:,} rows (dashed: 0)", svg_histogram(s.hist_counts, s.hist_edges))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>drift-stream report: {html.escape(s.run_dir)}</title>
 <style>{CSS}</style></head><body><main>
 <h1>drift-stream report</h1>
-<div class="sub">run <code>{html.escape(s.run_dir)}</code> · generated {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+<div class="sub">run <code>{html.escape(s.run_dir)}</code> · generated {generated}
  · drift-stream {html.escape(__version__)}</div>
-<div class="cards">{"".join(f'<div class="card"><b>{html.escape(_fmt(v))}</b><span>{k}</span></div>' for k, v in cards)}</div>
+<div class="cards">{card_html}</div>
 <h2 id="scores">Score distribution</h2>
-<div class="plots">{_plot(f"drift_score over {s.rows_scored:,} rows (dashed: 0)", svg_histogram(s.hist_counts, s.hist_edges))}
+<div class="plots">{hist}
 {_table([(k, v) for k, v in st.items()], ("statistic", "value"))}</div>
 <h2 id="correlations">Score against gradient norm and length</h2>
 <p class="note">A debiased score should not track the gradient norm (|Spearman| near 0); a large value means
@@ -495,7 +517,8 @@ examples with huge gradients dominate the ranking.</p>
 <h2 id="top">Top {len(s.top)} examples (highest score)</h2>{_examples_html(s.top, "top")}
 <h2 id="bottom">Bottom {len(s.bottom)} examples (lowest score)</h2>{_examples_html(s.bottom, "bottom")}
 <h2 id="rejects">Rejected rows</h2>{rejects}
-<h2 id="config">Run config</h2><details><summary>resolved config from manifest.json</summary><pre>{config}</pre></details>
+<h2 id="config">Run config</h2>
+<details><summary>resolved config from manifest.json</summary><pre>{config}</pre></details>
 </main></body></html>
 """
 

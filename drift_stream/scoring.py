@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from drift_stream.errors import ConfigError
+from drift_stream.stats import spearman
 
 logger = logging.getLogger(__name__)
 
@@ -337,18 +338,6 @@ def fit_beta(mean_raw: np.ndarray, grad_norm: np.ndarray) -> float:
     if var <= 0:
         return 1.0
     return float(np.mean((log_r - log_r.mean()) * (log_n - log_n.mean())) / var)
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation with average ranks for ties (NaN-free inputs)."""
-    from scipy.stats import rankdata
-
-    if len(x) < 2:
-        return float("nan")
-    rx, ry = rankdata(x), rankdata(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 class DriftScorer(_ModelScorer):

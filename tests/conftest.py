@@ -118,7 +118,7 @@ def _stop(proc: subprocess.Popen, ports: list[int]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=2)  # weed's graceful stop can take 10 s; its data is throwaway
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)

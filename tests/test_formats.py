@@ -583,3 +583,20 @@ def test_collate(side):
 def test_first_token_never_carries_loss(char_tok):
     te = ChatTokenizer(char_tok).encode_rollout([], char_tok("ab", add_special_tokens=False)["input_ids"])
     assert te.loss_mask == [0, 1]
+
+
+def test_rows_from_parquet_and_pandas(tmp_path):
+    """Rows as pyarrow.to_pylist and pandas to_dict give the same examples and ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"conversations": SHAREGPT_ROW["conversations"], "source": "a"},
+            {"conversations": SHAREGPT_ROW["conversations"][1:3], "source": "b"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    table = pq.read_table(tmp_path / "x.parquet")
+    adapter = load_adapter("sharegpt")
+    from_arrow = [adapter.to_example(r) for r in table.to_pylist()]
+    from_pandas = [adapter.to_example(r) for r in table.to_pandas().to_dict("records")]
+    assert from_arrow == from_pandas
+    assert [e.id for e in from_arrow] == [content_hash(r) for r in rows]
+    assert len(from_arrow[0].messages) == 5 and from_arrow[1].messages[1]["content"] == "5"

@@ -290,16 +290,16 @@ def test_projection_scaling_and_determinism():
 
 def test_projections_identical_in_a_separate_process():
     shapes = [("model.layers.0.self_attn.q_proj", 32, 32), ("transformer.h.1.mlp.c_fc", 32, 128)]
-    for kind in ("rademacher", "gaussian"):
-        config = FeatureConfig(projection=kind, seed=11)
-        here = GradientProjector(config).checksum(shapes)
-        code = (
-            "from drift_stream.grads import FeatureConfig, GradientProjector;"
-            f"print(GradientProjector(FeatureConfig(projection={kind!r}, seed=11)).checksum({shapes!r}))"
-        )
-        there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                               env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
-        assert there == here
+    kinds = ("rademacher", "gaussian")
+    here = [GradientProjector(FeatureConfig(projection=k, seed=11)).checksum(shapes) for k in kinds]
+    code = (
+        "from drift_stream.grads import FeatureConfig, GradientProjector\n"
+        f"for k in {kinds!r}:\n"
+        f"    print(GradientProjector(FeatureConfig(projection=k, seed=11)).checksum({shapes!r}))"
+    )
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.split()
+    assert there == here and here[0] != here[1]
 
 
 def test_config_validation():

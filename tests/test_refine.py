@@ -69,11 +69,15 @@ def write_run(root: str, sizes=(40, 0, 25, 35), *, seed: int = 0, raw: bool = Fa
     with fs.open(f"{path}/rejects/train-00000-of-{len(sizes):05d}.parquet", "wb") as f:
         pq.write_table(rejects, f)
     full = pa.concat_tables(tables)
-    manifest = {"rows_in": full.num_rows + 3, "rows_scored": full.num_rows,
-                "rows_rejected": {"too_long": 2, "empty_response": 1}, "version": "0.1.0",
-                "config": {"scorer": "drift", "bank": bank}}
+    # the shape of schemas/run_manifest.schema.json (the fields the report and refine read)
+    manifest = {"kind": "score", "rows_in": full.num_rows + 3, "rows_scored": full.num_rows, "rows_rejected": 3,
+                "rejected_by_reason": {"empty_response": 1, "too_long": 2}, "version": "0.1.0",
+                "config": {"input_files": ["in-0.parquet"], "scorer": {"scorer": "drift", "bank": bank}},
+                "scorer_info": {"beta": 1.0, "beta_mode": "fixed"}}
     if raw:
-        manifest["debias"] = {"beta": 1.0, "spearman_before": 0.61, "spearman_after": 0.02}
+        manifest["scorer_info"] = {"beta": 0.93, "beta_mode": "auto", "debias": {
+            "beta": 0.93, "spearman_score_vs_norm_before": 0.61, "spearman_score_vs_norm_after": 0.02,
+            "calibration_rows": 64}}
     with fs.open(f"{path}/manifest.json", "w") as f:
         json.dump(manifest, f)
     return full
@@ -138,6 +142,15 @@ def test_top_breaks_ties_on_duplicate_ids_by_position(tmp_path, p, want, last):
     m = refine_run(str(tmp_path / "run"), f"top:{p}", str(tmp_path / "o"), progress=False)
     assert sorted(r for t in read_out(str(tmp_path / "o")) for r in t["row_no"].to_pylist()) == want
     assert (m["cut"]["id"], m["cut"]["row"]) == (["a", "a", "b", "a", "b"][last], last)
+
+
+def test_top_that_rounds_to_no_row(run, tmp_path):
+    root, full = run
+    m = refine_run(root, "top:0.004", str(tmp_path / "o"), progress=False)  # round(0.4) = 0
+    assert m["rows_kept"] == m["rows_written"] == 0 and m["cut"]["rows_target"] == 0
+    assert [t.num_rows for t in read_out(str(tmp_path / "o"))] == [0, 0, 0, 0]
+    jsonschema.validate(m, json.loads(SCHEMA.read_text()))
+    assert refine_run(root, "top:0.005", str(tmp_path / "p"), progress=False)["rows_kept"] == 1  # 0.5 rounds up
 
 
 def test_top_keep_all_marks_rows(run, tmp_path):
@@ -250,6 +263,26 @@ def test_refine_into_and_from_memory_url(tmp_path):
                 fs.rm(d, recursive=True)
 
 
+@pytest.mark.s3
+def test_refine_and_report_on_real_s3(s3_server):
+    from drift_stream.report import write_report
+
+    so = s3_server.storage_options
+    bucket = s3_server.new_bucket("refine")
+    full = write_run(f"s3://{bucket}/run", storage_options=so)
+    m = refine_run(f"s3://{bucket}/run", "top:0.3", f"s3://{bucket}/top", storage_options=so, progress=False)
+    t = pa.concat_tables(read_out(f"s3://{bucket}/top", so))
+    assert sorted(t["row_no"].to_pylist()) == expected_top(full, 0.3) and m["rows_kept"] == 30
+    r = refine_run(f"s3://{bucket}/run", "repeat", f"s3://{bucket}/rep", seed=1, storage_options=so, progress=False)
+    assert sum(x.num_rows for x in read_out(f"s3://{bucket}/rep", so)) == r["rows_written"]
+    fs = s3_server.filesystem()
+    assert json.loads(fs.cat_file(f"{bucket}/top/manifest.json")) == m
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/top")) == [
+        "manifest.json"] + [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    write_report(f"s3://{bucket}/run", storage_options=so)
+    assert b'id="rejects"' in fs.cat_file(f"{bucket}/run/report.html")
+
+
 def test_manifest_matches_schema_and_reruns(run, tmp_path):
     root, full = run
     schema = json.loads(SCHEMA.read_text())
@@ -266,6 +299,9 @@ def test_manifest_matches_schema_and_reruns(run, tmp_path):
     assert again["rows_kept"] == first["rows_kept"]
     with pytest.raises(RunDirMismatchError, match="top:0.2"):
         refine_run(root, "top:0.2", out, progress=False)
+    write_run(str(tmp_path / "other"))
+    with pytest.raises(RunDirMismatchError, match="other"):
+        refine_run(str(tmp_path / "other"), "top:0.1", out, progress=False)
     assert not [f for f in os.listdir(tmp_path / "o" / "data") if f.startswith(".")]
 
 
@@ -282,6 +318,9 @@ def test_bad_policy_strings(spec, match):
 def test_policy_parse_round_trip_and_config_errors(run, tmp_path):
     assert Policy.parse("top:0.1") == Policy("top", 0.1) and str(Policy.parse(" TOP:0.10 ")) == "top:0.1"
     assert Policy.parse("threshold:-2") == Policy("threshold", -2.0) and Policy.parse("positive").value is None
+    for spec in ("top:0.123456789", "threshold:-2", "threshold:1e-09", "weights"):
+        assert Policy.parse(str(Policy.parse(spec))) == Policy.parse(spec)
+    assert str(Policy.parse("threshold:-2")) == "threshold:-2"
     with pytest.raises(ConfigError, match="temperature"):
         RefineConfig("weights", temperature=0.0)
     with pytest.raises(ConfigError, match="keep_all"):
@@ -306,12 +345,19 @@ def test_bad_inputs_are_typed_errors(tmp_path):
         refine_run(str(tmp_path / "nan"), "top:0.5", str(tmp_path / "o"), progress=False)
 
 
-def test_hf_datasets_reads_refined_shards(run, tmp_path):
+@pytest.mark.parametrize("policy,column", [("top:0.5", "keep"), ("weights", "weight")])
+def test_hf_datasets_reads_refined_shards(tmp_path, policy, column):
+    # Shards written by `datasets` carry its feature list in the parquet metadata; refine must extend it.
     datasets = pytest.importorskip("datasets")
-    root, full = run
-    out = tmp_path / "w"
-    refine_run(root, "weights", str(out), progress=False)
-    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (out / "data").glob("*.parquet")),
-                               split="train", cache_dir=str(tmp_path / "cache"))
-    assert ds.num_rows == full.num_rows and "weight" in ds.column_names
-    assert ds[0]["messages"] == full["messages"][0].as_py()
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    rows = {"id": ["a", "b", "c", "d"], "messages": [[{"role": "user", "content": f"q{i}"}] for i in range(4)],
+            "drift_score": [0.1, 0.5, -0.2, 0.3]}
+    src = datasets.Dataset.from_dict(rows).cast_column("drift_score", datasets.Value("float32"))
+    src.to_parquet(str(tmp_path / "run" / "data" / "train-00000-of-00001.parquet"))
+    refine_run(str(tmp_path / "run"), policy, str(tmp_path / "o"), progress=False)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "o" / "data" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert column in ds.column_names and ds.num_rows == (2 if column == "keep" else 4)
+    assert ds[0]["messages"] == [{"role": "user", "content": "q1" if column == "keep" else "q0"}]
+    meta = json.loads(pq.read_schema(tmp_path / "o" / "data" / "train-00000-of-00001.parquet").metadata[b"huggingface"])
+    assert meta["info"]["features"][column] == {"dtype": "bool" if column == "keep" else "float32", "_type": "Value"}

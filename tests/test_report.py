@@ -11,13 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 from test_refine import MESSAGES, write_run
 
-from drift_stream.report import rankdata, render_example, spearman, summarize_run, write_report
+from drift_stream.report import _extreme_rows, rankdata, render_example, spearman, summarize_run, write_report
 
 
-def write_bank(path, rates: dict[str, tuple[int, int]], gap=0.8) -> None:
+def write_bank(path, rates: dict[str, tuple[int, int]], gap: float = 0.8) -> None:
+    """The fields of schemas/bank_manifest.schema.json the report reads; (0, 0) is a query with no verified rollout."""
     path.mkdir(parents=True)
-    queries = [{"query_id": q, "num_correct": c, "num_incorrect": w} for q, (c, w) in rates.items()]
-    (path / "manifest.json").write_text(json.dumps({"queries": queries, "proximity_gap": gap}))
+    queries = [{"id": q, "correct": c, "incorrect": w, "failed": 8 - c - w,
+                "pass_rate": c / (c + w) if c + w else None} for q, (c, w) in rates.items()]
+    total = sum(c + w for c, w in rates.values())
+    (path / "manifest.json").write_text(json.dumps({
+        "queries": queries, "pass_rate": sum(c for c, _ in rates.values()) / total,
+        "proximity_gap": {"gap": gap, "num_queries": len(rates), "rollout_loss": 0.4, "reference_loss": 0.4 + gap}}))
 
 
 def test_rankdata_and_spearman_match_scipy():
@@ -35,10 +40,19 @@ def test_rankdata_and_spearman_match_scipy():
     assert np.isnan(spearman(np.ones(10), y[:10])) and np.isnan(spearman([1.0], [2.0]))
 
 
+@pytest.mark.parametrize("n,k", [(50, 5), (7, 5), (5, 5), (1, 3), (0, 3), (40, 0)])
+def test_extreme_rows_match_an_explicit_sort(n, k):
+    score = np.round(np.random.default_rng(n).normal(size=n), 0).astype(np.float32)  # heavy ties
+    top, bottom = _extreme_rows(score, k)
+    by_desc = sorted(range(n), key=lambda i: (-score[i], i))
+    assert top == by_desc[:min(k, n)]
+    rest = sorted(set(range(n)) - set(top), key=lambda i: (score[i], i))
+    assert bottom == rest[:min(k, n - len(top))] and not set(top) & set(bottom)
+
+
 def test_report_has_every_section_and_right_numbers(tmp_path):
     bank = tmp_path / "bank"
-    write_bank(bank, {"q0": (8, 0), "q1": (3, 5), "q2": (0, 8), "q3": (2, 6)},
-               gap={"onpolicy_loss": 0.4, "offpolicy_loss": 1.2, "gap": 0.8})
+    write_bank(bank, {"q0": (8, 0), "q1": (3, 5), "q2": (0, 8), "q3": (2, 5), "q4": (0, 0)}, gap=0.8)
     full = write_run(str(tmp_path / "run"), raw=True, bank=str(bank))
     out = write_report(str(tmp_path / "run"), top_k=5)
     assert out == f"{tmp_path / 'run'}/report.html"
@@ -52,10 +66,13 @@ def test_report_has_every_section_and_right_numbers(tmp_path):
     raw = full["drift_raw_score"].to_numpy().astype(np.float64)
     rho = spearman(score, norm)
     assert f"{rho:.3g}" in page and f"{spearman(raw, norm):.3g}" in page
-    assert "spearman_after" in page  # the manifest's debias block
-    # pass rates 1, 3/8, 0, 2/8 -> mean 0.40625; one all-wrong, one all-right query
-    assert "0.4062" in page and re.search(r"all wrong.*?<td class=\"num\">1</td>", page)
-    assert "offpolicy_loss" in page
+    assert "spearman_score_vs_norm_after" in page and "calibration_rows" in page  # scorer_info.debias
+    # pass rates 1, 3/8, 0, 2/7 (q4 has none): one all-wrong, one all-right query; pooled 13/31
+    assert re.search(r"verified rollouts</td><td class=\"num\">4</td>", page)
+    assert re.search(rf"per-query pass rate</td><td class=\"num\">{(1 + 3 / 8 + 2 / 7) / 4:.4g}</td>", page)
+    assert re.search(r"all wrong.*?<td class=\"num\">1</td>", page)
+    assert re.search(rf"over all rollouts</td><td class=\"num\">{13 / 31:.4g}</td>", page)
+    assert re.search(r"<td>reference_loss</td><td class=\"num\">1.2</td>", page)
     # rejects by reason kind: too_long 2, empty_response 1
     assert re.search(r"<td>too_long</td><td class=\"num\">2</td>", page)
     assert re.search(r"<td>empty_response</td><td class=\"num\">1</td>", page)
@@ -115,13 +132,14 @@ def test_summarize_run_is_short_and_true(tmp_path):
     score = full["drift_score"].to_numpy().astype(np.float64)
     assert f"mean {score.mean():.4g}" in text and f"positive {100 * (score > 0).mean():.3g}%" in text
     assert f"drift_score vs drift_grad_norm {spearman(score, full['drift_grad_norm'].to_numpy()):.3g}" in text
-    assert "bank: 2 queries, mean pass rate 0.75" in text and "proximity gap 0.5" in text
+    assert "bank: 2 queries, mean pass rate 0.75" in text and "proximity gap 0.5 over 2 queries" in text
+    assert "debias: beta 1 (fixed)" in text
 
 
 def test_bank_pass_rates_from_rollouts_parquet(tmp_path):
     bank = tmp_path / "bank"
     bank.mkdir()
-    (bank / "manifest.json").write_text(json.dumps({"version": "0.1.0"}))
+    (bank / "manifest.json").write_text(json.dumps({"version": "0.1.0", "queries": []}))
     pq.write_table(pa.table({"query_id": ["a", "a", "b", "b", "b", "b"], "reward": [1.0, 0.0, 1.0, 1.0, 1.0, 0.0],
                              "messages": pa.array([[]] * 6, MESSAGES)}), bank / "rollouts.parquet")
     write_run(str(tmp_path / "run"), bank=str(bank))
@@ -138,3 +156,15 @@ def test_report_to_memory_url(tmp_path):
         assert out == "memory://reports/r.html" and b'id="top"' in fs.cat("/reports/r.html")
     finally:
         fs.rm("/reports", recursive=True)
+
+
+def test_large_runs_correlate_on_a_systematic_sample(tmp_path, monkeypatch):
+    import drift_stream.report as report
+
+    full = write_run(str(tmp_path / "run"))  # 100 rows
+    monkeypatch.setattr(report, "MAX_SPEARMAN_ROWS", 30)  # -> every 4th row
+    s = report.gather(str(tmp_path / "run"), top_k=3)
+    score, norm = full["drift_score"].to_numpy(), full["drift_grad_norm"].to_numpy()
+    assert s.spearman["drift_score~drift_grad_norm"] == pytest.approx(spearman(score[::4], norm[::4]), abs=1e-12)
+    assert s.rows_scored == 100 and int(s.hist_counts.sum()) == 100  # the histogram still sees every row
+    assert [r["row_no"] for r in s.top] == sorted(range(100), key=lambda i: (-score[i], i))[:3]

@@ -138,7 +138,8 @@ class _Capture:
     """Per-batch state shared by the hooks."""
 
     def __init__(self, valid, compute_dtype):
-        self.valid = valid  # [B, T] bool: positions that belong to an example (attention_mask == 1)
+        # [B, T, 1] bool: padding positions (attention_mask == 0); None when there is no padding
+        self.pad = None if bool(valid.all()) else (~valid).unsqueeze(-1)
         self.compute_dtype = compute_dtype
         self.sums: dict[str, object] = {}  # name -> [B, k_out, k_in]
         self.leaves: list = []  # module outputs we made require grad: where the autograd graph starts
@@ -203,9 +204,10 @@ class GradientFeaturizer:
 
         a = args[0]  # [B, T, in]
         p_in_t, _ = self._proj_t[name]
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             pa = torch.matmul(a.to(state.compute_dtype), p_in_t)  # [B, T, k_in]
-        pa = pa.masked_fill(~state.valid.unsqueeze(-1), 0.0)  # padding contributes nothing, NaN or not
+            if state.pad is not None:  # padding contributes nothing, NaN or not
+                pa.masked_fill_(state.pad, 0.0)
         out = output
         if not out.requires_grad:
             out = out.detach().requires_grad_(True)
@@ -217,12 +219,13 @@ class GradientFeaturizer:
         import torch
 
         _, p_out_t = self._proj_t[name]
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             pd = torch.matmul(grad.to(state.compute_dtype), p_out_t)  # [B, T, k_out]
-            pd = pd.masked_fill(~state.valid.unsqueeze(-1), 0.0)
+            if state.pad is not None:
+                pd.masked_fill_(state.pad, 0.0)
             contrib = torch.bmm(pd.transpose(1, 2), pa)  # [B, k_out, k_in], summed over tokens
-        prev = state.sums.get(name)
-        state.sums[name] = contrib if prev is None else prev + contrib
+            prev = state.sums.get(name)
+            state.sums[name] = contrib if prev is None else prev.add_(contrib)
 
     @contextlib.contextmanager
     def tracking(self, valid) -> Iterator[_Capture]:

@@ -23,6 +23,8 @@ never logged nor recorded; `redact_url` strips userinfo and secret-looking query
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -271,8 +273,8 @@ def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str
         return [url]  # no listing over HTTP: a URL names one file
     try:
         if any(c in path for c in _GLOB_CHARS):
-            matches = [p for p in fs.glob(path) if not fs.isdir(p)]
-            paths = sorted(p for p in matches if _is_supported(p))
+            matches = fs.glob(path, detail=True)  # one listing, no HEAD per match
+            paths = sorted(p for p, info in matches.items() if info.get("type") != "directory" and _is_supported(p))
         elif fs.isdir(path):
             paths = sorted(p for p in fs.find(path) if _is_supported(p))
         elif fs.exists(path):
@@ -281,8 +283,8 @@ def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str
             raise InputError(f"input {redact_url(url)} does not exist")
     except InputError:
         raise
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot list input {redact_url(url)}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any backend's I/O error (httpx, aiohttp, botocore) names the input
+        raise InputError(f"cannot list input {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
     if not paths:
         raise InputError(f"input {redact_url(url)} matched no .parquet / .jsonl files")
     if local:
@@ -294,8 +296,23 @@ def _open(file: InputFile, storage_options: Mapping[str, Any] | None, compressio
     fs, path = filesystem(file.url, storage_options)
     try:
         return fs.open(path, "rb", compression=compression)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - see _expand_one
         raise InputError(f"cannot open input file {file.url}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _open_text_stream(file: InputFile, storage_options) -> Iterator[Any]:
+    """A binary, line-iterable stream of the decompressed file (fsspec's zstd reader cannot iterate lines)."""
+    if file.compression != "zstd":
+        with _open(file, storage_options, compression=file.compression) as handle:
+            yield handle
+        return
+    import zstandard
+
+    with _open(file, storage_options) as raw:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        with io.BufferedReader(reader, buffer_size=1 << 20) as handle:
+            yield handle
 
 
 def _parquet_file(file: InputFile, handle) -> pq.ParquetFile:
@@ -315,8 +332,11 @@ def _parquet_chunks(file, schema, batch_rows, storage_options) -> Iterator[Chunk
                 n = table.num_rows
                 yield Chunk(file, table, np.arange(start, start + n, dtype=np.int64), [])
                 start += n
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise InputError(f"input file {file.url} is corrupt after row {start} ({exc}); replace or remove it") from exc
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt pages or a failed range request: stop, naming the file
+            raise InputError(f"input file {file.url} is corrupt or unreadable after row {start} ({exc}); "
+                             "replace or remove it") from exc
 
 
 def _decode_line(line: bytes, row_index: int) -> dict | BadRow | None:
@@ -339,14 +359,14 @@ def _decode_line(line: bytes, row_index: int) -> dict | BadRow | None:
 def _jsonl_lines(file: InputFile, storage_options) -> Iterator[tuple[int, dict | BadRow]]:
     """(row_index, object or BadRow) for every non-blank line; row_index is the 0-based line number."""
     try:
-        with _open(file, storage_options, compression=file.compression) as handle:
+        with _open_text_stream(file, storage_options) as handle:
             for line_no, line in enumerate(handle):
                 decoded = _decode_line(line, line_no)
                 if decoded is not None:
                     yield line_no, decoded
     except InputError:
         raise
-    except (OSError, EOFError, ValueError) as exc:  # truncated gzip / zstd stream, network error
+    except Exception as exc:  # noqa: BLE001 - truncated gzip / zstd stream, network error: stop, naming the file
         raise InputError(f"input file {file.url} cannot be read to the end ({exc}); replace or remove it") from exc
 
 
@@ -356,7 +376,15 @@ def _jsonl_schema(file: InputFile, storage_options) -> pa.Schema:
 
     def flush() -> None:
         if rows:
-            schemas.append(pa.Table.from_pylist(rows).schema)
+            # pa.array unifies the keys of all rows (Table.from_pylist would only look at the first row's keys)
+            try:
+                struct_type = pa.array(rows).type
+            except (pa.ArrowException, ValueError) as exc:
+                raise InputError(
+                    f"input file {file.url}: a column holds JSON values of incompatible types in different rows "
+                    f"({exc}); fix the file or convert it to parquet with one type per column"
+                ) from exc
+            schemas.append(pa.schema(list(struct_type)))
             rows.clear()
             if len(schemas) > 16:
                 schemas[:] = [_unify(file, schemas)]

@@ -9,10 +9,12 @@ device. vLLM is used when installed and CUDA is present (backend "auto" or "vllm
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from drift_stream.errors import ConfigError
 
@@ -277,3 +279,91 @@ def _generate_vllm(model, tokenizer, queries, prompts, config: RolloutConfig, pr
             completion=sample.text, finish_reason=reason, mean_logprob=float(mean_lp),
         ))
     return rollouts
+
+
+# ------------------------------------------------------------------------------------------------ reading queries
+
+
+def _parse_metadata(value: Any) -> Mapping | None:
+    from drift_stream.formats import RowError
+
+    if value is None or isinstance(value, Mapping):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError("invalid_json:metadata") from None
+        if isinstance(parsed, Mapping):
+            return parsed
+    raise RowError("wrong_type:metadata")
+
+
+def query_from_example(example, row: Mapping[str, Any] | None = None) -> Query:
+    """A Query from an adapter's Example (a trailing assistant turn becomes the reference) plus the row's optional
+    `task` and `metadata` (a dict or a JSON string) columns."""
+    from drift_stream.formats import RowError
+
+    row = row or {}
+    messages = list(example.messages or ())
+    reference = example.reference
+    if messages and messages[-1].get("role") == "assistant":
+        reference = reference if reference is not None else messages[-1]["content"]
+        messages = messages[:-1]
+    if not messages or messages[-1].get("role") != "user":
+        raise RowError("no_user_turn")
+    task = row.get("task")
+    return Query(id=example.id, messages=tuple(messages), answer=example.answer, reference=reference,
+                 task=None if task is None else str(task), metadata=_parse_metadata(row.get("metadata")))
+
+
+def iter_input_rows(source, storage_options=None) -> Iterator[tuple[Any, str | None]]:
+    """(row, None), or (None, reason) for an undecodable line, from URL(s) read by drift_stream.io.streams, or the
+    items of any other iterable as they are."""
+    if isinstance(source, (str, os.PathLike)) or (
+        isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source)
+    ):
+        from drift_stream.io import streams
+
+        urls = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
+        for file in streams.expand_inputs(urls, storage_options):
+            schema = streams.input_schema(file, storage_options)
+            for chunk in streams.iter_chunks(file, schema, 1024, storage_options):
+                for bad in chunk.bad_rows:
+                    yield None, bad.reason
+                yield from ((row, None) for row in chunk.table.to_pylist())
+    else:
+        yield from ((row, None) for row in source)
+
+
+def load_queries(source, adapter="qa", storage_options=None) -> tuple[list[Query], list[dict]]:
+    """(queries, rejected [{"index", "id", "reason"}]) from URL(s) or rows (read with `adapter`), Examples or
+    Queries. Rejected rows are returned and logged, never dropped silently; duplicate ids are rejected."""
+    from drift_stream.formats import Example, RowError, load_adapter
+
+    adapter = load_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
+    queries, rejected, seen = [], [], set()
+    for index, (item, reason) in enumerate(iter_input_rows(source, storage_options)):
+        qid = None
+        try:
+            if reason is not None:
+                raise RowError(reason)
+            if isinstance(item, Query):
+                query = item
+            elif isinstance(item, Example):
+                query = query_from_example(item)
+            else:
+                query = query_from_example(adapter.to_example(item), item)
+            qid = query.id
+            if qid in seen:
+                raise RowError("duplicate_id")
+        except RowError as exc:
+            rejected.append({"index": index, "id": qid, "reason": exc.reason})
+            continue
+        seen.add(qid)
+        queries.append(query)
+    if rejected:
+        logger.warning("%d validation queries rejected (first: %s)", len(rejected), rejected[0])
+    if not queries:
+        raise ConfigError(f"no usable validation queries ({len(rejected)} rejected): check --queries and --adapter")
+    return queries, rejected

@@ -1,0 +1,518 @@
+"""Does DRIFT raise the ceiling? Continued SFT on data refined by each method, from one base, at tiny scale.
+
+    python benchmarks/refine_eval.py                 # full run: 3 seeds, every method (see docs/benchmark.md)
+    python benchmarks/refine_eval.py --quick         # smoke run for CI (a couple of minutes)
+
+Stages (each timed): data (reasoning-gym pool with documented corruption, validation queries, test sets) -> base
+(a tiny Llama trained on the pool: the "SFT checkpoint") -> rollouts (K per validation query, verified) -> features
+(the library's GradientFeaturizer on pool rows, rollouts and reference answers) -> scores (every method) -> library
+check (build_bank + build_scorer + run_score + refine_run on the main DRIFT setting must select the same rows) ->
+continued SFT from the base on each method's selection, same steps and optimiser, per seed -> greedy accuracy.
+Writes results.json, results.md and results.png into --out (default benchmarks/results/ or benchmarks/results/quick/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import refine_lib as rl  # noqa: E402
+
+logger = logging.getLogger("refine_eval")
+REPO = Path(__file__).resolve().parents[1]
+TARGET = ("basic_arithmetic", "chain_sum")
+NONTARGET = ("gcd", "products", "leg_counting")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data_seed: int = 0
+    pool_size: int = 4000
+    queries_per_task: int = 128  # validation queries per target task
+    test_target_per_task: int = 150
+    test_nontarget_per_task: int = 60
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_tokens: int = 320
+    base_steps: int = 800
+    base_lr: float = 3e-3
+    batch_size: int = 32
+    num_rollouts: int = 4
+    rollout_max_new_tokens: int = 64
+    proj_dim: int = 16
+    fisher_rows: int = 1000
+    sft_steps: int = 100
+    sft_lr: float = 1e-3
+    eval_max_new_tokens: int = 64
+    seeds: tuple = (0, 1, 2)
+    fraction: float = 0.1  # top:P of the baselines and ablations
+    methods: tuple = ()  # empty: all of METHODS
+
+    def key(self) -> str:
+        """Hash of everything that decides the base, rollouts and features (not the SFT or methods)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("sft_steps", "sft_lr", "seeds", "fraction",
+                                                                     "methods", "eval_max_new_tokens")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, test_nontarget_per_task=4,
+                    hidden_size=32, num_layers=2, intermediate_size=64, base_steps=40, batch_size=16,
+                    num_rollouts=2, rollout_max_new_tokens=32, fisher_rows=100, sft_steps=5,
+                    eval_max_new_tokens=32, seeds=(0,), fraction=0.25)
+
+# (name, scorer, selection, group). Selections: "all", "top:P", "strat_task:P", "strat_len:P", "weights".
+MAIN = rl.DriftVariant()
+METHODS = {
+    "full": ("none", "all", "baseline"),
+    "random": ("random", "top:{f}", "baseline"),
+    "loss": ("loss", "top:{f}", "baseline"),
+    "ifd": ("ifd", "top:{f}", "baseline"),
+    "less": ("less", "top:{f}", "baseline"),
+    "if": ("if", "top:{f}", "baseline"),
+    "drift top:0.1": ("drift", "top:0.1", "drift"),
+    "drift top:0.25": ("drift", "top:0.25", "drift"),
+    "drift weights": ("drift", "weights", "drift"),
+    "drift strat_task:{f}": ("drift", "strat_task:{f}", "drift"),
+    "drift strat_len:{f}": ("drift", "strat_len:{f}", "drift"),
+    "ablation off-policy": ("drift_offpolicy", "top:{f}", "ablation"),
+    "ablation unsigned": ("drift_unsigned", "top:{f}", "ablation"),
+    "ablation beta=0": ("drift_beta0", "top:{f}", "ablation"),
+    "oracle clean": ("oracle", "top:{f}", "reference"),
+}
+DRIFT_SCORERS = {
+    "drift": MAIN,
+    "less": replace(MAIN, targets="off-policy", beta=1.0),
+    "if": replace(MAIN, targets="off-policy", beta=0.0),
+    "drift_offpolicy": replace(MAIN, targets="off-policy"),
+    "drift_unsigned": replace(MAIN, signing="positive"),
+    "drift_beta0": replace(MAIN, beta=0.0),
+}
+
+
+class Timer:
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                logger.info("stage %s ...", name)
+
+            def __exit__(self, *exc):
+                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t
+                logger.info("stage %s done in %.1fs", name, time.perf_counter() - self.t)
+
+        return _T()
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def make_data(cfg: BenchConfig):
+    """Pool, validation queries (+ their reference worked responses) and test sets, all disjoint by question."""
+    from drift_stream import tasks
+
+    recipe = tasks.DataRecipe(
+        seed=cfg.data_seed, pool_size=cfg.pool_size,
+        queries={t: cfg.queries_per_task for t in TARGET},
+        test={**{t: cfg.test_target_per_task for t in TARGET}, **{t: cfg.test_nontarget_per_task for t in NONTARGET}})
+    splits = tasks.make_splits(recipe)
+    # The reference worked response of each query (off-policy targets): the same draw make_queries made.
+    exclude = {row["question"] for row in splits.test}
+    refs = {}
+    for task in TARGET:
+        for item in tasks.generate_items(task, count=cfg.queries_per_task, seed=cfg.data_seed, split="queries",
+                                         exclude=exclude):
+            exclude.add(item.question)
+            refs[item.question] = item.response
+    for q in splits.queries:
+        q["reference"] = refs[q["question"]]
+    return splits
+
+
+def train_base(cfg: BenchConfig, splits, tok, out: Path):
+    from drift_stream.integrations.trainers import greedy_accuracy, train_sft
+    from drift_stream.testing import make_tiny_model
+
+    model = make_tiny_model(vocab_size=len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                            num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                            max_positions=cfg.max_tokens, seed=cfg.data_seed)
+    model.train()
+    train_sft(model, tok, splits.pool, steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr,
+              seed=cfg.data_seed, warmup_steps=min(50, cfg.base_steps // 10), max_tokens=cfg.max_tokens,
+              log_every=100)
+    model.eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    acc = greedy_accuracy(model, tok, splits.test, max_new_tokens=cfg.eval_max_new_tokens)
+    (out / "base_eval.json").write_text(json.dumps({"accuracy": acc.accuracy, "per_task": acc.per_task}))
+    return model
+
+
+def make_rollouts(cfg: BenchConfig, model, tok, chat, splits):
+    from drift_stream import tasks
+    from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts
+
+    queries = [Query(id=q["id"], messages=({"role": "user", "content": q["question"]},), answer=q["answer"],
+                     reference=q["reference"], task=q["task"]) for q in splits.queries]
+    rollouts = generate_rollouts(model, tok, chat, queries, RolloutConfig(
+        num_rollouts=cfg.num_rollouts, temperature=1.0, max_new_tokens=cfg.rollout_max_new_tokens,
+        seed=cfg.data_seed, batch_size=64), progress=False)
+    by_id = {q["id"]: (i, q) for i, q in enumerate(splits.queries)}
+    rows = []
+    for r in rollouts:
+        qi, q = by_id[r.query_id]
+        rows.append({"query": qi, "index": r.rollout_index, "prompt_ids": list(r.prompt_ids),
+                     "completion_ids": list(r.completion_ids), "completion": r.completion,
+                     "reward": tasks.score_response(q["task"], r.completion, q["answer"])})
+    return queries, rows
+
+
+def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
+    """Everything the methods share, cached under workdir/<cfg.key()>: base model, rollouts, features."""
+    import torch
+
+    from drift_stream.formats import ChatTokenizer, Example
+    from drift_stream.grads import FeatureConfig
+    from drift_stream.integrations.trainers import encode_rows
+    from drift_stream.models import load_model, load_tokenizer
+    from drift_stream.testing import make_char_tokenizer
+
+    cache = workdir / cfg.key()
+    cache.mkdir(parents=True, exist_ok=True)
+    with timer("data"):
+        splits = make_data(cfg)
+    base_dir = cache / "base"
+    with timer("base"):
+        if not (base_dir / "base_eval.json").exists():
+            train_base(cfg, splits, make_char_tokenizer(), base_dir)
+        tok = load_tokenizer(str(base_dir))
+        model = load_model(str(base_dir), device="cpu")
+    chat = ChatTokenizer(tok, max_tokens=cfg.max_tokens)
+    with timer("rollouts"):
+        path = cache / "rollouts.json"
+        if not path.exists():
+            _, rows = make_rollouts(cfg, model, tok, chat, splits)
+            path.write_text(json.dumps(rows))
+        rollouts = json.loads(path.read_text())
+    fc = FeatureConfig(proj_dim_in=cfg.proj_dim, proj_dim_out=cfg.proj_dim, seed=0)
+    pool_ex = encode_rows(tok, splits.pool, max_tokens=cfg.max_tokens)
+    with timer("features"):
+        path = cache / "features.npz"
+        if not path.exists():
+            roll_ex = [chat.encode_rollout(r["prompt_ids"], r["completion_ids"], id=f"r{i}")
+                       for i, r in enumerate(rollouts)]
+            ref_ex = [chat.encode(Example(id=q["id"], messages=(
+                {"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["reference"]})))
+                for q in splits.queries]
+            pf, pn, pl_, feat = rl.featurize(model, pool_ex, feature_config=fc)
+            rf, _, _, _ = rl.featurize(model, roll_ex, feature_config=fc)
+            qf, _, _, _ = rl.featurize(model, ref_ex, feature_config=fc)
+            np.savez(path, pool=pf, pool_norm=pn, pool_loss=pl_, roll=rf, ref=qf,
+                     block_sizes=np.array(feat.block_sizes))
+        f = np.load(path)
+        feats = {k: f[k] for k in f.files}
+    torch.manual_seed(0)
+    base_eval = json.loads((base_dir / "base_eval.json").read_text())
+    return {"cfg": cfg, "cache": cache, "splits": splits, "tok": tok, "model": model, "chat": chat, "fc": fc,
+            "pool_ex": pool_ex, "rollouts": rollouts, "feats": feats, "base_eval": base_eval}
+
+
+def drift_from_cache(ctx, variant: rl.DriftVariant):
+    f, r = ctx["feats"], ctx["rollouts"]
+    g, kept = rl.query_vectors(variant, f["roll"], np.array([x["query"] for x in r]),
+                               np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), f["ref"])
+    fisher = f["pool"][: ctx["cfg"].fisher_rows]
+    pre = rl.fit_preconditioner(variant.preconditioner, fisher, [int(b) for b in f["block_sizes"]], variant.damping)
+    score, _ = rl.drift_scores(variant, f["pool"], f["pool_norm"], g, pre)
+    return score
+
+
+def library_scores(ctx, name: str, seed: int):
+    """loss / ifd / random through the library's scorers on an in-memory Arrow table of the pool."""
+    import pyarrow as pa
+
+    from drift_stream.scoring import build_scorer
+
+    scorer = build_scorer(name, model=None, tokenizer=ctx["tok"], model_obj=ctx["model"],
+                          max_tokens=ctx["cfg"].max_tokens, batch_size=32, seed=seed, device="cpu")
+    table = pa.Table.from_pylist([{k: row[k] for k in ("id", "messages")} for row in ctx["splits"].pool])
+    out = scorer(table)
+    reasons = [x for x in out.column("drift_reject_reason").to_pylist() if x]
+    if reasons:
+        raise RuntimeError(f"{name} rejected pool rows: {reasons[:5]}")
+    return np.array(out.column("drift_score").to_pylist(), dtype=np.float64)
+
+
+def method_scores(ctx, scorer: str, seed: int, cached: dict):
+    key = (scorer, seed if scorer in ("random", "oracle") else None)
+    if key in cached:
+        return cached[key]
+    pool = ctx["splits"].pool
+    if scorer == "none":
+        s = np.zeros(len(pool))
+    elif scorer in ("loss", "ifd", "random"):
+        s = library_scores(ctx, scorer, seed)
+    elif scorer == "oracle":
+        rng = np.random.default_rng(1000 + seed)
+        s = rng.random(len(pool)) + np.array([r["corruption"] == "clean" for r in pool], dtype=float)
+    elif scorer in DRIFT_SCORERS:
+        s = drift_from_cache(ctx, DRIFT_SCORERS[scorer])
+    else:
+        raise ValueError(f"unknown scorer {scorer}")
+    cached[key] = s
+    return s
+
+
+def select(ctx, scores, selection: str):
+    """Per-row training weights [n] (0 = dropped) for a selection spec."""
+    pool = ctx["splits"].pool
+    ids = [r["id"] for r in pool]
+    if selection == "all":
+        return np.ones(len(pool))
+    if selection == "weights":
+        return rl.softmax_weights(scores)
+    kind, frac = selection.split(":")
+    frac = float(frac)
+    if kind == "top":
+        return rl.top_mask(scores, frac, ids).astype(float)
+    if kind == "strat_task":
+        return rl.stratified_top_mask(scores, frac, ids, [r["task"] for r in pool]).astype(float)
+    if kind == "strat_len":
+        ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
+        strata = [f"{r['task']}|{b}" for r, b in zip(pool, rl.length_buckets(ntok))]
+        return rl.stratified_top_mask(scores, frac, ids, strata).astype(float)
+    raise ValueError(f"unknown selection {selection!r}")
+
+
+def continue_sft(ctx, weights, seed: int):
+    """Continued SFT from the base on weighted rows; greedy accuracy on the target and non-target test sets."""
+    from drift_stream.integrations.trainers import greedy_accuracy, train_sft
+
+    cfg = ctx["cfg"]
+    model = copy.deepcopy(ctx["model"])
+    model.train()
+    train_sft(model, ctx["tok"], ctx["pool_ex"], weights=list(weights), steps=cfg.sft_steps,
+              batch_size=cfg.batch_size, lr=cfg.sft_lr, seed=seed, warmup_steps=min(10, cfg.sft_steps // 5),
+              max_tokens=cfg.max_tokens, log_every=0)
+    model.eval()
+    test = ctx["splits"].test
+    acc = greedy_accuracy(model, ctx["tok"], test, max_new_tokens=cfg.eval_max_new_tokens)
+    target = [r["correct"] for r in acc.records if r["task"] in TARGET]
+    other = [r["correct"] for r in acc.records if r["task"] not in TARGET]
+    return float(np.mean(target)), float(np.mean(other)), acc.per_task
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def resolve_methods(cfg: BenchConfig) -> dict:
+    names = cfg.methods or tuple(METHODS)
+    out = {}
+    for name in names:
+        scorer, selection, group = METHODS[name]
+        out[name.format(f=cfg.fraction)] = (scorer, selection.format(f=cfg.fraction), group)
+    return out
+
+
+def diagnostics(ctx, methods, cached) -> dict:
+    """ROC-AUC clean vs corrupted, Spearman with gradient norm and length, per scorer (seed 0 for random)."""
+    pool = ctx["splits"].pool
+    clean = np.array([r["corruption"] == "clean" for r in pool])
+    ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
+    out = {}
+    for scorer in sorted({s for s, _, _ in methods.values()} - {"none", "oracle"}):
+        s = method_scores(ctx, scorer, 0, cached)
+        out[scorer] = dict(rl.score_diagnostics(s, clean, ctx["feats"]["pool_norm"], ntok))
+        # AUC per corruption kind: clean rows against that kind only
+        labels = np.array([r["corruption"] for r in pool])
+        for kind in sorted(set(labels) - {"clean"}):
+            sel = clean | (labels == kind)
+            out[scorer][f"auc_{kind}"] = rl.roc_auc(s[sel], clean[sel])
+    return out
+
+
+def write_outputs(out_dir: Path, result: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    (out_dir / "results.md").write_text(markdown(result))
+    try:
+        plot(result, out_dir / "results.png")
+    except ImportError:  # matplotlib is optional
+        logger.warning("matplotlib not installed: no plot")
+
+
+def summary(result: dict) -> list[dict]:
+    rows = []
+    for name, info in result["methods"].items():
+        runs = [r for r in result["rows"] if r["method"] == name]
+        t_m, t_s = rl.mean_std([r["target_acc"] for r in runs])
+        n_m, n_s = rl.mean_std([r["nontarget_acc"] for r in runs])
+        rows.append({"method": name, "group": info["group"], "selection": info["selection"], "seeds": len(runs),
+                     "target": (t_m, t_s), "nontarget": (n_m, n_s), "kept": runs[0]["rows_kept"] if runs else 0,
+                     "corrupted": runs[0]["corrupted_share"] if runs else float("nan")})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    base = result["base"]
+    lines = [f"# Refinement benchmark ({result['mode']})", "",
+             f"Base (before continued SFT): target {base['target_acc']:.3f}, non-target {base['nontarget_acc']:.3f}. "
+             f"Pool {result['config']['pool_size']} rows, {result['pool_corrupted_share']:.1%} corrupted; "
+             f"{result['config']['sft_steps']} continued-SFT steps of batch {result['config']['batch_size']} per run.",
+             "", "| method | selection | rows (weight>0) | corrupted share | target acc | non-target acc |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in summary(result):
+        lines.append(f"| {r['method']} | {r['selection']} | {r['kept']} | {r['corrupted']:.1%} | "
+                     f"{r['target'][0]:.3f} ± {r['target'][1]:.3f} | {r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} |")
+    kinds = result["corruption_kinds"]
+    lines += ["", "Share of each corruption kind among kept rows (by weight; seed 0):", "",
+              "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    lines.append("| pool | " + " | ".join(f"{result['pool_shares'][k]:.1%}" for k in kinds) + " |")
+    for name in result["methods"]:
+        run = next((r for r in result["rows"] if r["method"] == name), None)
+        if run:
+            lines.append(f"| {name} | " + " | ".join(f"{run['kept_shares'][k]:.1%}" for k in kinds) + " |")
+    diag = result["diagnostics"]
+    cols = ["auc_clean_vs_corrupted", "spearman_grad_norm", "spearman_length"] + [f"auc_{k}" for k in kinds if k != "clean"]
+    lines += ["", "Score diagnostics over the pool (ROC-AUC: clean rows above corrupted; per kind: clean vs that kind):",
+              "", "| scorer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for scorer, d in diag.items():
+        lines.append(f"| {scorer} | " + " | ".join(f"{d.get(c, float('nan')):.3f}" for c in cols) + " |")
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()), "",
+              f"Machine: {result['machine']}  ", f"Versions: {result['versions']}", ""]
+    if result.get("library_check"):
+        lines.append(f"Library path check: {json.dumps(result['library_check'])}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary(result)
+    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
+    y = np.arange(len(rows))
+    for ax, key, title in ((axes[0], "target", "target accuracy"), (axes[1], "nontarget", "non-target accuracy")):
+        ax.barh(y, [r[key][0] for r in rows], xerr=[r[key][1] for r in rows],
+                color=[colors[r["group"]] for r in rows])
+        full = next((r[key][0] for r in rows if r["method"] == "full"), None)
+        if full is not None:
+            ax.axvline(full, color="k", lw=0.8, ls="--")
+        ax.axvline(result["base"][f"{key}_acc"], color="r", lw=0.8, ls=":")
+        ax.set_title(f"{title} (mean ± std over seeds; dashed: full pool, dotted: base)")
+        ax.set_xlabel("greedy accuracy")
+    axes[0].set_yticks(y, [r["method"] for r in rows])
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "reasoning-gym", "numpy", "drift-stream"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # 1 thread: 6x faster than 2 here when other jobs share the 2 cores
+    timer = Timer()
+    t0 = time.perf_counter()
+    ctx = build_cache(cfg, workdir, timer)
+    pool = ctx["splits"].pool
+    labels = [r["corruption"] for r in pool]
+    kinds = ["clean"] + sorted(set(labels) - {"clean"})
+    methods = resolve_methods(cfg)
+    cached: dict = {}
+    with timer("scores"):
+        diag = diagnostics(ctx, methods, cached)
+    check = None
+    if library_check:
+        with timer("library_check"):
+            check = check_library_path(ctx, cached)
+    base_t = np.mean([ctx["base_eval"]["per_task"][t] for t in TARGET])  # equal test sizes per task
+    base_n = np.mean([ctx["base_eval"]["per_task"][t] for t in NONTARGET])
+    rows = []
+    with timer("continued_sft"):
+        for seed in cfg.seeds:
+            for name, (scorer, selection, group) in methods.items():
+                weights = select(ctx, method_scores(ctx, scorer, seed, cached), selection)
+                t = time.perf_counter()
+                target, other, per_task = continue_sft(ctx, weights, seed)
+                rows.append({"method": name, "seed": seed, "target_acc": target, "nontarget_acc": other,
+                             "per_task": per_task, "rows_kept": int((weights > 0).sum()),
+                             "corrupted_share": 1.0 - rl.kept_shares(weights, labels, ["clean"])["clean"],
+                             "kept_shares": rl.kept_shares(weights, labels, kinds), "wall_s": time.perf_counter() - t})
+                logger.info("%-26s seed %d: target %.3f non-target %.3f (%.0fs)", name, seed, target, other,
+                            rows[-1]["wall_s"])
+    timer.stages["total"] = time.perf_counter() - t0
+    return {
+        "mode": mode, "config": asdict(cfg), "rows": rows,
+        "methods": {k: {"scorer": s, "selection": sel, "group": g} for k, (s, sel, g) in methods.items()},
+        "base": {"target_acc": float(base_t), "nontarget_acc": float(base_n), "per_task": ctx["base_eval"]["per_task"]},
+        "pool_corrupted_share": float(np.mean([x != "clean" for x in labels])), "corruption_kinds": kinds,
+        "pool_shares": rl.kept_shares(np.ones(len(pool)), labels, kinds), "diagnostics": diag,
+        "library_check": check, "wall_s": timer.stages,
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch thread(s), "
+                   f"{__import__('os').cpu_count()} cores, {platform.platform()}",
+        "versions": versions(),
+        "drift_main_variant": asdict(MAIN),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/refine_eval_cache"),
+                        help="cache of base model, rollouts and features (reused when the config matches)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--no-library-check", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = QUICK if args.quick else BenchConfig()
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(args.seeds))
+    if args.methods:
+        cfg = replace(cfg, methods=tuple(args.methods))
+    out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    result = run(cfg, args.workdir, "quick" if args.quick else "full", library_check=not args.no_library_check)
+    write_outputs(out, result)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

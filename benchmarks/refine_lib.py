@@ -1,0 +1,215 @@
+"""Pieces of the refinement benchmark (benchmarks/refine_eval.py): cached gradient features, the DRIFT score
+from them, selection policies, and the diagnostics (ROC-AUC, Spearman, kept corruption shares).
+
+Why a feature cache: every DRIFT variant (signing, preconditioner, beta, aggregation, number of queries or rollouts)
+is a cheap linear-algebra function of the same three feature matrices -- pool rows, rollouts, reference answers --
+produced once by the library's `GradientFeaturizer`. `drift_scores` below follows DESIGN.md section 2 step by step;
+refine_eval.py checks it against the library's bank + scorer path on the main setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from drift_stream.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------------------- features
+
+
+def featurize(model, examples, *, feature_config, batch_size: int = 32):
+    """Library features of tokenized examples: (features [n, D] float32, grad_norm [n], loss [n]), input order.
+
+    Examples are processed sorted by length (less padding); features do not depend on the batch they fall in.
+    """
+    import torch
+
+    from drift_stream.formats import collate
+    from drift_stream.grads import GradientFeaturizer
+
+    featurizer = GradientFeaturizer(model, feature_config)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    feats = np.zeros((len(examples), featurizer.dim), dtype=np.float32)
+    loss = np.zeros(len(examples))
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo: lo + batch_size]
+        out = featurizer.featurize(collate([examples[i] for i in idx], pad_token_id=0))
+        if any(b is not None for b in out.bad):
+            raise RuntimeError(f"unscorable rows in the benchmark pool: {[b for b in out.bad if b]}")
+        feats[idx] = out.features.to(torch.float32).numpy()
+        loss[idx] = out.loss.double().numpy()
+    return feats, np.linalg.norm(feats.astype(np.float64), axis=1), loss, featurizer
+
+
+# ---------------------------------------------------------------------------------------------------- DRIFT math
+
+
+@dataclass(frozen=True)
+class DriftVariant:
+    """One way of turning cached features into a DRIFT score (defaults: the library's defaults)."""
+
+    targets: str = "on-policy"  # on-policy | off-policy
+    signing: str = "sign"  # sign | advantage | positive
+    preconditioner: str = "identity"  # identity | diagonal | block
+    damping: float = 0.1
+    beta: float = 1.0
+    normalize_queries: bool = True  # b_j scaled to unit norm
+    aggregate: str = "mean"  # mean of per-query scores | "pooled": one summed query vector
+    num_queries: int | None = None  # first N queries only (None: all)
+    num_rollouts: int | None = None  # first K rollouts per query only (None: all)
+
+    def __post_init__(self):
+        if self.targets not in ("on-policy", "off-policy"):
+            raise ConfigError(f"targets must be on-policy or off-policy, got {self.targets!r}")
+        if self.signing not in ("sign", "advantage", "positive"):
+            raise ConfigError(f"signing must be sign, advantage or positive, got {self.signing!r}")
+        if self.preconditioner not in ("identity", "diagonal", "block"):
+            raise ConfigError(f"unknown preconditioner {self.preconditioner!r}")
+        if self.aggregate not in ("mean", "pooled"):
+            raise ConfigError(f"aggregate must be mean or pooled, got {self.aggregate!r}")
+
+
+def query_vectors(variant: DriftVariant, rollout_feats, rollout_query, rollout_index, rewards, reference_feats):
+    """g_j per query, [m, D] float64, and the ids of queries kept (those with a signal).
+
+    rollout_feats [R, D], rollout_query [R] (query position), rollout_index [R], rewards [R]; reference_feats [m, D].
+    """
+    m = reference_feats.shape[0]
+    nq = m if variant.num_queries is None else min(m, variant.num_queries)
+    if variant.targets == "off-policy":
+        return reference_feats[:nq].astype(np.float64), np.arange(nq)
+    keep = rollout_query < nq
+    if variant.num_rollouts is not None:
+        keep &= rollout_index < variant.num_rollouts
+    feats, q, r = rollout_feats[keep].astype(np.float64), rollout_query[keep], rewards[keep]
+    correct = (r >= 1.0).astype(np.float64)
+    if variant.signing == "sign":
+        s = 2.0 * correct - 1.0
+    elif variant.signing == "positive":
+        s = correct
+    else:
+        mean_r = np.bincount(q, weights=r, minlength=nq) / np.maximum(np.bincount(q, minlength=nq), 1)
+        s = r - mean_r[q]
+    counts = np.bincount(q, minlength=nq).astype(np.float64)
+    g = np.zeros((nq, feats.shape[1]))
+    np.add.at(g, q, s[:, None] * feats)
+    g /= np.maximum(counts, 1.0)[:, None]
+    ok = np.linalg.norm(g, axis=1) > 0
+    return g[ok], np.flatnonzero(ok)
+
+
+def fit_preconditioner(kind: str, fisher_feats, block_sizes: Sequence[int], damping: float = 0.1):
+    """The library's Preconditioner fitted on training features [n, D] (None for identity)."""
+    if kind == "identity":
+        return None
+    from drift_stream.grads import Preconditioner, PreconditionerConfig
+
+    pre = Preconditioner(PreconditionerConfig(kind=kind, damping=damping), block_sizes)
+    pre.update(fisher_feats)
+    return pre.finalize()
+
+
+def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner=None):
+    """Per-row score S(z) [n] and per-query scores [n, m] of pool rows, given query vectors g [m, D]."""
+    import torch
+
+    b = g
+    if preconditioner is not None:
+        b = preconditioner.apply(torch.from_numpy(g)).double().numpy()
+    if variant.aggregate == "pooled":
+        b = b.mean(axis=0, keepdims=True)
+    if variant.normalize_queries:
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-30)
+    raw = pool_feats.astype(np.float64) @ b.T  # [n, m]
+    per_query = raw / np.power(np.maximum(pool_norm, 1e-30), variant.beta)[:, None]
+    return per_query.mean(axis=1), per_query
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+
+def top_mask(scores, fraction: float, ids: Sequence[str]) -> np.ndarray:
+    """refine.py's `top:P`: exactly floor(P*n + 0.5) rows, by score desc then id asc."""
+    n = len(scores)
+    k = int(math.floor(fraction * n + 0.5))
+    order = sorted(range(n), key=lambda i: (-float(scores[i]), ids[i]))
+    keep = np.zeros(n, dtype=bool)
+    keep[order[:k]] = True
+    return keep
+
+
+def stratified_top_mask(scores, fraction: float, ids: Sequence[str], strata: Sequence[str]) -> np.ndarray:
+    """top:P inside each stratum (task, or task x length bucket): the kept set has the pool's mix of strata."""
+    strata = np.asarray(strata)
+    keep = np.zeros(len(scores), dtype=bool)
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        sub = top_mask(np.asarray(scores)[idx], fraction, [ids[i] for i in idx])
+        keep[idx[sub]] = True
+    return keep
+
+
+def softmax_weights(scores, temperature: float = 1.0) -> np.ndarray:
+    """refine.py's `weights`: exp(z / T) with z the standardised score, normalised to mean 1."""
+    s = np.asarray(scores, dtype=np.float64)
+    std = s.std()
+    if not std > 0:
+        return np.ones_like(s)
+    w = np.exp((s - s.max()) / (std * temperature))
+    return w / w.mean()
+
+
+def length_buckets(num_tokens, num_buckets: int = 4) -> np.ndarray:
+    """Quantile bucket (0..num_buckets-1) of each row's response length."""
+    edges = np.quantile(num_tokens, np.linspace(0, 1, num_buckets + 1)[1:-1])
+    return np.searchsorted(edges, num_tokens, side="right")
+
+
+# ---------------------------------------------------------------------------------------------------- diagnostics
+
+
+def roc_auc(scores, positive) -> float:
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney U)."""
+    from scipy.stats import rankdata
+
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def spearman(x, y) -> float:
+    from drift_stream.scoring import spearman as _spearman
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return float(_spearman(x[ok], y[ok]))
+
+
+def kept_shares(kept_weight, labels: Sequence[str], kinds: Sequence[str]) -> dict[str, float]:
+    """Share of each label among the kept rows, counting each row by its weight (1/0 for filters)."""
+    w = np.asarray(kept_weight, dtype=np.float64)
+    labels = np.asarray(labels)
+    total = w.sum()
+    return {k: float(w[labels == k].sum() / total) if total > 0 else float("nan") for k in kinds}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def score_diagnostics(scores, clean, grad_norm, num_tokens) -> Mapping[str, float]:
+    return {
+        "auc_clean_vs_corrupted": roc_auc(scores, clean),
+        "spearman_grad_norm": spearman(scores, grad_norm),
+        "spearman_length": spearman(scores, num_tokens),
+    }
