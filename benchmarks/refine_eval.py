@@ -239,6 +239,9 @@ def drift_from_cache(ctx, variant: rl.DriftVariant):
     g, kept = rl.query_vectors(variant, f["roll"], np.array([x["query"] for x in r]),
                                np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), f["ref"])
     fisher = f["pool"][: ctx["cfg"].fisher_rows]
+    if len(g) == 0:  # e.g. unsigned targets when no rollout is correct: no signal, every row ties
+        logger.warning("%s: no validation query has a signal; all scores are 0", variant)
+        return np.zeros(len(f["pool"]))
     pre = rl.fit_preconditioner(variant.preconditioner, fisher, [int(b) for b in f["block_sizes"]], variant.damping)
     score, _ = rl.drift_scores(variant, f["pool"], f["pool_norm"], g, pre)
     return score
@@ -317,6 +320,72 @@ def continue_sft(ctx, weights, seed: int):
     target = [r["correct"] for r in acc.records if r["task"] in TARGET]
     other = [r["correct"] for r in acc.records if r["task"] not in TARGET]
     return float(np.mean(target)), float(np.mean(other)), acc.per_task
+
+
+def check_library_path(ctx, cached) -> dict:
+    """The main DRIFT setting through the library: build_bank -> build_scorer -> run_score -> refine_run.
+
+    Checks that the real path gives the scores of the feature cache and keeps the same rows under top:P.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from drift_stream import tasks
+    from drift_stream.bank import BankConfig, build_bank
+    from drift_stream.pipeline import RunConfig, run_score
+    from drift_stream.refine import refine_run
+    from drift_stream.rollouts.engine import Query, RolloutConfig
+    from drift_stream.rollouts.verifiers import Verifier
+    from drift_stream.scoring import build_scorer
+
+    class TaskVerifier(Verifier):
+        """The benchmark's verifier: the task's reasoning-gym score on the answer after `####`."""
+
+        name = "benchmark_task"
+
+        def score(self, completion, query):
+            return tasks.score_response(query.task, completion, query.answer)
+
+    cfg, out = ctx["cfg"], ctx["cache"] / "library"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    queries = [Query(id=q["id"], messages=({"role": "user", "content": q["question"]},), answer=q["answer"],
+                     reference=q["reference"], task=q["task"]) for q in ctx["splits"].queries]
+    bank_cfg = BankConfig(
+        signing=MAIN.signing, targets=MAIN.targets, preconditioner=MAIN.preconditioner, damping=MAIN.damping,
+        normalize=MAIN.normalize_queries, fisher_examples=cfg.fisher_rows, features=ctx["fc"],
+        rollouts=RolloutConfig(num_rollouts=cfg.num_rollouts, temperature=1.0, max_new_tokens=cfg.rollout_max_new_tokens,
+                               seed=cfg.data_seed, batch_size=64),
+        feature_batch_size=32, max_tokens=cfg.max_tokens)
+    fisher = [{"id": r["id"], "messages": r["messages"]} for r in ctx["splits"].pool[: cfg.fisher_rows]]
+    build_bank(ctx["model"], queries, out / "bank", bank_cfg, verifier=TaskVerifier(), fisher_data=fisher,
+               tokenizer=ctx["tok"], device="cpu", progress=False)
+    pool_path = out / "pool.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("id", "messages")} for r in ctx["splits"].pool]),
+                   pool_path)
+    scorer = build_scorer("drift", model=None, tokenizer=ctx["tok"], model_obj=ctx["model"], bank=str(out / "bank"),
+                          beta=MAIN.beta, batch_size=32, max_tokens=cfg.max_tokens, device="cpu")
+    run_score(RunConfig(data=(str(pool_path),), out=str(out / "run")), scorer, progress=False)
+    policy = f"top:{cfg.fraction}"
+    refine_run(str(out / "run"), policy, str(out / "refined"), progress=False)
+    scored = pq.read_table(str(out / "run" / "data")).to_pydict()
+    kept = set(pq.read_table(str(out / "refined" / "data")).column("id").to_pylist())
+    lib = dict(zip(scored["id"], scored["drift_score"]))
+    ids = [r["id"] for r in ctx["splits"].pool]
+    lib_scores = np.array([lib[i] for i in ids], dtype=np.float64)
+    mine = method_scores(ctx, "drift", 0, cached)
+    mine_kept = {i for i, k in zip(ids, select(ctx, mine, policy)) if k > 0}
+    result = {
+        "policy": policy, "rows_scored": len(lib), "rows_kept_library": len(kept), "rows_kept_cache": len(mine_kept),
+        "same_rows_kept": kept == mine_kept, "rows_kept_differ": len(kept ^ mine_kept),
+        "max_abs_score_diff": float(np.max(np.abs(lib_scores - mine))),
+        "score_scale": float(np.max(np.abs(mine))),
+        "spearman_library_vs_cache": rl.spearman(lib_scores, mine),
+    }
+    logger.info("library check: %s", result)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

@@ -359,7 +359,7 @@ def build_bank(
     """
     import torch
 
-    from drift_stream.formats import ChatTokenizer, Example, RowError
+    from drift_stream.formats import ChatTokenizer, Example
     from drift_stream.grads.features import GradientFeaturizer
     from drift_stream.rollouts.verifiers import VerifyResult, load_verifier, verify_rollouts
 
@@ -575,7 +575,12 @@ class ValidationBank:
             raise BankError(f"{path / TENSORS_FILE}: query_vectors is {shape}, the manifest says "
                             f"({manifest['num_queries']}, {manifest['dim']}): the bank is corrupt, rebuild it")
         bank = cls(path, manifest, tensors)
-        checks = []
+        bank.check_compatible(model=model, tokenizer=tokenizer, featurizer=featurizer, allow_mismatch=allow_mismatch)
+        return bank
+
+    def check_compatible(self, *, model=None, tokenizer=None, featurizer=None, allow_mismatch: bool = False) -> None:
+        """Refuse a model / tokenizer / projector other than the one the bank was built for (BankMismatchError)."""
+        manifest, checks = self.manifest, []
         if model is not None:
             checks.append(("model", manifest["model"]["fingerprint"], fingerprint_model(model)["fingerprint"]))
         if tokenizer is not None:
@@ -584,13 +589,30 @@ class ValidationBank:
             checks.append(("projector", manifest["projector"]["fingerprint"], fingerprint_projector(featurizer.spec())))
         for what, built, given in checks:
             if built != given:
-                message = (f"bank {path} was built for {what} {built[:16]}, this {what} is {given[:16]}: "
+                message = (f"bank {self.path} was built for {what} {built[:16]}, this {what} is {given[:16]}: "
                            "rebuild the bank or pass --allow-mismatch")
                 if not allow_mismatch:
                     raise BankMismatchError(message)
                 logger.warning("%s (allowed by allow_mismatch)", message)
-                bank.mismatches.append(what)
-        return bank
+                self.mismatches.append(what)
+
+    @property
+    def targets(self) -> str:
+        return self.manifest["targets"]
+
+    @property
+    def feature_config(self):
+        """The FeatureConfig the bank's vectors were made with: a scorer must featurize rows the same way."""
+        from drift_stream.grads import FeatureConfig
+
+        spec = dict(self.manifest["config"]["features"])
+        spec["module_patterns"] = tuple(spec.get("module_patterns") or ())
+        return FeatureConfig(**spec)
+
+    @property
+    def fingerprint(self) -> str:
+        """model + projector fingerprint: what a run directory records about the bank it used."""
+        return f"{self.manifest['model']['fingerprint'][:16]}-{self.manifest['projector']['fingerprint'][:16]}"
 
     def rollouts(self):
         """rollouts.parquet as a pyarrow Table."""

@@ -74,6 +74,8 @@ def bank_build_cmd(args, progress: bool = True) -> int:
         features=FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim, last_n_blocks=args.last_n_blocks),
         fisher_examples=args.fisher_examples,
     )
+    if config.preconditioner != "identity" and not args.fisher_data:
+        logger.warning("--preconditioner %s needs --fisher-data (training rows); using identity", args.preconditioner)
     build_bank(
         args.model,
         args.queries,
@@ -83,9 +85,9 @@ def bank_build_cmd(args, progress: bool = True) -> int:
         adapter=args.adapter,
         fisher_data=args.fisher_data,
         fisher_adapter=args.fisher_adapter,
-        max_queries=args.max_queries,
         device=args.device,
         storage_options=args.storage_options,
+        overwrite=args.overwrite,
         progress=progress,
     )
     if not args.quiet:

@@ -96,6 +96,10 @@ def run_score(config: RunConfig, scorer: Callable[[pa.Table], pa.Table], progres
     """Score this shard's input files into `config.out`; skip finished ones. Returns the manifest."""
     files = expand_inputs(config.data, config.storage_options)
     run = RunDirectory(config.out, config.storage_options)
+    if getattr(scorer, "needs_calibration", False):
+        # beta: auto is fitted on the first rows of the WHOLE input (not of this shard), so every shard process and
+        # every resume fits the same beta.
+        scorer.calibrate(head_rows(files, scorer.config.calibration_rows, config))
     record = recorded_config(files, scorer)
     run.check_config(record)
     mine = shard_files(files, config.num_shards, config.shard_index)
@@ -112,6 +116,24 @@ def run_score(config: RunConfig, scorer: Callable[[pa.Table], pa.Table], progres
         logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
                     manifest["rows_scored"], manifest["rows_rejected"])
     return manifest
+
+
+def head_rows(files: list[InputFile], num_rows: int, config: RunConfig) -> pa.Table:
+    """The first `num_rows` decodable rows of the input files, in input order."""
+    tables: list[pa.Table] = []
+    have = 0
+    for file in files:
+        schema = input_schema(file, config.storage_options)
+        for chunk in iter_chunks(file, schema, min(config.batch_rows, num_rows), config.storage_options):
+            tables.append(chunk.table.slice(0, num_rows - have))
+            have += tables[-1].num_rows
+            if have >= num_rows:
+                break
+        if have >= num_rows:
+            break
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _events(todo: list[InputFile], config: RunConfig) -> Iterator[tuple[str, InputFile, Any]]:

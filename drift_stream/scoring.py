@@ -396,7 +396,10 @@ class DriftScorer(_ModelScorer):
             model = self.model
             self._featurizer = GradientFeaturizer(model, self.bank.feature_config)
             if not self._checked:
-                self.bank.check_compatible(model=model, featurizer=self._featurizer, allow_mismatch=self.allow_mismatch)
+                self.bank.check_compatible(
+                    model=model, tokenizer=self.chat.tokenizer, featurizer=self._featurizer,
+                    allow_mismatch=self.allow_mismatch,
+                )
                 self._checked = True
         return self._featurizer
 
@@ -437,6 +440,10 @@ class DriftScorer(_ModelScorer):
         self._debias["calibration_rows"] = int(ok.sum())
         logger.info("beta: auto fitted beta=%.4f on %d rows", beta, int(ok.sum()))
         return beta
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self._beta is None
 
     @property
     def beta(self) -> float | None:

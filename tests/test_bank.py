@@ -313,3 +313,13 @@ def test_config_validation():
         with pytest.raises(ConfigError):
             BankConfig(**bad)
     assert BankConfig().to_dict()["rollouts"]["num_rollouts"] == 8
+
+
+def test_loaded_model_gives_the_same_bank(sign_bank, model_dir, tmp_path):
+    model, tokenizer = load_model(model_dir, device="cpu"), load_tokenizer(model_dir)
+    cfg = BankConfig(features=FEATURES, rollouts=ROLLOUTS, save_rollout_vectors=True)
+    bank = build_bank(model, gsm_rows(), tmp_path / "bank", cfg, verifier=GRADED, tokenizer=tokenizer, progress=False)
+    assert torch.equal(bank.query_vectors, sign_bank.query_vectors)
+    assert bank.manifest["model"]["fingerprint"] == sign_bank.manifest["model"]["fingerprint"]
+    with pytest.raises(ConfigError, match="tokenizer="):
+        build_bank(model, gsm_rows(), tmp_path / "other", cfg, verifier=GRADED, progress=False)
