@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -42,13 +43,15 @@ class BenchConfig:
     queries_per_task: int = 128  # validation queries per target task
     test_target_per_task: int = 150
     test_nontarget_per_task: int = 60
+    # the base: TinyModelRecipe (the embedded default's recipe), trained on this pool
     hidden_size: int = 128
-    num_layers: int = 3
+    num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 256
-    max_tokens: int = 320
-    base_steps: int = 800
-    base_lr: float = 3e-3
+    intermediate_size: int = 384
+    max_tokens: int = 320  # too_long rows reach 262 tokens with the chat template
+    base_steps: int = 1400
+    base_lr: float = 1e-3
+    base_warmup: int = 100
     batch_size: int = 32
     num_rollouts: int = 4
     rollout_max_new_tokens: int = 64
@@ -69,12 +72,12 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, test_nontarget_per_task=4,
-                    hidden_size=32, num_layers=2, intermediate_size=64, base_steps=40, batch_size=16,
+                    hidden_size=32, num_layers=2, intermediate_size=64, base_steps=40, base_warmup=4, batch_size=16,
                     num_rollouts=2, rollout_max_new_tokens=32, fisher_rows=100, sft_steps=5,
                     eval_max_new_tokens=32, seeds=(0,), fraction=0.25)
 
 # (name, scorer, selection, group). Selections: "all", "top:P", "strat_task:P", "strat_len:P", "weights".
-MAIN = rl.DriftVariant()
+MAIN = rl.DriftVariant(preconditioner="block")  # the library defaults: BankConfig + ScoreConfig
 METHODS = {
     "full": ("none", "all", "baseline"),
     "random": ("random", "top:{f}", "baseline"),
@@ -147,21 +150,23 @@ def make_data(cfg: BenchConfig):
 
 
 def train_base(cfg: BenchConfig, splits, tok, out: Path):
-    from drift_stream.integrations.trainers import greedy_accuracy, train_sft
-    from drift_stream.testing import make_tiny_model
+    from drift_stream.integrations.trainers import TinyModelRecipe, greedy_accuracy, train_sft
 
-    model = make_tiny_model(vocab_size=len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                            num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                            max_positions=cfg.max_tokens, seed=cfg.data_seed)
+    recipe = TinyModelRecipe(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                             intermediate_size=cfg.intermediate_size, max_positions=cfg.max_tokens,
+                             init_seed=cfg.data_seed, steps=cfg.base_steps, batch_size=cfg.batch_size,
+                             lr=cfg.base_lr, warmup_steps=cfg.base_warmup, seed=cfg.data_seed)
+    model = recipe.build(tok)
     model.train()
-    train_sft(model, tok, splits.pool, steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr,
-              seed=cfg.data_seed, warmup_steps=min(50, cfg.base_steps // 10), max_tokens=cfg.max_tokens,
-              log_every=100)
+    t0 = time.perf_counter()
+    train_sft(model, tok, splits.pool, **recipe.sft_kwargs(), max_tokens=cfg.max_tokens, log_every=100)
+    train_s = time.perf_counter() - t0
     model.eval()
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     acc = greedy_accuracy(model, tok, splits.test, max_new_tokens=cfg.eval_max_new_tokens)
-    (out / "base_eval.json").write_text(json.dumps({"accuracy": acc.accuracy, "per_task": acc.per_task}))
+    (out / "base_eval.json").write_text(json.dumps({"accuracy": acc.accuracy, "per_task": acc.per_task,
+                                                    "train_s": train_s}))
     return model
 
 
@@ -194,10 +199,12 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     from drift_stream.models import load_model, load_tokenizer
     from drift_stream.testing import make_char_tokenizer
 
-    cache = workdir / cfg.key()
-    cache.mkdir(parents=True, exist_ok=True)
     with timer("data"):
         splits = make_data(cfg)
+    # The cache belongs to this config AND these exact rows (the task generators may change under us).
+    data_sha = hashlib.sha256(json.dumps([splits.pool, splits.queries, splits.test], sort_keys=True).encode())
+    cache = workdir / f"{cfg.key()}-{data_sha.hexdigest()[:8]}"
+    cache.mkdir(parents=True, exist_ok=True)
     base_dir = cache / "base"
     with timer("base"):
         if not (base_dir / "base_eval.json").exists():
@@ -230,6 +237,9 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
         feats = {k: f[k] for k in f.files}
     torch.manual_seed(0)
     base_eval = json.loads((base_dir / "base_eval.json").read_text())
+    built = cache / "build_wall_s.json"  # stage times of the run that built the cache (reruns only load it)
+    if not built.exists():
+        built.write_text(json.dumps({k: timer.stages.get(k) for k in ("base", "rollouts", "features")}))
     return {"cfg": cfg, "cache": cache, "splits": splits, "tok": tok, "model": model, "chat": chat, "fc": fc,
             "pool_ex": pool_ex, "rollouts": rollouts, "feats": feats, "base_eval": base_eval}
 
@@ -464,7 +474,8 @@ def markdown(result: dict) -> str:
               "", "| scorer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for scorer, d in diag.items():
         lines.append(f"| {scorer} | " + " | ".join(f"{d.get(c, float('nan')):.3f}" for c in cols) + " |")
-    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()), "",
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()),
+              "(cache build: " + ", ".join(f"{k} {v:.0f}" for k, v in result["cache_build_wall_s"].items() if v) + ")", "",
               f"Machine: {result['machine']}  ", f"Versions: {result['versions']}", ""]
     if result.get("library_check"):
         lines.append(f"Library path check: {json.dumps(result['library_check'])}")
@@ -512,7 +523,7 @@ def versions() -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True) -> dict:
+def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, out: Path | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)  # 1 thread: 6x faster than 2 here when other jobs share the 2 cores
@@ -532,7 +543,24 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True) 
             check = check_library_path(ctx, cached)
     base_t = np.mean([ctx["base_eval"]["per_task"][t] for t in TARGET])  # equal test sizes per task
     base_n = np.mean([ctx["base_eval"]["per_task"][t] for t in NONTARGET])
-    rows = []
+    rows: list[dict] = []
+
+    def assemble(label: str) -> dict:
+        return {
+            "mode": label, "config": asdict(cfg), "rows": rows,
+            "methods": {k: {"scorer": s, "selection": sel, "group": g} for k, (s, sel, g) in methods.items()},
+            "base": {"target_acc": float(base_t), "nontarget_acc": float(base_n),
+                     "per_task": ctx["base_eval"]["per_task"]},
+            "pool_corrupted_share": float(np.mean([x != "clean" for x in labels])), "corruption_kinds": kinds,
+            "pool_shares": rl.kept_shares(np.ones(len(pool)), labels, kinds), "diagnostics": diag,
+            "library_check": check, "wall_s": dict(timer.stages),
+            "cache_build_wall_s": json.loads((ctx["cache"] / "build_wall_s.json").read_text()),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores "
+                       f"(shared with other jobs), {platform.platform()}",
+            "versions": versions(),
+            "drift_main_variant": asdict(MAIN), "drift_variants": {k: asdict(v) for k, v in DRIFT_SCORERS.items()},
+        }
+
     with timer("continued_sft"):
         for seed in cfg.seeds:
             for name, (scorer, selection, group) in methods.items():
@@ -545,19 +573,11 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True) 
                              "kept_shares": rl.kept_shares(weights, labels, kinds), "wall_s": time.perf_counter() - t})
                 logger.info("%-26s seed %d: target %.3f non-target %.3f (%.0fs)", name, seed, target, other,
                             rows[-1]["wall_s"])
+                if out is not None:  # partial results after every run, so a long run can be read while it goes
+                    write_outputs(out, assemble(f"{mode}, partial: {len(rows)} of "
+                                                f"{len(cfg.seeds) * len(methods)} runs"))
     timer.stages["total"] = time.perf_counter() - t0
-    return {
-        "mode": mode, "config": asdict(cfg), "rows": rows,
-        "methods": {k: {"scorer": s, "selection": sel, "group": g} for k, (s, sel, g) in methods.items()},
-        "base": {"target_acc": float(base_t), "nontarget_acc": float(base_n), "per_task": ctx["base_eval"]["per_task"]},
-        "pool_corrupted_share": float(np.mean([x != "clean" for x in labels])), "corruption_kinds": kinds,
-        "pool_shares": rl.kept_shares(np.ones(len(pool)), labels, kinds), "diagnostics": diag,
-        "library_check": check, "wall_s": timer.stages,
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch thread(s), "
-                   f"{__import__('os').cpu_count()} cores, {platform.platform()}",
-        "versions": versions(),
-        "drift_main_variant": asdict(MAIN),
-    }
+    return assemble(mode)
 
 
 def main(argv=None) -> int:
@@ -577,7 +597,8 @@ def main(argv=None) -> int:
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
-    result = run(cfg, args.workdir, "quick" if args.quick else "full", library_check=not args.no_library_check)
+    result = run(cfg, args.workdir, "quick" if args.quick else "full", library_check=not args.no_library_check,
+                 out=out)
     write_outputs(out, result)
     print(markdown(result))
     return 0

@@ -58,7 +58,8 @@ class DriftVariant:
     damping: float = 0.1
     beta: float = 1.0
     normalize_queries: bool = True  # b_j scaled to unit norm
-    aggregate: str = "mean"  # mean of per-query scores | "pooled": one summed query vector
+    aggregate: str = "mean"  # mean of per-query scores | "pooled": one summed query vector | "zmean": mean of
+    # per-query scores standardised over the pool (each query an equal vote whatever its spread)
     num_queries: int | None = None  # first N queries only (None: all)
     num_rollouts: int | None = None  # first K rollouts per query only (None: all)
 
@@ -69,8 +70,8 @@ class DriftVariant:
             raise ConfigError(f"signing must be sign, advantage or positive, got {self.signing!r}")
         if self.preconditioner not in ("identity", "diagonal", "block"):
             raise ConfigError(f"unknown preconditioner {self.preconditioner!r}")
-        if self.aggregate not in ("mean", "pooled"):
-            raise ConfigError(f"aggregate must be mean or pooled, got {self.aggregate!r}")
+        if self.aggregate not in ("mean", "pooled", "zmean"):
+            raise ConfigError(f"aggregate must be mean, pooled or zmean, got {self.aggregate!r}")
 
 
 def query_vectors(variant: DriftVariant, rollout_feats, rollout_query, rollout_index, rewards, reference_feats):
@@ -126,16 +127,20 @@ def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner
         b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-30)
     raw = pool_feats.astype(np.float64) @ b.T  # [n, m]
     per_query = raw / np.power(np.maximum(pool_norm, 1e-30), variant.beta)[:, None]
+    if variant.aggregate == "zmean":
+        z = (per_query - per_query.mean(axis=0)) / np.maximum(per_query.std(axis=0), 1e-30)
+        return z.mean(axis=1), per_query
     return per_query.mean(axis=1), per_query
 
 
 # ---------------------------------------------------------------------------------------------------- selection
 
 
-def top_mask(scores, fraction: float, ids: Sequence[str]) -> np.ndarray:
-    """refine.py's `top:P`: exactly floor(P*n + 0.5) rows, by score desc then id asc."""
+def top_mask(scores, fraction: float, ids: Sequence[str], k: int | None = None) -> np.ndarray:
+    """refine.py's `top:P`: exactly floor(P*n + 0.5) rows (or `k`), by score desc then id asc."""
     n = len(scores)
-    k = int(math.floor(fraction * n + 0.5))
+    if k is None:
+        k = int(math.floor(fraction * n + 0.5))
     order = sorted(range(n), key=lambda i: (-float(scores[i]), ids[i]))
     keep = np.zeros(n, dtype=bool)
     keep[order[:k]] = True
@@ -143,12 +148,21 @@ def top_mask(scores, fraction: float, ids: Sequence[str]) -> np.ndarray:
 
 
 def stratified_top_mask(scores, fraction: float, ids: Sequence[str], strata: Sequence[str]) -> np.ndarray:
-    """top:P inside each stratum (task, or task x length bucket): the kept set has the pool's mix of strata."""
+    """top:P inside each stratum (task, or task x length bucket), so the kept set has the pool's mix of strata.
+
+    The total kept is floor(P*n + 0.5) as for top:P, shared among strata in proportion to their sizes (largest
+    remainders; ties by stratum name).
+    """
+    from drift_stream.tasks import allocate
+
     strata = np.asarray(strata)
+    names = sorted(np.unique(strata).tolist())
+    sizes = {s: int((strata == s).sum()) for s in names}
+    counts = allocate(int(math.floor(fraction * len(scores) + 0.5)), sizes)
     keep = np.zeros(len(scores), dtype=bool)
-    for s in np.unique(strata):
+    for s in names:
         idx = np.flatnonzero(strata == s)
-        sub = top_mask(np.asarray(scores)[idx], fraction, [ids[i] for i in idx])
+        sub = top_mask(np.asarray(scores)[idx], fraction, [ids[i] for i in idx], k=counts[s])
         keep[idx[sub]] = True
     return keep
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 
@@ -75,8 +77,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(model, batch, featurizer, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per batch of a / b / c, interleaved so that machine noise hits all three alike."""
+def measure(model, batch, featurizer, repeats: int, warmup: int = 2, extra: dict | None = None) -> dict:
+    """Median seconds per batch of a / b / c, interleaved so that machine noise hits all three alike.
+
+    Returns {"wall": {a, b, c}, "cpu": {a, b, c}}: wall-clock and this process's CPU time (user + sys). On a
+    shared CPU machine with one torch thread the CPU time is the steadier measure of cost: it does not count
+    the time other processes hold the core. On CUDA only wall time means anything.
+    """
     device = next(model.parameters()).device
     params = list(model.parameters())
 
@@ -96,7 +103,10 @@ def measure(model, batch, featurizer, repeats: int, warmup: int = 2) -> dict:
             p.requires_grad_(True)
 
     runs = {"a": run_a, "b": run_b, "c": run_c}
-    times = {k: [] for k in runs}
+    for key, other in (extra or {}).items():  # more featurizers, e.g. last_n_blocks
+        runs[key] = partial(other.featurize, batch)
+    wall = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -104,27 +114,33 @@ def measure(model, batch, featurizer, repeats: int, warmup: int = 2) -> dict:
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for key in order:
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             runs[key]()
             _sync(device)
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+    return {"wall": {k: statistics.median(v) for k, v in wall.items()},
+            "cpu": {k: statistics.median(v) for k, v in cpu.items()}}
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def report(name, n_params, secs, batch_size, seq_len) -> dict:
+def report(name, n_params, secs, batch_size, seq_len, clocks=("wall", "cpu")) -> dict:
     row = {"model": name, "params": n_params}
-    for key, label in (("a", "plain fwd+bwd"), ("b", "features"), ("c", "frozen floor")):
-        row[f"{key}_examples_per_s"] = batch_size / secs[key]
-        row[f"{key}_tokens_per_s"] = batch_size * seq_len / secs[key]
-        print(f"  ({key}) {label:14s} {row[f'{key}_examples_per_s']:9.1f} ex/s {row[f'{key}_tokens_per_s']:11.0f} tok/s"
-              f"  ({secs[key] * 1000:.1f} ms/batch)")
-    row["b_over_a"] = secs["a"] / secs["b"]  # throughput ratio
-    row["b_over_c"] = secs["c"] / secs["b"]
-    print(f"  ratio b/a = {row['b_over_a']:.3f}   b/c = {row['b_over_c']:.3f}   peak RSS so far {peak_rss_mb():.0f} MB")
+    for clock in clocks:
+        t = secs[clock]
+        print(f"  [{clock} time]")
+        for key, label in (("a", "plain fwd+bwd"), ("b", "features"), ("c", "frozen floor")):
+            row[f"{clock}_{key}_examples_per_s"] = batch_size / t[key]
+            row[f"{clock}_{key}_tokens_per_s"] = batch_size * seq_len / t[key]
+            print(f"  ({key}) {label:14s} {batch_size / t[key]:9.1f} ex/s {batch_size * seq_len / t[key]:11.0f} tok/s"
+                  f"  ({t[key] * 1000:.1f} ms/batch)")
+        row[f"{clock}_b_over_a"] = t["a"] / t["b"]  # throughput ratios
+        row[f"{clock}_b_over_c"] = t["c"] / t["b"]
+        print(f"  ratio b/a = {row[f'{clock}_b_over_a']:.3f}   b/c = {row[f'{clock}_b_over_c']:.3f}")
+    print(f"  peak RSS so far {peak_rss_mb():.0f} MB")
     return row
 
 
@@ -150,33 +166,49 @@ def write_bergson_inputs(workdir: str, name: str, model, tokenizer, seq_len: int
 
 
 def run_bergson(python: str, model_dir: str, data_dir: str, out_dir: str, batch_size: int, seq_len: int,
-                proj_dim: int, threads: int) -> float:
-    """Wall seconds of one `bergson build` (offline, CPU) over a saved dataset."""
+                proj_dim: int, threads: int) -> tuple[float, float, float]:
+    """(wall s, CPU s, loop s/batch) of one `bergson build` (offline, CPU) over a saved dataset.
+
+    The last is bergson's own progress-bar rate over its collection loop (NaN if it cannot be read)."""
     bergson = os.path.join(os.path.dirname(python), "bergson")
     cmd = [bergson, "build", out_dir, "--model", model_dir, "--dataset", data_dir,
            "--projection_dim", str(proj_dim), "--token_batch_size", str(batch_size * seq_len),
            "--max_batch_size", str(batch_size), "--overwrite", "true"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"bergson failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return elapsed
+    rates = re.findall(r"Collecting gradients: 100%[^\r\n]*?([\d.]+)(it/s|s/it)\]", proc.stderr)
+    loop = float("nan")
+    if rates:
+        value, unit = float(rates[-1][0]), rates[-1][1]
+        loop = 1.0 / value if unit == "it/s" else value
+    return elapsed, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), loop
 
 
-def bergson_seconds_per_batch(python, inputs, workdir, batch_size, seq_len, proj_dim, threads, docs, repeats) -> float:
-    """Steady-state seconds per batch: difference of wall times at two dataset sizes (startup cancels out)."""
+def bergson_seconds_per_batch(python, inputs, workdir, batch_size, seq_len, proj_dim, threads, docs, repeats) -> dict:
+    """Steady-state seconds per batch, {"wall": s, "cpu": s}: difference between two dataset sizes, so that
+    start-up (imports, model and data loading) cancels out."""
     small, large = docs
-    walls = {small: [], large: []}
+    runs = {small: [], large: []}
     for r in range(repeats):
         for n in (small, large) if r % 2 == 0 else (large, small):
             out = os.path.join(workdir, f"bergson-run-{n}")
-            walls[n].append(run_bergson(python, inputs["model"], inputs["data"][n], out, batch_size, seq_len,
-                                        proj_dim, threads))
+            runs[n].append(run_bergson(python, inputs["model"], inputs["data"][n], out, batch_size, seq_len,
+                                       proj_dim, threads))
     extra_batches = (large - small) / batch_size
-    return (statistics.median(walls[large]) - statistics.median(walls[small])) / extra_batches
+    out = {
+        clock: (statistics.median(r[i] for r in runs[large]) - statistics.median(r[i] for r in runs[small]))
+        / extra_batches
+        for i, clock in enumerate(("wall", "cpu"))
+    }
+    out["loop"] = statistics.median(r[2] for r in runs[large])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -190,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bergson-python", default=None, help="python of a venv with bergson installed")
-    parser.add_argument("--bergson-batches", type=int, nargs=2, default=(4, 16),
+    parser.add_argument("--bergson-batches", type=int, nargs=2, default=(2, 32),
                         help="dataset sizes in batches for the two timed bergson runs")
     parser.add_argument("--bergson-repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -202,6 +234,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clocks = ("wall",) if device.type == "cuda" else ("wall", "cpu")
     tokenizer = make_char_tokenizer()
     config = FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim)
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, batch {args.batch_size} x "
@@ -222,27 +255,41 @@ def main(argv=None) -> int:
             batch = make_batch(args.batch_size, args.seq_len, len(tokenizer), 1, device)
             featurizer = GradientFeaturizer(model, config)
             print(f"\n{name}: {n_params / 1e6:.2f}M params, {len(featurizer.modules)} modules, D = {featurizer.dim}")
-            secs = measure(model, batch, featurizer, args.repeats)
-            row = report(name, n_params, secs, args.batch_size, args.seq_len)
+            last1 = GradientFeaturizer(model, FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim,
+                                                            last_n_blocks=1))
+            secs = measure(model, batch, featurizer, args.repeats, extra={"b_last1": last1})
+            row = report(name, n_params, secs, args.batch_size, args.seq_len, clocks)
+            for clock in clocks:
+                t = secs[clock]["b_last1"]
+                row[f"{clock}_b_last1_examples_per_s"] = args.batch_size / t
+                print(f"  [{clock}] (b') features, last_n_blocks=1 ({len(last1.modules)} modules): "
+                      f"{args.batch_size / t:.1f} ex/s, {secs[clock]['c'] / t:.2f}x the floor")
             if args.bergson_python:
                 try:
                     per_batch = bergson_seconds_per_batch(
                         args.bergson_python, inputs, workdir, args.batch_size, args.seq_len, args.proj_dim,
                         args.threads, docs, args.bergson_repeats,
                     )
-                    again = measure(model, batch, featurizer, args.repeats)  # ours again, right after bergson
-                    ours = statistics.median([secs["b"], again["b"]])
-                    row.update(bergson_examples_per_s=args.batch_size / per_batch,
-                               bergson_tokens_per_s=args.batch_size * args.seq_len / per_batch,
-                               bergson_over_a=secs["a"] / per_batch, bergson_over_c=secs["c"] / per_batch,
-                               ours_over_bergson=per_batch / ours)
-                    print(f"  bergson build  {row['bergson_examples_per_s']:9.1f} ex/s "
-                          f"{row['bergson_tokens_per_s']:11.0f} tok/s  ({per_batch * 1000:.1f} ms/batch, steady state)")
-                    print(f"  bergson/a = {row['bergson_over_a']:.3f}   bergson/c = {row['bergson_over_c']:.3f}   "
-                          f"ours/bergson = {row['ours_over_bergson']:.3f}")
                 except (RuntimeError, OSError) as exc:
                     row["bergson_error"] = str(exc)[-500:]
                     print(f"  bergson could not run: {exc}")
+                else:
+                    again = measure(model, batch, featurizer, args.repeats)  # ours again, right after bergson
+                    for clock in clocks:
+                        t, ours = secs[clock], (secs[clock]["b"] + again[clock]["b"]) / 2
+                        berg = per_batch[clock]
+                        row.update({f"{clock}_bergson_examples_per_s": args.batch_size / berg,
+                                    f"{clock}_bergson_over_a": t["a"] / berg, f"{clock}_bergson_over_c": t["c"] / berg,
+                                    f"{clock}_ours_over_bergson": berg / ours})
+                        print(f"  [{clock} time] bergson build {args.batch_size / berg:9.1f} ex/s "
+                              f"{args.batch_size * args.seq_len / berg:11.0f} tok/s ({berg * 1000:.1f} ms/batch, "
+                              f"steady state)  bergson/a = {t['a'] / berg:.3f}  bergson/c = {t['c'] / berg:.3f}  "
+                              f"ours/bergson = {berg / ours:.3f}")
+                    loop, ours_wall = per_batch["loop"], (secs["wall"]["b"] + again["wall"]["b"]) / 2
+                    row.update(bergson_loop_s_per_batch=loop, loop_ours_over_bergson=loop / ours_wall)
+                    print(f"  [bergson's own progress bar, wall] {loop * 1000:.1f} ms/batch: bergson/a = "
+                          f"{secs['wall']['a'] / loop:.3f}  bergson/c = {secs['wall']['c'] / loop:.3f}  "
+                          f"ours/bergson = {loop / ours_wall:.3f}")
             row["peak_rss_mb"] = peak_rss_mb()
             results.append(row)
     print(f"\npeak RSS of this process: {peak_rss_mb():.0f} MB")

@@ -58,7 +58,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "basic_arithmetic": TaskSpec("basic_arithmetic", 0, dict(
         min_terms=2, max_terms=3, min_digits=1, max_digits=1, operators=("+", "-", "*"),
         allow_parentheses=True, allow_negation=False), family="arithmetic"),
-    "chain_sum": TaskSpec("chain_sum", 1, dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
+    "chain_sum": TaskSpec("chain_sum", 1, dict(min_terms=2, max_terms=4, min_digits=1, max_digits=1),
                           family="arithmetic"),
     "gcd": TaskSpec("gcd", 2, dict(min_numbers=2, max_numbers=2, min_value=2, max_value=60)),
     "products": TaskSpec("products", 3, dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2)),
@@ -263,7 +263,8 @@ def corrupt_response(item: TaskItem, kind: str, rng: random.Random, donor: TaskI
 
     wrong_answer: the last step and the final answer are off by 1-10. truncated: cut before the answer line.
     garbled: ~30% of characters replaced at random. off_task: a clean response to `donor` (another task's item).
-    too_short: a 1-3 character reply. too_long: the work repeated to 150-200 characters (capped so the row fits 240 tokens), then the correct answer.
+    too_short: a 1-3 character reply. too_long: the work repeated to 150-200 characters (capped so the row fits
+    240 character tokens), then the correct answer.
     """
     clean = item.response
     if kind == "wrong_answer":
@@ -386,7 +387,9 @@ def make_queries(
     return rows
 
 
-def clean_rows(task_counts: Mapping[str, int], *, seed: int, split: str = "pool", exclude: Iterable[str] = ()) -> list[dict]:
+def clean_rows(
+    task_counts: Mapping[str, int], *, seed: int, split: str = "pool", exclude: Iterable[str] = ()
+) -> list[dict]:
     """Clean SFT rows {id, messages, task, corruption='clean'}: the uncorrupted form of `make_sft_pool`."""
     exclude = set(exclude)
     rows = []
@@ -394,7 +397,8 @@ def clean_rows(task_counts: Mapping[str, int], *, seed: int, split: str = "pool"
         for item in generate_items(task, count=n, seed=seed, split=split, exclude=exclude):
             rows.append({
                 "id": row_id(split, item.task, str(item.source_seed), str(item.source_index)),
-                "messages": [{"role": "user", "content": item.question}, {"role": "assistant", "content": item.response}],
+                "messages": [{"role": "user", "content": item.question},
+                             {"role": "assistant", "content": item.response}],
                 "task": item.task,
                 "corruption": CLEAN,
             })

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", type=Path, default=None,
-                        help="after writing, compare the files byte for byte with this directory; exit 1 if they differ")
+                        help="after writing, compare the files byte for byte with this directory (exit 1 if not)")
     args = parser.parse_args(argv)
 
     from drift_stream.tasks import DataRecipe, make_splits

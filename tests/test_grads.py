@@ -138,6 +138,7 @@ def test_features_invariant_to_batch_size_order_and_padding():
 def test_parameters_grads_and_mode_untouched():
     model = make_model("gpt2", torch.float32)
     model.train()
+    model.transformer.h[0].eval()  # mixed modes must come back as they were
     sentinel = {}
     for i, (name, p) in enumerate(model.named_parameters()):
         if i % 2:
@@ -146,7 +147,8 @@ def test_parameters_grads_and_mode_untouched():
         sentinel[name] = (p.requires_grad, p.grad.clone(), p.detach().clone())
     featurizer = GradientFeaturizer(model)
     featurizer.featurize(collate(make_examples(), 0))
-    assert model.training
+    featurizer.loss_only(collate(make_examples(), 0))
+    assert model.training and model.transformer.h[1].training and not model.transformer.h[0].training
     for name, p in model.named_parameters():
         flag, grad, value = sentinel[name]
         assert p.requires_grad == flag, name
@@ -188,6 +190,17 @@ def test_last_n_blocks_and_patterns_select_a_slice():
     start = names.index(last.modules[0].name) * 256
     torch.testing.assert_close(last.featurize(batch).features, full.featurize(batch).features[:, start:],
                                rtol=1e-10, atol=1e-13)
+    # With last_n_blocks=1 the graph starts inside block 1: block 0 records no autograd graph at all.
+    in_graph = []
+    handle = model.model.layers[0].register_forward_hook(
+        lambda module, args, out: in_graph.append((out[0] if isinstance(out, tuple) else out).requires_grad)
+    )
+    try:
+        last.featurize(batch)
+        full.featurize(batch)
+    finally:
+        handle.remove()
+    assert in_graph == [False, True]
     mlp = GradientFeaturizer(model, FeatureConfig(module_patterns=("*.mlp.*",)))
     assert [t.name.rsplit(".", 1)[1] for t in mlp.modules] == ["gate_proj", "up_proj", "down_proj"] * 2
     star = GradientFeaturizer(model, FeatureConfig(module_patterns=("*",)))

@@ -29,6 +29,15 @@ def _model(seed=0):
                            seed=seed)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and two spinning threads crawl on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return make_char_tokenizer()
@@ -56,7 +65,7 @@ def test_weighted_loss_is_explicit_mean_of_weighted_row_losses(tok):
         logits = model(input_ids=batch["input_ids"]).logits[0, :-1].double()
         nll = torch.nn.functional.cross_entropy(logits, batch["input_ids"][0, 1:], reduction="none")
         mask = batch["loss_mask"][0, 1:].double()
-        losses.append(float((nll * mask).sum() / mask.sum()))
+        losses.append(float((nll * mask).sum().detach() / mask.sum()))
     expected = sum(w * l for w, l in zip(weights, losses)) / 4
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
     assert result.rows_used == 4
@@ -81,6 +90,21 @@ def test_zero_weight_rows_equal_training_without_them(tok):
     d = _model()
     rd = TR.train_sft(d, tok, rows, steps=6, batch_size=3, lr=3e-3, seed=4, warmup_steps=2)
     assert rd.losses != ra.losses
+
+
+def test_micro_batches_do_not_change_training(tok):
+    rows = _rows(8) + [{"messages": [{"role": "user", "content": "Sum: 1 + 1 ="},
+                                     {"role": "assistant", "content": "1+1=2, " * 20 + "#### 2"}]}]
+    examples = TR.encode_rows(tok, rows)
+    parts = TR._micro_batches(list(range(9)), examples, max_batch_tokens=100)
+    assert sorted(i for p in parts for i in p) == list(range(9)) and parts[-1] == [8]  # the long row goes alone
+    assert all(len(p) == 1 or max(len(examples[i].input_ids) for i in p) * len(p) <= 100 for p in parts)
+    a, b = _model(), _model()
+    la = TR.train_sft(a, tok, rows, steps=3, batch_size=9, lr=1e-3, seed=0, max_batch_tokens=1).losses
+    lb = TR.train_sft(b, tok, rows, steps=3, batch_size=9, lr=1e-3, seed=0, max_batch_tokens=10_000).losses
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-6, atol=0)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)  # an Adam step moves ~1e-3: a lost row shows
 
 
 def test_training_is_deterministic_under_seed(tok):
@@ -153,12 +177,17 @@ def test_shipped_model_has_its_recorded_partial_accuracy():
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     summary = json.loads((ASSET / "training_summary.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(ASSET)
     tok = AutoTokenizer.from_pretrained(ASSET)
     queries = pq.read_table(ASSET.parent / "demo" / "queries.parquet").to_pylist()
-    result = TR.greedy_accuracy(model, tok, queries)
-    assert result.per_task == summary["queries_accuracy"]
-    for task in ("basic_arithmetic", "chain_sum"):
-        assert 0.3 <= result.per_task[task] <= 0.7, (task, result.per_task)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(summary["threads"])  # the thread count it was evaluated with
+    try:
+        result = TR.greedy_accuracy(model, tok, queries)
+    finally:
+        torch.set_num_threads(threads)
+    for task, recorded in summary["queries_accuracy"].items():
+        # Same machine: identical. Another CPU may flip a near-tied greedy token: allow one query per task.
+        assert abs(result.per_task[task] - recorded) * result.counts[task] <= 1, (task, result.per_task, recorded)
+        assert 0.3 <= recorded <= 0.7, (task, recorded)

@@ -22,10 +22,13 @@ import logging
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from drift_stream.errors import ConfigError
 from drift_stream.grads.projection import FeatureConfig, GradientProjector
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,10 @@ class FeatureOutput:
     bad[i] is None or a reason: "no_loss_tokens", "nonfinite_loss", "nonfinite_features".
     """
 
-    features: "torch.Tensor"  # noqa: F821
-    grad_norm: "torch.Tensor"  # noqa: F821
-    loss: "torch.Tensor"  # noqa: F821
-    num_tokens: "torch.Tensor"  # noqa: F821
+    features: torch.Tensor
+    grad_norm: torch.Tensor
+    loss: torch.Tensor
+    num_tokens: torch.Tensor
     bad: list
 
 
@@ -134,15 +137,46 @@ def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
     return tracked
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """model.eval() (no dropout) for the duration, then every module's own mode back. Free when already in eval."""
+    if not model.training:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 class _Capture:
     """Per-batch state shared by the hooks."""
 
-    def __init__(self, valid, compute_dtype):
+    def __init__(self, valid, compute_dtype, device_type: str, autocast: bool):
         # [B, T, 1] bool: padding positions (attention_mask == 0); None when there is no padding
         self.pad = None if bool(valid.all()) else (~valid).unsqueeze(-1)
+        self._pad_on = {} if self.pad is None else {self.pad.device: self.pad}
         self.compute_dtype = compute_dtype
+        self.device_type = device_type
+        self.autocast = autocast  # entering autocast(enabled=False) costs ~10 us: only when autocast may be on
         self.sums: dict[str, object] = {}  # name -> [B, k_out, k_in]
         self.leaves: list = []  # module outputs we made require grad: where the autograd graph starts
+
+    def pad_on(self, device):
+        """The padding mask on `device` (a model split over several devices has tracked modules on each)."""
+        if device not in self._pad_on:
+            self._pad_on[device] = self.pad.to(device)
+        return self._pad_on[device]
+
+    def no_autocast(self):
+        import torch
+
+        if self.autocast:
+            return torch.autocast(self.device_type, enabled=False)
+        return contextlib.nullcontext()
 
 
 class GradientFeaturizer:
@@ -160,13 +194,14 @@ class GradientFeaturizer:
         self.compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         by_name = dict(model.named_modules())
         self._module_objs = [by_name[t.name] for t in self.modules]
-        # Transposed projections on the model's device, in the accumulation dtype: P_in^T [in, k_in], P_out^T [out, k_out].
+        # Transposed, on the model's device, in the accumulation dtype: P_in^T [in, k_in], P_out^T [out, k_out].
         self._proj_t = {}
-        for t in self.modules:
+        for t, module in zip(self.modules, self._module_objs):
             p_in, p_out = self.projector.matrices(t.name, t.in_features, t.out_features)
+            device = module.weight.device  # the module's own device: models may be split over devices
             self._proj_t[t.name] = (
-                p_in.to(self.compute_dtype).t().contiguous().to(self.device),
-                p_out.to(self.compute_dtype).t().contiguous().to(self.device),
+                p_in.to(self.compute_dtype).t().contiguous().to(device),
+                p_out.to(self.compute_dtype).t().contiguous().to(device),
             )
         self.block_sizes = [self.config.proj_dim_out * self.config.proj_dim_in] * len(self.modules)
         self.dim = sum(self.block_sizes)
@@ -200,14 +235,12 @@ class GradientFeaturizer:
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, state: _Capture, name: str, module, args, output):
-        import torch
-
-        a = args[0]  # [B, T, in]
+        a = args[0].detach()  # [B, T, in]; detached: the projection must not join the autograd graph
         p_in_t, _ = self._proj_t[name]
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            pa = torch.matmul(a.to(state.compute_dtype), p_in_t)  # [B, T, k_in]
-            if state.pad is not None:  # padding contributes nothing, NaN or not
-                pa.masked_fill_(state.pad, 0.0)
+        with state.no_autocast():
+            pa = a.to(state.compute_dtype).matmul(p_in_t)  # [B, T, k_in]
+        if state.pad is not None:  # padding contributes nothing, NaN or not
+            pa.masked_fill_(state.pad_on(pa.device), 0.0)
         out = output
         if not out.requires_grad:
             out = out.detach().requires_grad_(True)
@@ -216,16 +249,14 @@ class GradientFeaturizer:
         return out if out is not output else None
 
     def _grad_hook(self, state: _Capture, name: str, pa, grad):
-        import torch
-
         _, p_out_t = self._proj_t[name]
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            pd = torch.matmul(grad.to(state.compute_dtype), p_out_t)  # [B, T, k_out]
+        with state.no_autocast():
+            pd = grad.detach().to(state.compute_dtype).matmul(p_out_t)  # [B, T, k_out]
             if state.pad is not None:
-                pd.masked_fill_(state.pad, 0.0)
-            contrib = torch.bmm(pd.transpose(1, 2), pa)  # [B, k_out, k_in], summed over tokens
-            prev = state.sums.get(name)
-            state.sums[name] = contrib if prev is None else prev.add_(contrib)
+                pd.masked_fill_(state.pad_on(pd.device), 0.0)
+            contrib = pd.transpose(1, 2).bmm(pa)  # [B, k_out, k_in], summed over tokens
+        prev = state.sums.get(name)
+        state.sums[name] = contrib if prev is None else prev.add_(contrib)  # stays on the module's device
 
     @contextlib.contextmanager
     def tracking(self, valid) -> Iterator[_Capture]:
@@ -233,15 +264,19 @@ class GradientFeaturizer:
 
         valid [B, T] bool: positions holding real tokens.
         """
+        import torch
+
         model = self.model
-        was_training = model.training
         flags = [(p, p.requires_grad) for p in model.parameters()]
+        autocast = self.config.autocast_dtype is not None or torch.is_autocast_enabled(self.device.type)
+        state = _Capture(valid, self.compute_dtype, self.device.type, autocast)
         handles = []
-        state = _Capture(valid, self.compute_dtype)
+        stack = contextlib.ExitStack()
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            model.eval()
+            for p, flag in flags:
+                if flag:
+                    p.requires_grad_(False)
+            stack.enter_context(_eval_mode(model))
             for t, module in zip(self.modules, self._module_objs):
                 handles.append(module.register_forward_hook(partial(self._forward_hook, state, t.name)))
             yield state
@@ -249,8 +284,9 @@ class GradientFeaturizer:
             for h in handles:
                 h.remove()
             for p, flag in flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
+                if flag:
+                    p.requires_grad_(True)
+            stack.close()
 
     # ------------------------------------------------------------------ batches
     def _prepare(self, batch: dict):
@@ -309,13 +345,8 @@ class GradientFeaturizer:
         import torch
 
         ids, attn, lmask, positions = self._prepare(batch)
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                loss, num_tokens = self._per_example_loss(ids, attn, lmask, positions)
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), _eval_mode(self.model):
+            loss, num_tokens = self._per_example_loss(ids, attn, lmask, positions)
         return loss.cpu(), num_tokens.cpu()
 
     def featurize(self, batch: dict) -> FeatureOutput:
@@ -338,7 +369,7 @@ class GradientFeaturizer:
                 if s is None:  # module not on the loss path: zero gradient
                     s = torch.zeros(batch_size, self.config.proj_dim_out, self.config.proj_dim_in,
                                     dtype=self.compute_dtype, device=self.device)
-                parts.append(s.reshape(batch_size, -1))
+                parts.append(s.reshape(batch_size, -1).to(self.device))
             features = torch.cat(parts, dim=1)  # [B, D]
         loss = loss.detach()
         bad = [None] * batch_size

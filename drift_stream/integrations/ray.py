@@ -33,11 +33,13 @@ def score_with_ray(dataset, *, concurrency: int = 1, num_gpus: float = 0, batch_
     With beta "auto", fit beta once on the driver (`DriftScorer.calibrate`) and pass it as `beta_value`, so that every
     actor uses the same beta.
     """
+    from ray.data import ActorPoolStrategy
+
     return dataset.map_batches(
         RayScorer,
         fn_constructor_kwargs=scorer_kwargs,
         batch_format="pyarrow",
         batch_size=batch_size,
-        concurrency=concurrency,
+        compute=ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus,
     )

@@ -1,0 +1,101 @@
+"""The refinement benchmark's --quick mode end to end (about 30 s), and its selection helpers."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+pytest.importorskip("reasoning_gym")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refine_eval")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "refine_eval.py"), "--quick", "--workdir", str(root / "work"),
+         "--out", str(root / "out")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((root / "out" / "results.json").read_text()), root / "out"
+
+
+def test_quick_run_writes_every_method_with_valid_numbers(quick):
+    import refine_eval
+
+    result, out = quick
+    assert (out / "results.md").read_text().startswith("# Refinement benchmark (quick)")
+    assert (out / "results.png").stat().st_size > 1000
+    methods = set(refine_eval.resolve_methods(refine_eval.QUICK))
+    assert {r["method"] for r in result["rows"]} == methods
+    assert len(result["rows"]) == len(methods) * len(refine_eval.QUICK.seeds)
+    for row in result["rows"]:
+        assert {"method", "seed", "target_acc", "nontarget_acc", "rows_kept", "kept_shares"} <= set(row)
+        assert 0.0 <= row["target_acc"] <= 1.0 and 0.0 <= row["nontarget_acc"] <= 1.0
+        assert math.isclose(sum(row["kept_shares"].values()), 1.0, rel_tol=1e-9)
+    assert result["machine"] and result["versions"]["torch"]
+
+
+def test_quick_run_selections_match_their_definition(quick):
+    result, _ = quick
+    n = result["config"]["pool_size"]
+    frac = result["config"]["fraction"]
+    rows = {r["method"]: r for r in result["rows"] if r["seed"] == 0}
+    assert rows["full"]["rows_kept"] == n
+    assert rows["full"]["kept_shares"] == pytest.approx(result["pool_shares"], abs=1e-12)
+    assert rows["oracle clean"]["corrupted_share"] == 0.0
+    assert rows["random"]["rows_kept"] == math.floor(frac * n + 0.5)
+    assert rows["drift top:0.1"]["rows_kept"] == math.floor(0.1 * n + 0.5)
+    assert rows["drift weights"]["rows_kept"] == n
+
+
+def test_quick_run_library_path_selects_the_cache_rows(quick):
+    result, _ = quick
+    check = result["library_check"]
+    assert check["rows_scored"] == result["config"]["pool_size"]
+    assert check["same_rows_kept"], check
+    assert check["max_abs_score_diff"] <= 1e-4 * max(check["score_scale"], 1e-12), check
+
+
+def test_stratified_top_keeps_each_stratum_fraction():
+    import refine_lib as rl
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=40)
+    strata = ["a"] * 30 + ["b"] * 10
+    scores[30:] += 10.0  # plain top:0.25 would keep only stratum b
+    ids = [f"r{i:02d}" for i in range(40)]
+    plain = rl.top_mask(scores, 0.25, ids)
+    assert plain[30:].sum() == 10 and plain[:30].sum() == 0
+    strat = rl.stratified_top_mask(scores, 0.25, ids, strata)
+    assert strat.sum() == 10  # floor(0.25 * 40 + 0.5), shared 7.5 : 2.5 by largest remainders (tie: name order)
+    assert strat[:30].sum() == 8 and strat[30:].sum() == 2
+    assert set(np.flatnonzero(strat[:30])) == set(np.argsort(-scores[:30])[:8])
+
+
+def test_roc_auc_matches_pairwise_count():
+    import refine_lib as rl
+
+    rng = np.random.default_rng(1)
+    s = np.round(rng.normal(size=30), 1)  # ties on purpose
+    pos = rng.random(30) < 0.4
+    pairs = [(a, b) for a in s[pos] for b in s[~pos]]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert rl.roc_auc(s, pos) == pytest.approx(expected, abs=1e-12)
+
+
+def test_softmax_weights_mean_one_and_monotone():
+    import refine_lib as rl
+
+    s = np.array([0.3, -1.0, 2.0, 0.3, 5.0])
+    w = rl.softmax_weights(s)
+    assert w.mean() == pytest.approx(1.0, abs=1e-12)
+    z = (s - s.mean()) / s.std()
+    np.testing.assert_allclose(w, np.exp(z) / np.exp(z).mean(), rtol=1e-12)
