@@ -58,10 +58,10 @@ class BenchConfig:
     proj_dim: int = 16
     fisher_rows: int = 1000
     sft_steps: int = 100
-    sft_lr: float = 1e-3
+    sft_lr: float = 3e-4
     eval_max_new_tokens: int = 64
     seeds: tuple = (0, 1, 2)
-    fraction: float = 0.1  # top:P of the baselines and ablations
+    fraction: float = 0.25  # top:P of the baselines, ablations and stratified DRIFT
     methods: tuple = ()  # empty: all of METHODS
 
     def key(self) -> str:
