@@ -175,3 +175,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from drift_stream.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), arch="llama")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine two spinning threads make generation
+    and tiny matmuls ~10x slower. Every test runs with one (tests that need another count set it themselves)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

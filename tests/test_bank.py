@@ -34,15 +34,6 @@ FEATURES = FeatureConfig(proj_dim_in=4, proj_dim_out=4)
 ROLLOUTS = RolloutConfig(num_rollouts=4, max_new_tokens=12, seed=3, batch_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: on a loaded 2-core machine, 2 intra-op threads are ~10x slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("bank_model"), arch="llama", seed=1)

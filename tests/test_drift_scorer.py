@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from drift_stream.bank import BankConfig, build_bank
 from drift_stream.errors import BankMismatchError, ConfigError
@@ -22,14 +21,6 @@ from drift_stream.testing import save_tiny_model
 FEATURES = FeatureConfig(proj_dim_in=8, proj_dim_out=8)
 ROLLOUTS = RolloutConfig(num_rollouts=8, max_new_tokens=16, seed=5, batch_size=16)
 QUESTIONS = [{"id": f"q{i}", "question": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)} for i in range(3)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def parity(completion, query):

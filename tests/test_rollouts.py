@@ -11,15 +11,6 @@ from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts
 from drift_stream.testing import make_char_tokenizer, make_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: on a loaded 2-core machine, 2 intra-op threads make generation ~10x slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup():
     tokenizer = make_char_tokenizer()
