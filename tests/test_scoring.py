@@ -160,3 +160,18 @@ def test_spearman_matches_scipy():
     x, y = rng.normal(size=50), rng.normal(size=50)
     x[:5] = 1.0  # ties
     assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_scored_rows_match_the_published_schema(model_dir):
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads((resources.files("drift_stream") / "schemas" / "scored_columns.schema.json").read_text())
+    out = build_scorer("loss", model=model_dir, adapter="messages")(pa.Table.from_pylist(ROWS))
+    for row in out.to_pylist():
+        jsonschema.validate(row, schema)
+    types = schema["properties"]
+    for name in ("drift_score", "drift_grad_norm", "drift_num_tokens", "drift_loss", "drift_reject_reason"):
+        assert out.schema.field(name).type == getattr(pa, types[name]["x-arrow-type"])(), name
