@@ -83,7 +83,8 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> di
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    if not (bank_dir / "manifest.json").exists():
+    reused = (bank_dir / "manifest.json").exists()  # a rerun reuses the bank, and score / refine resume
+    if not reused:
         config = BankConfig(
             rollouts=RolloutConfig(num_rollouts=8, temperature=1.0, max_new_tokens=64, seed=0),
             features=FeatureConfig(),
@@ -118,6 +119,7 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> di
     print(format_corruption_table(table))
     print(
         f"\nbank     {bank_dir}\nscored   {run_dir}\nrefined  {refined_dir}\nreport   {report_path}\n"
-        f"time     bank {timings['bank_s']:.0f}s, score {timings['score_s']:.0f}s, refine {timings['refine_s']:.0f}s"
+        f"time     bank {timings['bank_s']:.0f}s{' (reused)' if reused else ''}, score {timings['score_s']:.0f}s, "
+        f"refine {timings['refine_s']:.0f}s"
     )
     return summary
