@@ -1,0 +1,248 @@
+"""A bank directory on disk: file names, manifest schema, fingerprints, write_bank and ValidationBank (load, check).
+
+Bank directory (fixed names): bank.safetensors, manifest.json (schemas/bank_manifest.schema.json), rollouts.parquet.
+The manifest records the model / tokenizer / projector fingerprints; loading refuses others unless allow_mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from drift_stream.errors import BankError, BankMismatchError
+
+logger = logging.getLogger(__name__)
+
+BANK_FORMAT_VERSION = 1
+TENSORS_FILE, MANIFEST_FILE, ROLLOUTS_FILE = "bank.safetensors", "manifest.json", "rollouts.parquet"
+_FINGERPRINT_SAMPLE = 65536  # elements hashed per parameter tensor (evenly strided): fast on 7B models
+
+
+# --------------------------------------------------------------------------------------------------- fingerprints
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def fingerprint_model(model) -> dict:
+    """{"fingerprint", "config_sha256", "params_sha256", "num_parameters", "method"} of a loaded model.
+
+    config: its to_dict() without private / version keys. params: every parameter's name, dtype, shape and up to
+    65536 evenly strided elements (raw bytes), so two checkpoints differing anywhere a fine-tune touches differ."""
+    import torch
+
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+    config_sha = _sha256_json(config)
+    h = hashlib.sha256()
+    total = 0
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            total += flat.numel()
+            h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
+            if flat.numel() > _FINGERPRINT_SAMPLE:
+                idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_SAMPLE, device=flat.device).long()
+                flat = flat[idx]
+            h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    params_sha = h.hexdigest()
+    return {"fingerprint": hashlib.sha256(f"{config_sha}:{params_sha}".encode()).hexdigest(),
+            "config_sha256": config_sha, "params_sha256": params_sha, "num_parameters": total,
+            "method": f"sampled-{_FINGERPRINT_SAMPLE}-v1"}
+
+
+def fingerprint_tokenizer(tokenizer) -> dict:
+    """{"fingerprint", "vocab_size", "chat_template_sha256"}: vocabulary, special tokens and chat template."""
+    template = getattr(tokenizer, "chat_template", None)
+    special = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
+    body = {"vocab": sorted(tokenizer.get_vocab().items()), "special": special,
+            "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+            "chat_template": template}
+    return {"fingerprint": _sha256_json(body), "vocab_size": len(tokenizer.get_vocab()),
+            "chat_template_sha256": None if template is None else hashlib.sha256(str(template).encode()).hexdigest()}
+
+
+def fingerprint_projector(spec: Mapping[str, Any]) -> str:
+    """sha256 of a featurizer's spec() (projector, seed, modules and shapes, layout)."""
+    return _sha256_json(spec)
+
+
+# --------------------------------------------------------------------------------------------------- on disk
+
+def _rollouts_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("query_id", pa.string()), ("rollout_index", pa.int32()), ("prompt", pa.string()), ("completion", pa.string()),
+        ("reward", pa.float64()), ("correct", pa.bool_()), ("sign", pa.float64()), ("finish_reason", pa.string()),
+        ("failure_reason", pa.string()), ("completion_ids", pa.list_(pa.int32())), ("num_prompt_tokens", pa.int32()),
+        ("num_completion_tokens", pa.int32()), ("mean_logprob", pa.float64()), ("loss", pa.float64()),
+    ])
+
+
+def write_bank(out_dir: Path, tensors: dict, manifest: dict, rollout_rows: list[dict]) -> None:
+    """Each file written under a temporary name then renamed; manifest.json last (it marks a complete bank)."""
+    import jsonschema
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    jsonschema.validate(manifest, _manifest_schema())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    tmp = out_dir / f".{TENSORS_FILE}.tmp"
+    save_file(tensors, str(tmp))  # no metadata: safetensors writes its map in random order, breaking byte equality
+    os.replace(tmp, out_dir / TENSORS_FILE)
+    tmp = out_dir / f".{ROLLOUTS_FILE}.tmp"
+    pq.write_table(pa.Table.from_pylist(rollout_rows, schema=_rollouts_schema()), str(tmp))
+    os.replace(tmp, out_dir / ROLLOUTS_FILE)
+    tmp = out_dir / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    os.replace(tmp, out_dir / MANIFEST_FILE)
+
+
+def _manifest_schema() -> dict:
+    from importlib import resources
+
+    return json.loads((resources.files("drift_stream") / "schemas" / "bank_manifest.schema.json").read_text())
+
+
+class ValidationBank:
+    """A bank directory, loaded: query_vectors [m, D] float32 (the b_j), signed_vectors [m, D] (the g_j),
+    rollout_vectors [R, D] or None, preconditioner tensors, and the manifest."""
+
+    def __init__(self, path: Path, manifest: dict, tensors: dict):
+        self.path, self.manifest = path, manifest
+        self.query_vectors = tensors["query_vectors"]
+        self.signed_vectors = tensors["signed_vectors"]
+        self.rollout_vectors = tensors.get("rollout_vectors")
+        self.preconditioner_state = {k: v for k, v in tensors.items() if k.startswith("preconditioner.")}
+        self.query_ids: list[str] = list(manifest["query_ids"])
+        self.dim: int = manifest["dim"]
+        self.beta = manifest["beta"]
+        self.mismatches: list[str] = []
+
+    @classmethod
+    def load(cls, path, *, model=None, tokenizer=None, featurizer=None, allow_mismatch: bool = False):
+        """Read and validate a bank; refuse a different model / tokenizer / projector unless allow_mismatch."""
+        import jsonschema
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in (MANIFEST_FILE, TENSORS_FILE, ROLLOUTS_FILE):
+            if not (path / name).is_file():
+                raise BankError(f"{path} is not a complete bank: {name} is missing (rebuild it with drift-stream bank build)")
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+            jsonschema.validate(manifest, _manifest_schema())
+        except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
+            raise BankError(f"{path / MANIFEST_FILE} is not a valid bank manifest: {str(exc).splitlines()[0]}") from exc
+        if manifest["format_version"] != BANK_FORMAT_VERSION:
+            raise BankError(f"bank format version {manifest['format_version']} at {path} is not supported "
+                            f"(this drift-stream reads version {BANK_FORMAT_VERSION}): rebuild the bank")
+        try:
+            tensors = load_file(str(path / TENSORS_FILE))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise BankError(f"{path / TENSORS_FILE} cannot be read: {exc}") from exc
+        shape = tuple(tensors.get("query_vectors", _Absent).shape)
+        if shape != (manifest["num_queries"], manifest["dim"]):
+            raise BankError(f"{path / TENSORS_FILE}: query_vectors is {shape}, the manifest says "
+                            f"({manifest['num_queries']}, {manifest['dim']}): the bank is corrupt, rebuild it")
+        bank = cls(path, manifest, tensors)
+        bank.check_compatible(model=model, tokenizer=tokenizer, featurizer=featurizer, allow_mismatch=allow_mismatch)
+        return bank
+
+    def check_compatible(self, *, model=None, tokenizer=None, featurizer=None, allow_mismatch: bool = False) -> None:
+        """Refuse a model / tokenizer / projector other than the one the bank was built for (BankMismatchError)."""
+        manifest, checks = self.manifest, []
+        if model is not None:
+            checks.append(("model", manifest["model"]["fingerprint"], fingerprint_model(model)["fingerprint"]))
+        if tokenizer is not None:
+            checks.append(("tokenizer", manifest["tokenizer"]["fingerprint"], fingerprint_tokenizer(tokenizer)["fingerprint"]))
+        if featurizer is not None:
+            checks.append(("projector", manifest["projector"]["fingerprint"], fingerprint_projector(featurizer.spec())))
+        for what, built, given in checks:
+            if built != given:
+                message = (f"bank {self.path} was built for {what} {built[:16]}, this {what} is {given[:16]}: "
+                           "rebuild the bank or pass --allow-mismatch")
+                if not allow_mismatch:
+                    raise BankMismatchError(message)
+                logger.warning("%s (allowed by allow_mismatch)", message)
+                self.mismatches.append(what)
+
+    @property
+    def targets(self) -> str:
+        return self.manifest["targets"]
+
+    @property
+    def feature_config(self):
+        """The FeatureConfig the bank's vectors were made with: a scorer must featurize rows the same way."""
+        from drift_stream.grads import FeatureConfig
+
+        spec = dict(self.manifest["config"]["features"])
+        spec["module_patterns"] = tuple(spec.get("module_patterns") or ())
+        return FeatureConfig(**spec)
+
+    @property
+    def fingerprint(self) -> str:
+        """model + projector fingerprint: what a run directory records about the bank it used."""
+        return f"{self.manifest['model']['fingerprint'][:16]}-{self.manifest['projector']['fingerprint'][:16]}"
+
+    def rollouts(self):
+        """rollouts.parquet as a pyarrow Table."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(self.path / ROLLOUTS_FILE))
+
+    def preconditioner(self):
+        from drift_stream.grads.precondition import Preconditioner
+
+        return Preconditioner.from_state_dict(self.preconditioner_state)
+
+    def summary(self) -> str:
+        """A readable summary for `drift-stream bank info`."""
+        m = self.manifest
+        gap = m["proximity_gap"]
+        pre = m["preconditioner"]
+        lines = [
+            f"bank {self.path}  (drift-stream {m['version']}, format {m['format_version']}, {m['created_at']})",
+            f"  model      {m['model']['fingerprint'][:16]}  {m['model'].get('path') or ''}  "
+            f"({m['model']['num_parameters']:,} parameters)",
+            f"  tokenizer  {m['tokenizer']['fingerprint'][:16]}  (vocab {m['tokenizer']['vocab_size']})",
+            f"  projector  {m['projector']['fingerprint'][:16]}  dim {m['dim']} over {len(m['modules'])} modules",
+            f"  targets    {m['targets']}  signing {m['signing']}  verifier {m['verifier']}  beta {m['beta']}",
+            f"  precond.   {pre['kind']} (damping {pre['damping']}, {pre['examples_used']} fisher rows)  "
+            f"normalize {m['normalize']}",
+            f"  queries    {m['num_queries']} in the bank, {len(m['queries']) - m['num_queries']} excluded, "
+            f"{len(m['rejected_queries'])} rejected",
+            f"  pass rate  {_fmt(m['pass_rate'])}",
+            f"  proximity gap {_fmt(gap['gap'])} over {gap['num_queries']} queries "
+            f"(reference loss {_fmt(gap['reference_loss'])} - rollout loss {_fmt(gap['rollout_loss'])})",
+        ]
+        excluded: dict[str, int] = {}
+        for row in m["queries"]:
+            if row["excluded"]:
+                excluded[row["excluded"]] = excluded.get(row["excluded"], 0) + 1
+        if excluded:
+            lines.append("  excluded   " + ", ".join(f"{k}: {v}" for k, v in sorted(excluded.items())))
+        lines.append("  id                          correct incorrect failed  pass   gap")
+        for row in m["queries"][:20]:
+            lines.append(f"  {row['id'][:26]:<26} {row['correct']:>8} {row['incorrect']:>9} {row['failed']:>6} "
+                         f"{_fmt(row['pass_rate']):>5} {_fmt(row['proximity_gap']):>6}"
+                         + (f"  excluded: {row['excluded']}" if row["excluded"] else ""))
+        if len(m["queries"]) > 20:
+            lines.append(f"  ... {len(m['queries']) - 20} more (manifest.json)")
+        return "\n".join(lines)
+
+
+class _Absent:
+    shape = None
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
