@@ -22,13 +22,14 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import refine_lib as rl  # noqa: E402
+from refine_report import markdown, variants_markdown, versions, write_outputs  # noqa: E402
 
 logger = logging.getLogger("refine_eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,9 @@ QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, 
                     num_rollouts=2, rollout_max_new_tokens=32, fisher_rows=100, sft_steps=5,
                     eval_max_new_tokens=32, seeds=(0,), fraction=0.25)
 
-# (name, scorer, selection, group). Selections: "all", "top:P", "strat_task:P", "strat_len:P", "weights".
+# name -> (scorer, selection, group). Selections: "all"; "top:P"; "weights"; stratified top:P (the kept set keeps the
+# pool's mix of strata): "strat_task:P" (by task), "strat_len:P" (task x response-length quartile of the pool),
+# "strat_length:P" (response-length quartile over the pool).
 MAIN = rl.DriftVariant(preconditioner="block")  # the library defaults: BankConfig + ScoreConfig
 METHODS = {
     "full": ("none", "all", "baseline"),
@@ -90,6 +93,10 @@ METHODS = {
     "drift weights": ("drift", "weights", "drift"),
     "drift strat_task:{f}": ("drift", "strat_task:{f}", "drift"),
     "drift strat_len:{f}": ("drift", "strat_len:{f}", "drift"),
+    "drift beta=1.5 strat_task:{f}": ("drift_beta1.5", "strat_task:{f}", "drift"),
+    "drift beta=1.5 strat_len:{f}": ("drift_beta1.5", "strat_len:{f}", "drift"),
+    "drift strat_length:{f}": ("drift", "strat_length:{f}", "drift"),
+    "drift beta=1.5 strat_length:{f}": ("drift_beta1.5", "strat_length:{f}", "drift"),
     "ablation off-policy": ("drift_offpolicy", "top:{f}", "ablation"),
     "ablation unsigned": ("drift_unsigned", "top:{f}", "ablation"),
     "ablation beta=0": ("drift_beta0", "top:{f}", "ablation"),
@@ -102,6 +109,7 @@ DRIFT_SCORERS = {
     "drift_offpolicy": replace(MAIN, targets="off-policy"),
     "drift_unsigned": replace(MAIN, signing="positive"),
     "drift_beta0": replace(MAIN, beta=0.0),
+    "drift_beta1.5": replace(MAIN, beta=1.5),
 }
 
 
@@ -307,9 +315,13 @@ def select(ctx, scores, selection: str):
         return rl.top_mask(scores, frac, ids).astype(float)
     if kind == "strat_task":
         return rl.stratified_top_mask(scores, frac, ids, [r["task"] for r in pool]).astype(float)
-    if kind == "strat_len":
+    if kind in ("strat_len", "strat_length"):
         ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
-        strata = [f"{r['task']}|{b}" for r, b in zip(pool, rl.length_buckets(ntok))]
+        buckets = rl.length_buckets(ntok)  # response-length quartile over the pool
+        if kind == "strat_len":  # task x length quartile
+            strata = [f"{r['task']}|{b}" for r, b in zip(pool, buckets)]
+        else:  # length quartile only: the task mix is left to the score
+            strata = [str(b) for b in buckets]
         return rl.stratified_top_mask(scores, frac, ids, strata).astype(float)
     raise ValueError(f"unknown selection {selection!r}")
 
@@ -370,7 +382,7 @@ def check_library_path(ctx, cached) -> dict:
                                seed=cfg.data_seed, batch_size=64),
         feature_batch_size=32, max_tokens=cfg.max_tokens)
     fisher = [{"id": r["id"], "messages": r["messages"]} for r in ctx["splits"].pool[: cfg.fisher_rows]]
-    build_bank(ctx["model"], queries, out / "bank", bank_cfg, verifier=TaskVerifier(), fisher_data=fisher,
+    bank = build_bank(ctx["model"], queries, out / "bank", bank_cfg, verifier=TaskVerifier(), fisher_data=fisher,
                tokenizer=ctx["tok"], device="cpu", progress=False)
     pool_path = out / "pool.parquet"
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("id", "messages")} for r in ctx["splits"].pool]),
@@ -393,9 +405,57 @@ def check_library_path(ctx, cached) -> dict:
         "max_abs_score_diff": float(np.max(np.abs(lib_scores - mine))),
         "score_scale": float(np.max(np.abs(mine))),
         "spearman_library_vs_cache": rl.spearman(lib_scores, mine),
+        "bank_pass_rate": bank.manifest.get("pass_rate"), "bank_proximity_gap": bank.manifest.get("proximity_gap"),
     }
     logger.info("library check: %s", result)
     return result
+
+
+VARIANTS = {  # what makes the signal useful: one change at a time from MAIN (diagnostics only, no SFT)
+    "main (block, sign, beta 1, 256 queries, K 4)": MAIN,
+    "preconditioner identity": replace(MAIN, preconditioner="identity"),
+    "preconditioner diagonal": replace(MAIN, preconditioner="diagonal"),
+    "beta 0": replace(MAIN, beta=0.0), "beta 0.5": replace(MAIN, beta=0.5), "beta 1.5": replace(MAIN, beta=1.5),
+    "beta 2": replace(MAIN, beta=2.0),
+    "signing advantage": replace(MAIN, signing="advantage"), "signing positive (unsigned)": replace(MAIN, signing="positive"),
+    "targets off-policy": replace(MAIN, targets="off-policy"),
+    "aggregate pooled (one query vector)": replace(MAIN, aggregate="pooled"),
+    "aggregate zmean (per-query z-scores)": replace(MAIN, aggregate="zmean"),
+    "queries not unit-normalised": replace(MAIN, normalize_queries=False),
+    "32 queries": replace(MAIN, num_queries=32), "64 queries": replace(MAIN, num_queries=64),
+    "128 queries": replace(MAIN, num_queries=128), "K = 1 rollout": replace(MAIN, num_rollouts=1),
+    "K = 2 rollouts": replace(MAIN, num_rollouts=2), "128 queries, K = 2": replace(MAIN, num_queries=128, num_rollouts=2),
+}
+
+
+def explore_variants(ctx) -> list[dict]:
+    """Per variant: ROC-AUC clean vs corrupted (all rows, target-task rows), corrupted share and composition of top:P."""
+    from drift_stream.scoring import fit_beta
+
+    pool = ctx["splits"].pool
+    labels = np.array([r["corruption"] for r in pool])
+    clean = labels == "clean"
+    tgt = np.isin([r["task"] for r in pool], TARGET)
+    ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
+    ids = [r["id"] for r in pool]
+    out = []
+    raw0 = drift_from_cache(ctx, replace(MAIN, beta=0.0))
+    calib = min(256, len(pool))
+    auto = fit_beta(raw0[:calib], ctx["feats"]["pool_norm"][:calib])
+    variants = {**VARIANTS, f"beta auto (fit on {calib} rows: {auto:.2f})": replace(MAIN, beta=float(auto))}
+    for name, v in variants.items():
+        s = drift_from_cache(ctx, v)
+        row = {"variant": name, "auc": rl.roc_auc(s, clean), "auc_target_rows": rl.roc_auc(s[tgt], clean[tgt]),
+               "spearman_grad_norm": rl.spearman(s, ctx["feats"]["pool_norm"]), "spearman_length": rl.spearman(s, ntok)}
+        for frac in (0.1, 0.25):
+            k = rl.top_mask(s, frac, ids)
+            row[f"corrupted@{frac}"] = float(1 - clean[k].mean())
+            row[f"target_share@{frac}"] = float(tgt[k].mean())
+            row[f"mean_tokens@{frac}"] = float(ntok[k].mean())
+        out.append(row)
+    pool_row = {"variant": "(pool)", "corrupted@0.1": float(1 - clean.mean()), "target_share@0.1": float(tgt.mean()),
+                "mean_tokens@0.1": float(ntok.mean())}
+    return [pool_row] + out
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -424,99 +484,6 @@ def diagnostics(ctx, methods, cached) -> dict:
         for kind in sorted(set(labels) - {"clean"}):
             sel = clean | (labels == kind)
             out[scorer][f"auc_{kind}"] = rl.roc_auc(s[sel], clean[sel])
-    return out
-
-
-def write_outputs(out_dir: Path, result: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=float))
-    (out_dir / "results.md").write_text(markdown(result))
-    try:
-        plot(result, out_dir / "results.png")
-    except ImportError:  # matplotlib is optional
-        logger.warning("matplotlib not installed: no plot")
-
-
-def summary(result: dict) -> list[dict]:
-    rows = []
-    for name, info in result["methods"].items():
-        runs = [r for r in result["rows"] if r["method"] == name]
-        t_m, t_s = rl.mean_std([r["target_acc"] for r in runs])
-        n_m, n_s = rl.mean_std([r["nontarget_acc"] for r in runs])
-        rows.append({"method": name, "group": info["group"], "selection": info["selection"], "seeds": len(runs),
-                     "target": (t_m, t_s), "nontarget": (n_m, n_s), "kept": runs[0]["rows_kept"] if runs else 0,
-                     "corrupted": runs[0]["corrupted_share"] if runs else float("nan")})
-    return rows
-
-
-def markdown(result: dict) -> str:
-    base = result["base"]
-    lines = [f"# Refinement benchmark ({result['mode']})", "",
-             f"Base (before continued SFT): target {base['target_acc']:.3f}, non-target {base['nontarget_acc']:.3f}. "
-             f"Pool {result['config']['pool_size']} rows, {result['pool_corrupted_share']:.1%} corrupted; "
-             f"{result['config']['sft_steps']} continued-SFT steps of batch {result['config']['batch_size']} per run.",
-             "", "| method | selection | rows (weight>0) | corrupted share | target acc | non-target acc |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in summary(result):
-        lines.append(f"| {r['method']} | {r['selection']} | {r['kept']} | {r['corrupted']:.1%} | "
-                     f"{r['target'][0]:.3f} ± {r['target'][1]:.3f} | {r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} |")
-    kinds = result["corruption_kinds"]
-    lines += ["", "Share of each corruption kind among kept rows (by weight; seed 0):", "",
-              "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-    lines.append("| pool | " + " | ".join(f"{result['pool_shares'][k]:.1%}" for k in kinds) + " |")
-    for name in result["methods"]:
-        run = next((r for r in result["rows"] if r["method"] == name), None)
-        if run:
-            lines.append(f"| {name} | " + " | ".join(f"{run['kept_shares'][k]:.1%}" for k in kinds) + " |")
-    diag = result["diagnostics"]
-    cols = ["auc_clean_vs_corrupted", "spearman_grad_norm", "spearman_length"] + [f"auc_{k}" for k in kinds if k != "clean"]
-    lines += ["", "Score diagnostics over the pool (ROC-AUC: clean rows above corrupted; per kind: clean vs that kind):",
-              "", "| scorer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    for scorer, d in diag.items():
-        lines.append(f"| {scorer} | " + " | ".join(f"{d.get(c, float('nan')):.3f}" for c in cols) + " |")
-    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()),
-              "(cache build: " + ", ".join(f"{k} {v:.0f}" for k, v in result["cache_build_wall_s"].items() if v) + ")", "",
-              f"Machine: {result['machine']}  ", f"Versions: {result['versions']}", ""]
-    if result.get("library_check"):
-        lines.append(f"Library path check: {json.dumps(result['library_check'])}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summary(result)
-    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green"}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
-    y = np.arange(len(rows))
-    for ax, key, title in ((axes[0], "target", "target accuracy"), (axes[1], "nontarget", "non-target accuracy")):
-        ax.barh(y, [r[key][0] for r in rows], xerr=[r[key][1] for r in rows],
-                color=[colors[r["group"]] for r in rows])
-        full = next((r[key][0] for r in rows if r["method"] == "full"), None)
-        if full is not None:
-            ax.axvline(full, color="k", lw=0.8, ls="--")
-        ax.axvline(result["base"][f"{key}_acc"], color="r", lw=0.8, ls=":")
-        ax.set_title(f"{title} (mean ± std over seeds; dashed: full pool, dotted: base)")
-        ax.set_xlabel("greedy accuracy")
-    axes[0].set_yticks(y, [r["method"] for r in rows])
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "reasoning-gym", "numpy", "drift-stream"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
     return out
 
 
@@ -589,6 +556,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
     parser.add_argument("--no-library-check", action="store_true")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only re-render results.md / results.png from a results.json into --out")
+    parser.add_argument("--variants", action="store_true",
+                        help="only the DRIFT variant diagnostics (no SFT): writes variants.json / variants.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = QUICK if args.quick else BenchConfig()
@@ -597,6 +568,19 @@ def main(argv=None) -> int:
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    if args.render is not None:
+        write_outputs(out, json.loads(args.render.read_text()))
+        return 0
+    if args.variants:
+        import torch
+
+        torch.set_num_threads(1)
+        rows = explore_variants(build_cache(cfg, args.workdir, Timer()))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "variants.json").write_text(json.dumps({"rows": rows, "config": asdict(cfg)}, indent=1))
+        (out / "variants.md").write_text(variants_markdown(rows))
+        print(variants_markdown(rows))
+        return 0
     result = run(cfg, args.workdir, "quick" if args.quick else "full", library_check=not args.no_library_check,
                  out=out)
     write_outputs(out, result)

@@ -1,0 +1,123 @@
+"""Outputs of the refinement benchmark: the markdown tables, the plot, package versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+import numpy as np
+
+import refine_lib as rl
+
+logger = logging.getLogger("refine_eval")
+
+def variants_markdown(rows: list[dict]) -> str:
+    cols = ["auc", "auc_target_rows", "corrupted@0.1", "corrupted@0.25", "target_share@0.25", "mean_tokens@0.25",
+            "spearman_grad_norm", "spearman_length"]
+    lines = ["# DRIFT variants: what makes the signal useful (diagnostics on the benchmark pool, no SFT)", "",
+             "One change at a time from the main setting. auc: clean rows score above corrupted ones; corrupted@P: "
+             "share of corrupted rows in top:P (pool: 30%); target_share / mean_tokens: composition of top:P.", "",
+             "| variant | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(
+            f"{r[c]:.3f}" if isinstance(r.get(c), float) else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir: Path, result: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    (out_dir / "results.md").write_text(markdown(result))
+    try:
+        plot(result, out_dir / "results.png")
+    except ImportError:  # matplotlib is optional
+        logger.warning("matplotlib not installed: no plot")
+
+
+def summary(result: dict) -> list[dict]:
+    rows = []
+    for name, info in result["methods"].items():
+        runs = [r for r in result["rows"] if r["method"] == name]
+        t_m, t_s = rl.mean_std([r["target_acc"] for r in runs])
+        n_m, n_s = rl.mean_std([r["nontarget_acc"] for r in runs])
+        rows.append({"method": name, "group": info["group"], "selection": info["selection"], "seeds": len(runs),
+                     "target": (t_m, t_s), "nontarget": (n_m, n_s), "kept": runs[0]["rows_kept"] if runs else 0,
+                     "corrupted": runs[0]["corrupted_share"] if runs else float("nan")})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    base = result["base"]
+    lines = [f"# Refinement benchmark ({result['mode']})", "",
+             f"Base (before continued SFT): target {base['target_acc']:.3f}, non-target {base['nontarget_acc']:.3f}. "
+             f"Pool {result['config']['pool_size']} rows, {result['pool_corrupted_share']:.1%} corrupted; "
+             f"{result['config']['sft_steps']} continued-SFT steps of batch {result['config']['batch_size']} per run.",
+             "", "| method | selection | rows (weight>0) | corrupted share | target acc | non-target acc |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in summary(result):
+        lines.append(f"| {r['method']} | {r['selection']} | {r['kept']} | {r['corrupted']:.1%} | "
+                     f"{r['target'][0]:.3f} ± {r['target'][1]:.3f} | {r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} |")
+    kinds = result["corruption_kinds"]
+    lines += ["", "Share of each corruption kind among kept rows (by weight; seed 0):", "",
+              "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    lines.append("| pool | " + " | ".join(f"{result['pool_shares'][k]:.1%}" for k in kinds) + " |")
+    for name in result["methods"]:
+        run = next((r for r in result["rows"] if r["method"] == name), None)
+        if run:
+            lines.append(f"| {name} | " + " | ".join(f"{run['kept_shares'][k]:.1%}" for k in kinds) + " |")
+    diag = result["diagnostics"]
+    cols = ["auc_clean_vs_corrupted", "spearman_grad_norm", "spearman_length"] + [f"auc_{k}" for k in kinds if k != "clean"]
+    lines += ["", "Score diagnostics over the pool (ROC-AUC: clean rows above corrupted; per kind: clean vs that kind):",
+              "", "| scorer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for scorer, d in diag.items():
+        lines.append(f"| {scorer} | " + " | ".join(f"{d.get(c, float('nan')):.3f}" for c in cols) + " |")
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()),
+              "(cache build: " + ", ".join(f"{k} {v:.0f}" for k, v in result["cache_build_wall_s"].items() if v) + ")", "",
+              f"Machine: {result['machine']}  ", f"Versions: {result['versions']}", ""]
+    if result.get("library_check"):
+        lines.append(f"Library path check: {json.dumps(result['library_check'])}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary(result)
+    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
+    y = np.arange(len(rows))
+    for ax, key, title in ((axes[0], "target", "target tasks"), (axes[1], "nontarget", "non-target tasks")):
+        means = [r[key][0] for r in rows]
+        ax.barh(y, means, xerr=[r[key][1] for r in rows], color=[colors[r["group"]] for r in rows])
+        full = next((r[key][0] for r in rows if r["method"] == "full"), None)
+        if full is not None:
+            ax.axvline(full, color="k", lw=0.8, ls="--")
+        ax.axvline(result["base"][f"{key}_acc"], color="r", lw=0.8, ls=":")
+        finite = [m for m in means if np.isfinite(m)] + [result["base"][f"{key}_acc"]]
+        ax.set_xlim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05))
+        ax.set_title(title)
+        ax.set_xlabel("greedy accuracy")
+    fig.suptitle(f"Continued SFT from the base ({result['mode']}): mean ± std over seeds; dashed: full pool, "
+                 "dotted: base", fontsize=10)
+    axes[0].set_yticks(y, [r["method"] for r in rows])
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "reasoning-gym", "numpy", "drift-stream"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
