@@ -70,7 +70,7 @@ class BankConfig:
     damping: float = 0.1  # --damping: lambda = damping x mean eigenvalue
     normalize: bool = True  # unit-norm b_j
     correct_threshold: float = 1.0  # a rollout is correct when reward >= this
-    beta: float | str = "auto"  # default debiasing exponent recorded for the scorer
+    beta: float | str = 1.0  # default debiasing exponent recorded for the scorer (auto under-corrected: docs/benchmark.md)
     fisher_examples: int = 1000  # --fisher-examples: rows of fisher_data used
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)  # --rollouts K -> rollouts.num_rollouts
     features: FeatureConfig = field(default_factory=FeatureConfig)

@@ -169,6 +169,14 @@ def test_reasoning_gym_explicit_task_and_failures(gym_entries):
     assert unknown.reward is None and "no_such_task" in unknown.failure
 
 
+def test_reasoning_gym_judges_against_the_extracted_answer_not_the_worked_reference(gym_entries):
+    verifier = load_verifier("reasoning_gym")
+    name, _, entry = gym_entries[0]
+    worked = f"Step by step the result is {entry['answer']}.\n#### {entry['answer']}"
+    query = q(entry["answer"], question=entry["question"], reference=worked, task=name, metadata=entry["metadata"])
+    assert verifier.score(f"<answer>{entry['answer']}</answer>", query) == 1.0
+
+
 def test_user_function_by_module_and_by_file(tmp_path, monkeypatch):
     code = (
         "def reward(completion, query):\n"

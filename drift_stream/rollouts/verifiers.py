@@ -298,8 +298,8 @@ class ReasoningGymVerifier(Verifier):
             raise VerifierError(
                 f"query {query.id!r} names no reasoning-gym task: give a `task` column or metadata.source_dataset"
             )
-        oracle = query.reference if query.reference is not None else query.answer
-        entry = {"question": query.question, "answer": oracle, "metadata": metadata}
+        # The extracted answer, not `reference` (the whole worked response kept for off-policy targets).
+        entry = {"question": query.question, "answer": _reference(query), "metadata": metadata}
         answer = extract_answer(completion)
         if answer is None:
             answer = completion.strip()
