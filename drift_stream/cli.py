@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of the weights map")
     p.add_argument("--keep-all", action="store_true", help="write every row with a `keep` column")
+    p.add_argument("--stratify-by", default=None, metavar="COL[,COL]",
+                   help="top:P inside each group of these columns, keeping the pool's mix (e.g. task)")
+    p.add_argument("--length-buckets", type=int, default=0, metavar="N",
+                   help="with top:P, also stratify by N quantile buckets of response length")
     p.add_argument("--storage-options", type=_json_arg, default=None)
     _add_common(p)
 

@@ -112,6 +112,8 @@ def refine_cmd(args, progress: bool = True) -> int:
         seed=args.seed,
         temperature=args.temperature,
         keep_all=args.keep_all,
+        stratify_by=tuple(c.strip() for c in args.stratify_by.split(",") if c.strip()) if args.stratify_by else (),
+        length_buckets=args.length_buckets,
         storage_options=args.storage_options,
         progress=progress,
     )

@@ -33,20 +33,18 @@ import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from drift_stream import __version__
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
+from drift_stream.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 
 logger = logging.getLogger(__name__)
 
 POLICY_KINDS = ("top", "threshold", "positive", "weights", "repeat")
 FILTER_KINDS = ("top", "threshold", "positive")
-SCORE = "drift_score"
-ID = "id"
 BATCH_ROWS = 65_536
 
 
@@ -111,9 +109,16 @@ class RefineConfig:
     seed: int = 0
     temperature: float = 1.0
     keep_all: bool = False
+    stratify_by: tuple[str, ...] = ()  # top:P inside each group of these columns (keeps the pool's mix)
+    length_buckets: int = 0  # with stratify_by: also split by quantile bucket of drift_num_tokens
 
     def __post_init__(self) -> None:
         policy = Policy.parse(self.policy)
+        object.__setattr__(self, "stratify_by", tuple(self.stratify_by))
+        if (self.stratify_by or self.length_buckets) and policy.kind != "top":
+            raise ConfigError(f"--stratify-by / --length-buckets only apply to top:P, not {policy}")
+        if not isinstance(self.length_buckets, int) or self.length_buckets < 0 or self.length_buckets == 1:
+            raise ConfigError(f"length_buckets must be 0 (off) or >= 2, got {self.length_buckets!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
@@ -254,15 +259,6 @@ def _git_sha() -> str | None:
 # ------------------------------------------------------------------------------------------------------- policies
 
 
-@dataclass(frozen=True)
-class _TopCut:
-    """The last kept row in (score desc, id asc, position asc) order."""
-
-    score: float
-    id: str
-    row: int
-
-
 def _check_scores(lf: pl.LazyFrame, root: str) -> tuple[int, dict[str, float]]:
     stats = lf.select(
         pl.len().alias("n"),
@@ -277,27 +273,6 @@ def _check_scores(lf: pl.LazyFrame, root: str) -> tuple[int, dict[str, float]]:
         raise InputError(f"{root}/data has {stats['nulls']} null and {stats['nans']} NaN drift_score values: scored "
                          "shards must hold finite scores only (unscorable rows belong in rejects/)")
     return int(stats["n"]), {k: stats[k] for k in ("mean", "std", "min", "max")}
-
-
-def _top_cut(lf: pl.LazyFrame, k: int) -> _TopCut:
-    """The k-th row (1-based) in (score desc, id asc, position asc) order; needs only (id, score) of the run."""
-    v = lf.select(pl.col(SCORE).top_k(k).min().cast(pl.Float64)).collect().item()
-    n_above = lf.filter(pl.col(SCORE) > v).select(pl.len()).collect().item()
-    tied = (lf.select(ID, SCORE).with_row_index("_row").filter(pl.col(SCORE) == v)
-            .sort([ID, "_row"]).slice(k - n_above - 1, 1).collect())
-    return _TopCut(float(v), str(tied[ID][0]), int(tied["_row"][0]))
-
-
-def _top_mask(batch: pa.RecordBatch, cut: _TopCut, first_row: int) -> np.ndarray:
-    score = batch.column(SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
-    keep = score > cut.score
-    tied = np.flatnonzero(score == cut.score)
-    if tied.size:
-        ids = pc.take(batch.column(ID), pa.array(tied))
-        before = pc.less(ids, cut.id).to_numpy(zero_copy_only=False)
-        same = pc.equal(ids, cut.id).to_numpy(zero_copy_only=False)
-        keep[tied] = before | (same & (first_row + tied <= cut.row))
-    return keep
 
 
 def _weights(score: np.ndarray, stats: dict[str, float], log_norm: float, temperature: float) -> np.ndarray:
@@ -320,7 +295,8 @@ def _log_weight_norm(lf: pl.LazyFrame, stats: dict[str, float], temperature: flo
 
 
 def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, temperature: float = 1.0,
-               keep_all: bool = False, storage_options: dict | None = None, progress: bool = True) -> dict:
+               keep_all: bool = False, stratify_by: tuple[str, ...] | list[str] = (), length_buckets: int = 0,
+               storage_options: dict | None = None, progress: bool = True) -> dict:
     """Apply `policy` to the scored shards of `run_dir`, write `out/data/train-*.parquet` and `out/manifest.json`.
 
     Returns the refine manifest (schemas/refine_manifest.schema.json).
@@ -328,17 +304,19 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     from tqdm.auto import tqdm
 
     policy = Policy.parse(policy)
-    config = RefineConfig(str(policy), seed=seed, temperature=float(temperature), keep_all=keep_all)
+    config = RefineConfig(str(policy), seed=seed, temperature=float(temperature), keep_all=keep_all,
+                          stratify_by=tuple(stratify_by), length_buckets=int(length_buckets))
     src_fs, src = open_fs(run_dir, storage_options)
     out_fs, dst = open_fs(out, storage_options)
     if src_fs.unstrip_protocol(src) == out_fs.unstrip_protocol(dst):
         raise ConfigError(f"refine output {out} is the run directory itself: pass another --out")
     source = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
     old = read_json(out_fs, f"{dst}/manifest.json")
-    if old is not None and (old.get("config"), old.get("source_run")) != (asdict(config), source):
+    recorded = json.loads(json.dumps(asdict(config)))  # as manifest.json holds it (tuples become lists)
+    if old is not None and (old.get("config"), old.get("source_run")) != (recorded, source):
         raise RunDirMismatchError(
             f"{out} holds a refine of {old.get('source_run')} with config {old.get('config')}; this one is of "
-            f"{source} with {asdict(config)}: choose another --out or delete it")
+            f"{source} with {recorded}: choose another --out or delete it")
 
     shards = list_data_shards(src_fs, src)
     schemas, counts = zip(*(_shard_schema(src_fs, s) for s in shards))
@@ -350,6 +328,11 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         if added and added in schema.names:
             raise ConfigError(f"shard {path} already has a {added!r} column; refine would overwrite it. "
                               "Drop the column first or refine with another policy")
+        needed = list(config.stratify_by) + (["drift_num_tokens"] if config.length_buckets else [])
+        absent = [c for c in needed if c not in schema.names]
+        if absent:
+            raise ConfigError(f"shard {path} has no column {', '.join(absent)} to stratify by; columns: "
+                              f"{', '.join(schema.names)}")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     lf = scan_shards(src_fs, shards).select(ID, SCORE)
@@ -359,16 +342,26 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     logger.info("refine %s: %d scored rows in %d shards, policy %s", run_dir, n, len(shards), policy)
 
     cut: dict[str, Any] | None = None
-    top: _TopCut | None = None
+    top: TopCut | None = None
+    strata: tuple[dict[str, TopCut], list[float]] | None = None
     log_norm = 0.0
     if policy.kind == "top":
         k = int(math.floor(policy.value * n + 0.5))
         if k == 0:
             logger.warning("top:%g of %d rows keeps no row", policy.value, n)
+        elif config.stratify_by or config.length_buckets:
+            columns = list(dict.fromkeys([ID, SCORE, *config.stratify_by]
+                                         + (["drift_num_tokens"] if config.length_buckets else [])))
+            cuts, groups, edges = stratified_cuts(scan_shards(src_fs, shards).select(columns).with_row_index("_row"),
+                                                   k, config)
+            strata = (cuts, edges)
         else:
-            top = _top_cut(lf, k)
+            top = top_cut(lf.with_row_index("_row"), k)
         cut = {"score": None if top is None else top.score, "id": None if top is None else top.id,
                "row": None if top is None else top.row, "rows_target": k}
+        if strata is not None:
+            cut["strata"] = [{"key": key.split("\x1f"), **groups[key]} for key in sorted(groups)]
+            cut["length_edges"] = strata[1] or None
     elif policy.kind in ("threshold", "positive"):
         cut = {"score": float(policy.value or 0.0)}
     elif n:
@@ -385,7 +378,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
             written = []
             for i, (path, schema) in enumerate(zip(shards, schemas)):
                 written.append(_write_shard(src_fs, path, schema, out_fs, names[i], policy, config, top, stats,
-                                            log_norm, int(offsets[i]), bar, acc))
+                                            log_norm, int(offsets[i]), bar, acc, strata))
     finally:
         bar.close()
 
@@ -397,7 +390,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         "source_run": source,
         "source_rows_rejected": _source_rejected(read_json(src_fs, f"{src}/manifest.json")),
         "policy": {"spec": str(policy), "kind": policy.kind, "value": policy.value},
-        "config": asdict(config),
+        "config": recorded,
         "rows_in": n,
         "rows_kept": acc.kept,
         "rows_written": int(sum(written)),
@@ -463,7 +456,8 @@ class _Accumulator:
 
 
 def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy: Policy, config: RefineConfig,
-                 top: _TopCut | None, stats: dict[str, float], log_norm: float, first_row: int, bar, acc) -> int:
+                 top: TopCut | None, stats: dict[str, float], log_norm: float, first_row: int, bar, acc,
+                 strata: tuple[dict[str, TopCut], list[float]] | None = None) -> int:
     """One input shard -> one output shard for the filter and weights policies; returns rows written."""
     column = "keep" if policy.is_filter else "weight"
     out_schema = _add_field(schema, pa.field(column, pa.bool_() if policy.is_filter else pa.float32()))
@@ -472,7 +466,12 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
         for batch in _iter_batches(src_fs, path):
             score = batch.column(SCORE).to_numpy(zero_copy_only=False)
             if policy.kind == "top":
-                keep = _top_mask(batch, top, first_row) if top is not None else np.zeros(len(score), dtype=bool)
+                if strata is not None:
+                    keep = stratified_mask(batch, strata[0], config, strata[1], first_row)
+                elif top is not None:
+                    keep = top_mask(batch, top, first_row + np.arange(batch.num_rows))
+                else:
+                    keep = np.zeros(len(score), dtype=bool)
             elif policy.is_filter:
                 keep = score.astype(np.float64) > (policy.value or 0.0)
             if policy.is_filter:

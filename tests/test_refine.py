@@ -361,3 +361,59 @@ def test_hf_datasets_reads_refined_shards(tmp_path, policy, column):
     assert ds[0]["messages"] == [{"role": "user", "content": "q1" if column == "keep" else "q0"}]
     meta = json.loads(pq.read_schema(tmp_path / "o" / "data" / "train-00000-of-00001.parquet").metadata[b"huggingface"])
     assert meta["info"]["features"][column] == {"dtype": "bool" if column == "keep" else "float32", "_type": "Value"}
+
+
+def expected_stratified(full: pa.Table, p: float, groups: list[str]) -> list[int]:
+    """Explicit stratified top:P: k = round(P*N) split by largest remainders over groups, then top inside each."""
+    n = full.num_rows
+    k = int(math.floor(p * n + 0.5))
+    names = sorted(set(groups))
+    sizes = {g: groups.count(g) for g in names}
+    exact = {g: k * sizes[g] / n for g in names}
+    counts = {g: int(math.floor(exact[g])) for g in names}
+    for g in sorted(names, key=lambda g: (-(exact[g] - counts[g]), g))[: k - sum(counts.values())]:
+        counts[g] += 1
+    score = full["drift_score"].to_numpy().astype(np.float64)
+    ids, rows = full["id"].to_pylist(), full["row_no"].to_pylist()
+    kept = []
+    for g in names:
+        members = sorted((-score[i], ids[i], rows[i]) for i in range(n) if groups[i] == g)
+        kept += [r for _, _, r in members[: counts[g]]]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.33, 0.5])
+def test_stratified_top_keeps_each_groups_share(tmp_path, run, p):
+    root, full = run
+    level = [str(m["level"]) for m in full["meta"].to_pylist()]
+    # stratify by a plain column: write a run whose shards carry `task` = meta.level
+    tasked = str(tmp_path / "tasked")
+    for path in sorted(Path(root, "data").glob("*.parquet")):
+        t = pq.read_table(path)
+        t = t.append_column("task", pa.array([f"t{m['level']}" for m in t["meta"].to_pylist()]))
+        Path(tasked, "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, Path(tasked, "data", path.name))
+    m = refine_run(tasked, f"top:{p}", str(tmp_path / "o"), stratify_by=["task"], progress=False)
+    kept = sorted(r for t in read_out(str(tmp_path / "o")) for r in t["row_no"].to_pylist())
+    assert kept == expected_stratified(full, p, [f"t{x}" for x in level])
+    assert sum(g["kept"] for g in m["cut"]["strata"]) == m["rows_kept"] == len(kept)
+    jsonschema.validate(m, json.loads(SCHEMA.read_text()))
+
+
+def test_stratified_top_with_length_buckets(tmp_path, run):
+    root, full = run
+    m = refine_run(root, "top:0.25", str(tmp_path / "o"), length_buckets=4, progress=False)
+    tokens = full["drift_num_tokens"].to_numpy().astype(np.float64)
+    edges = np.quantile(tokens, [0.25, 0.5, 0.75])
+    np.testing.assert_allclose(m["cut"]["length_edges"], edges)
+    buckets = [f"len{int((t > edges).sum())}" for t in tokens]
+    kept = sorted(r for t in read_out(str(tmp_path / "o")) for r in t["row_no"].to_pylist())
+    assert kept == expected_stratified(full, 0.25, buckets)
+
+
+def test_stratify_needs_top_and_an_existing_column(tmp_path, run):
+    root, _ = run
+    with pytest.raises(ConfigError, match="only apply to top"):
+        refine_run(root, "weights", str(tmp_path / "o"), stratify_by=["task"], progress=False)
+    with pytest.raises(ConfigError, match="no column nope"):
+        refine_run(root, "top:0.1", str(tmp_path / "o2"), stratify_by=["nope"], progress=False)
