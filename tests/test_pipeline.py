@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from killable import KILLABLE_RUN
 
 from drift_stream.errors import BadRowError, ConfigError, RunDirMismatchError
 from drift_stream.pipeline import RunConfig, run_score
@@ -180,24 +181,6 @@ def test_run_config_validation():
     config = RunConfig(data="x", out="o", storage_options={"secret": "hunter2"})
     assert config.data == ("x",) and "hunter2" not in repr(config)
 
-
-KILLABLE_RUN = """
-import sys, time
-from drift_stream.pipeline import RunConfig, run_score
-from drift_stream.scoring import build_scorer
-
-inner = build_scorer("random", model=sys.argv[3], adapter="messages")
-
-class SlowScorer:  # same rows and config as `inner`, slow enough to be killed part-way
-    def __call__(self, table):
-        time.sleep(0.15)
-        return inner(table)
-
-    def config_dict(self):
-        return inner.config_dict()
-
-run_score(RunConfig(data=(sys.argv[1],), out=sys.argv[2], batch_rows=10), SlowScorer(), progress=False)
-"""
 
 
 def kill_after_markers(cmd: list[str], completions, min_markers: int, env=None, timeout_s: float = 180.0) -> int:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from killable import KILLABLE_RUN
 import zstandard
 
 from drift_stream.errors import InputError
@@ -142,25 +143,6 @@ def test_10k_pool_from_s3_to_s3(s3_server, make_scorer, caplog):
     assert run_score(config, make_scorer(), progress=False) == manifest
     assert objects() == before
 
-
-KILLABLE_RUN = """
-import sys, time
-from drift_stream.pipeline import RunConfig, run_score
-from drift_stream.scoring import build_scorer
-
-inner = build_scorer("random", model=sys.argv[3], adapter="messages")
-
-class SlowScorer:  # same rows and config as `inner`, slow enough to be killed part-way
-    def __call__(self, table):
-        time.sleep(0.15)
-        return inner(table)
-
-    def config_dict(self):
-        return inner.config_dict()
-
-# No storage_options: endpoint and credentials come from AWS_* environment variables only.
-run_score(RunConfig(data=(sys.argv[1],), out=sys.argv[2], batch_rows=10), SlowScorer(), progress=False)
-"""
 
 
 def test_sigkill_then_rerun_on_s3_equals_uninterrupted_run(s3_server, make_scorer, tiny_model_dir):
