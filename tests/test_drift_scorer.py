@@ -174,3 +174,22 @@ def test_off_policy_baselines_need_an_off_policy_bank(setup):
     _, model_dir, banks = setup
     with pytest.raises(ConfigError, match="off-policy"):
         build_scorer("less", model=model_dir, bank=banks["sign"])
+
+
+def test_score_dataset_with_beta_auto_equals_the_cli(setup, tmp_path):
+    from datasets import Dataset
+
+    from drift_stream.cli import main
+    from drift_stream.integrations.hf_datasets import score_dataset
+
+    _, model_dir, banks = setup
+    table = varied_rows(30, seed=3)
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(table, pool)
+    assert main(["score", "--data", str(pool), "--model", model_dir, "--bank", banks["sign"], "--out",
+                 str(tmp_path / "run"), "--beta", "auto", "--calibration-rows", "16", "--quiet"]) == 0
+    cli = pq.read_table(tmp_path / "run" / "data").to_pylist()
+    scorer = DriftScorer.from_pretrained(model_dir, bank=banks["sign"], beta="auto", calibration_rows=16)
+    scored = score_dataset(Dataset.from_parquet(str(pool)), scorer, batch_size=8)
+    assert scorer.beta is not None
+    np.testing.assert_allclose(scored["drift_score"], [r["drift_score"] for r in cli], rtol=1e-4)
