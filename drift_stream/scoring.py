@@ -259,6 +259,13 @@ class _ModelScorer(BatchScorer):
             from drift_stream.models import load_model
 
             self._model = load_model(self.model_path, device=self.config.device, dtype=self.config.dtype)
+            positions = getattr(self._model.config, "max_position_embeddings", None)
+            if positions and self.config.max_tokens > positions:
+                logger.warning(
+                    "max_tokens %d exceeds the model's %d positions: rows between the two are scored past the "
+                    "context the model was trained on; pass --max-tokens %d to reject them instead",
+                    self.config.max_tokens, positions, positions,
+                )
         return self._model
 
     def _collate(self, chunk):
