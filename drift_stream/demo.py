@@ -97,7 +97,8 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> di
     timings["bank_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    scorer = build_scorer("drift", model=assets.model, adapter="messages", bank=str(bank_dir), batch_size=16)
+    scorer = build_scorer("drift", model=assets.model, adapter="messages", bank=str(bank_dir), batch_size=16,
+                          max_tokens=256)  # the model's context
     run_score(RunConfig(data=(assets.pool,), out=str(run_dir)), scorer, progress=progress)
     timings["score_s"] = time.perf_counter() - start
 
