@@ -33,7 +33,16 @@ from drift_stream.io.run_dir import (
     conform_table,
     reason_code,
 )
-from drift_stream.io.streams import Chunk, InputFile, expand_inputs, input_schema, iter_chunks, prefetch, shard_files
+from drift_stream.io.streams import (
+    Chunk,
+    InputFile,
+    expand_inputs,
+    input_schema,
+    is_iterable_dataset,
+    iter_chunks,
+    prefetch,
+    shard_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,7 @@ class RunConfig:
             object.__setattr__(self, "data", tuple(str(d) for d in self.data))
             if not self.data:
                 raise ConfigError("no input given: pass at least one --data URL")
-        elif not _is_iterable_dataset(self.data):
+        elif not is_iterable_dataset(self.data):
             raise ConfigError(f"data must be URLs or a datasets.IterableDataset, got {type(self.data).__name__}")
         if not str(self.out):
             raise ConfigError("--out is required")
@@ -77,14 +86,6 @@ class RunConfig:
             raise ConfigError(f"on_bad_row must be 'reject' or 'error', got {self.on_bad_row!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
             raise ConfigError("storage_options must be a dict (CLI: --storage-options '{\"key\": ...}')")
-
-
-def _is_iterable_dataset(obj: Any) -> bool:
-    try:
-        from datasets import IterableDataset
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, IterableDataset)
 
 
 def recorded_config(files: list[InputFile], scorer: Any) -> dict[str, Any]:

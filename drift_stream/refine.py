@@ -39,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from drift_stream import __version__
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
+from drift_stream.io.run_dir import git_sha
 from drift_stream.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 
 logger = logging.getLogger(__name__)
@@ -242,20 +243,6 @@ def _add_field(schema: pa.Schema, field: pa.Field) -> pa.Schema:
     return schema.append(field).with_metadata(meta)
 
 
-def _git_sha() -> str | None:
-    """Commit of the package checkout when it is one (reads .git directly: no subprocess)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        with open(os.path.join(root, ".git", "HEAD")) as f:
-            head = f.read().strip()
-        if head.startswith("ref: "):
-            with open(os.path.join(root, ".git", head[5:])) as f:
-                return f.read().strip()
-        return head
-    except OSError:
-        return None
-
-
 # ------------------------------------------------------------------------------------------------------- policies
 
 
@@ -385,7 +372,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     manifest = {
         "kind": "refine",
         "version": __version__,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_run": source,
         "source_rows_rejected": _source_rejected(read_json(src_fs, f"{src}/manifest.json")),

@@ -120,7 +120,7 @@ def expand_inputs(
     data: Sequence[str] | str | Any, storage_options: Mapping[str, Any] | None = None
 ) -> list[InputFile]:
     """Expand URLs / globs / directories (or one IterableDataset) into the ordered list of input files."""
-    if _is_iterable_dataset(data):
+    if is_iterable_dataset(data):
         n = int(data.n_shards)
         name = f"iterable_dataset:{n}_shards"
         return [InputFile(f"{name}/{i:05d}", i, n, "dataset", dataset=data) for i in range(n)]
@@ -230,7 +230,7 @@ def _protocol(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
-def _is_iterable_dataset(obj: Any) -> bool:
+def is_iterable_dataset(obj: Any) -> bool:
     try:
         from datasets import IterableDataset
     except ImportError:  # pragma: no cover - datasets is a dependency
