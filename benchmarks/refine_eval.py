@@ -41,9 +41,11 @@ NONTARGET = ("gcd", "products", "leg_counting")
 class BenchConfig:
     data_seed: int = 0
     pool_size: int = 4000
-    queries_per_task: int = 128  # validation queries per target task
-    test_target_per_task: int = 150
-    test_nontarget_per_task: int = 60
+    queries_per_task: int = 512  # validation queries per target task (separation rose with every doubling to 256)
+    test_target_per_task: int = 500
+    test_nontarget_per_task: int = 100
+    dev_target_per_task: int = 250  # dev: held-out queries that choose DRIFT's best setting (test is never looked at)
+    dev_nontarget_per_task: int = 60
     # the base: TinyModelRecipe (the embedded default's recipe), trained on this pool
     hidden_size: int = 128
     num_layers: int = 4
@@ -73,6 +75,7 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, test_nontarget_per_task=4,
+                    dev_target_per_task=6, dev_nontarget_per_task=2,
                     hidden_size=32, num_layers=2, intermediate_size=64, base_steps=40, base_warmup=4, batch_size=16,
                     num_rollouts=2, rollout_max_new_tokens=32, fisher_rows=100, sft_steps=5,
                     eval_max_new_tokens=32, seeds=(0,), fraction=0.25)
@@ -80,7 +83,11 @@ QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, 
 # name -> (scorer, selection, group). Selections: "all"; "top:P"; "weights"; stratified top:P (the kept set keeps the
 # pool's mix of strata): "strat_task:P" (by task), "strat_len:P" (task x response-length quartile of the pool),
 # "strat_length:P" (response-length quartile over the pool).
+# Protocol: every baseline and every DRIFT candidate runs on every seed and is scored on dev and on test; DRIFT's best
+# setting is the candidate with the best mean dev target accuracy among those whose dev non-target accuracy is within
+# NONTARGET_SLACK of the full pool's (choose_best); then the three ablations of *that* setting run on every seed.
 MAIN = rl.DriftVariant(preconditioner="block")  # the library defaults: BankConfig + ScoreConfig
+NONTARGET_SLACK = 0.02
 METHODS = {
     "full": ("none", "all", "baseline"),
     "random": ("random", "top:{f}", "baseline"),
@@ -88,28 +95,31 @@ METHODS = {
     "ifd": ("ifd", "top:{f}", "baseline"),
     "less": ("less", "top:{f}", "baseline"),
     "if": ("if", "top:{f}", "baseline"),
+    # the baselines under DRIFT's stratified selection too, so that a DRIFT win is not the selection policy's alone
+    "loss strat_len:{f}": ("loss", "strat_len:{f}", "baseline"),
+    "less strat_len:{f}": ("less", "strat_len:{f}", "baseline"),
     "drift top:0.1": ("drift", "top:0.1", "drift"),
     "drift top:0.25": ("drift", "top:0.25", "drift"),
     "drift weights": ("drift", "weights", "drift"),
-    "drift strat_task:{f}": ("drift", "strat_task:{f}", "drift"),
     "drift strat_len:{f}": ("drift", "strat_len:{f}", "drift"),
-    "drift beta=1.5 strat_task:{f}": ("drift_beta1.5", "strat_task:{f}", "drift"),
+    "drift beta=1.5 top:{f}": ("drift_beta1.5", "top:{f}", "drift"),
     "drift beta=1.5 strat_len:{f}": ("drift_beta1.5", "strat_len:{f}", "drift"),
-    "drift strat_length:{f}": ("drift", "strat_length:{f}", "drift"),
-    "drift beta=1.5 strat_length:{f}": ("drift_beta1.5", "strat_length:{f}", "drift"),
-    "ablation off-policy": ("drift_offpolicy", "top:{f}", "ablation"),
-    "ablation unsigned": ("drift_unsigned", "top:{f}", "ablation"),
-    "ablation beta=0": ("drift_beta0", "top:{f}", "ablation"),
+    "drift tc strat_len:{f}": ("drift_tc", "strat_len:{f}", "drift"),
+    "drift tc beta=1.5 strat_len:{f}": ("drift_tc_beta1.5", "strat_len:{f}", "drift"),
     "oracle clean": ("oracle", "top:{f}", "reference"),
 }
 DRIFT_SCORERS = {
     "drift": MAIN,
     "less": replace(MAIN, targets="off-policy", beta=1.0),
     "if": replace(MAIN, targets="off-policy", beta=0.0),
-    "drift_offpolicy": replace(MAIN, targets="off-policy"),
-    "drift_unsigned": replace(MAIN, signing="positive"),
-    "drift_beta0": replace(MAIN, beta=0.0),
     "drift_beta1.5": replace(MAIN, beta=1.5),
+    "drift_tc": replace(MAIN, task_conditional=True),
+    "drift_tc_beta1.5": replace(MAIN, beta=1.5, task_conditional=True),
+}
+ABLATIONS = {  # of the chosen setting: name -> change to its DriftVariant (its selection is kept)
+    "ablation off-policy": {"targets": "off-policy"},
+    "ablation unsigned": {"signing": "positive"},
+    "ablation beta=0": {"beta": 0.0},
 }
 
 
@@ -142,10 +152,11 @@ def make_data(cfg: BenchConfig):
     recipe = tasks.DataRecipe(
         seed=cfg.data_seed, pool_size=cfg.pool_size,
         queries={t: cfg.queries_per_task for t in TARGET},
-        test={**{t: cfg.test_target_per_task for t in TARGET}, **{t: cfg.test_nontarget_per_task for t in NONTARGET}})
+        test={**{t: cfg.test_target_per_task for t in TARGET}, **{t: cfg.test_nontarget_per_task for t in NONTARGET}},
+        dev={**{t: cfg.dev_target_per_task for t in TARGET}, **{t: cfg.dev_nontarget_per_task for t in NONTARGET}})
     splits = tasks.make_splits(recipe)
     # The reference worked response of each query (off-policy targets): the same draw make_queries made.
-    exclude = {row["question"] for row in splits.test}
+    exclude = {row["question"] for row in splits.test + splits.dev}
     refs = {}
     for task in TARGET:
         for item in tasks.generate_items(task, count=cfg.queries_per_task, seed=cfg.data_seed, split="queries",
@@ -210,7 +221,8 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     with timer("data"):
         splits = make_data(cfg)
     # The cache belongs to this config AND these exact rows (the task generators may change under us).
-    data_sha = hashlib.sha256(json.dumps([splits.pool, splits.queries, splits.test], sort_keys=True).encode())
+    data_sha = hashlib.sha256(json.dumps([splits.pool, splits.queries, splits.test, splits.dev],
+                                         sort_keys=True).encode())
     cache = workdir / f"{cfg.key()}-{data_sha.hexdigest()[:8]}"
     cache.mkdir(parents=True, exist_ok=True)
     base_dir = cache / "base"
@@ -248,20 +260,24 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     built = cache / "build_wall_s.json"  # stage times of the run that built the cache (reruns only load it)
     if not built.exists():
         built.write_text(json.dumps({k: timer.stages.get(k) for k in ("base", "rollouts", "features")}))
-    return {"cfg": cfg, "cache": cache, "splits": splits, "tok": tok, "model": model, "chat": chat, "fc": fc,
+    return {"cfg": cfg, "cache": cache, "splits": splits, "scorers": dict(DRIFT_SCORERS), "tok": tok, "model": model, "chat": chat, "fc": fc,
             "pool_ex": pool_ex, "rollouts": rollouts, "feats": feats, "base_eval": base_eval}
 
 
 def drift_from_cache(ctx, variant: rl.DriftVariant):
     f, r = ctx["feats"], ctx["rollouts"]
     g, kept = rl.query_vectors(variant, f["roll"], np.array([x["query"] for x in r]),
-                               np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), f["ref"])
+                               np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), f["ref"],
+                               query_task=[q["task"] for q in ctx["splits"].queries])
     fisher = f["pool"][: ctx["cfg"].fisher_rows]
     if len(g) == 0:  # e.g. unsigned targets when no rollout is correct: no signal, every row ties
         logger.warning("%s: no validation query has a signal; all scores are 0", variant)
         return np.zeros(len(f["pool"]))
     pre = rl.fit_preconditioner(variant.preconditioner, fisher, [int(b) for b in f["block_sizes"]], variant.damping)
-    score, _ = rl.drift_scores(variant, f["pool"], f["pool_norm"], g, pre)
+    score, per_query = rl.drift_scores(variant, f["pool"], f["pool_norm"], g, pre)
+    if variant.task_conditional:
+        query_task = [ctx["splits"].queries[i]["task"] for i in kept]
+        score = rl.task_conditional_mean(per_query, query_task, [row["task"] for row in ctx["splits"].pool])
     return score
 
 
@@ -293,8 +309,8 @@ def method_scores(ctx, scorer: str, seed: int, cached: dict):
     elif scorer == "oracle":
         rng = np.random.default_rng(1000 + seed)
         s = rng.random(len(pool)) + np.array([r["corruption"] == "clean" for r in pool], dtype=float)
-    elif scorer in DRIFT_SCORERS:
-        s = drift_from_cache(ctx, DRIFT_SCORERS[scorer])
+    elif scorer in ctx["scorers"]:
+        s = drift_from_cache(ctx, ctx["scorers"][scorer])
     else:
         raise ValueError(f"unknown scorer {scorer}")
     cached[key] = s
@@ -326,8 +342,8 @@ def select(ctx, scores, selection: str):
     raise ValueError(f"unknown selection {selection!r}")
 
 
-def continue_sft(ctx, weights, seed: int):
-    """Continued SFT from the base on weighted rows; greedy accuracy on the target and non-target test sets."""
+def continue_sft(ctx, weights, seed: int) -> dict:
+    """Continued SFT from the base on weighted rows; greedy accuracy on target and non-target tasks, test and dev."""
     from drift_stream.integrations.trainers import greedy_accuracy, train_sft
 
     cfg = ctx["cfg"]
@@ -337,11 +353,36 @@ def continue_sft(ctx, weights, seed: int):
               batch_size=cfg.batch_size, lr=cfg.sft_lr, seed=seed, warmup_steps=min(10, cfg.sft_steps // 5),
               max_tokens=cfg.max_tokens, log_every=0)
     model.eval()
-    test = ctx["splits"].test
-    acc = greedy_accuracy(model, ctx["tok"], test, max_new_tokens=cfg.eval_max_new_tokens)
-    target = [r["correct"] for r in acc.records if r["task"] in TARGET]
-    other = [r["correct"] for r in acc.records if r["task"] not in TARGET]
-    return float(np.mean(target)), float(np.mean(other)), acc.per_task
+    out = {}
+    for split, prefix in (("test", ""), ("dev", "dev_")):
+        rows = getattr(ctx["splits"], split)
+        if not rows:
+            continue
+        acc = greedy_accuracy(model, ctx["tok"], rows, max_new_tokens=cfg.eval_max_new_tokens)
+        # equal sizes per task within each group, so the mean over records is the mean over tasks
+        out[f"{prefix}target_acc"] = float(np.mean([r["correct"] for r in acc.records if r["task"] in TARGET]))
+        out[f"{prefix}nontarget_acc"] = float(np.mean([r["correct"] for r in acc.records if r["task"] not in TARGET]))
+        out[f"{prefix}per_task"] = acc.per_task
+    return out
+
+
+def choose_best(rows: list[dict], methods: dict) -> dict:
+    """DRIFT's best setting, chosen on dev only: the best mean dev target accuracy among the DRIFT candidates whose
+    mean dev non-target accuracy is within NONTARGET_SLACK of the full pool's (all candidates if none is)."""
+    def dev_mean(name, key):
+        vals = [r[key] for r in rows if r["method"] == name and key in r]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    candidates = {n: {"dev_target": dev_mean(n, "dev_target_acc"), "dev_nontarget": dev_mean(n, "dev_nontarget_acc")}
+                  for n, (_, _, g) in methods.items() if g == "drift"}
+    full_dev_nontarget = dev_mean("full", "dev_nontarget_acc") if "full" in methods else float("nan")
+    eligible = [n for n, c in candidates.items()
+                if not np.isfinite(full_dev_nontarget) or c["dev_nontarget"] >= full_dev_nontarget - NONTARGET_SLACK]
+    pool = eligible or list(candidates)
+    chosen = max(pool, key=lambda n: (candidates[n]["dev_target"], candidates[n]["dev_nontarget"])) if pool else None
+    return {"rule": f"max mean dev target accuracy among DRIFT candidates with dev non-target >= full pool's - "
+                    f"{NONTARGET_SLACK}", "full_dev_nontarget": full_dev_nontarget, "candidates": candidates,
+            "eligible": eligible, "chosen": chosen}
 
 
 def check_library_path(ctx, cached) -> dict:
@@ -412,7 +453,7 @@ def check_library_path(ctx, cached) -> dict:
 
 
 VARIANTS = {  # what makes the signal useful: one change at a time from MAIN (diagnostics only, no SFT)
-    "main (block, sign, beta 1, 256 queries, K 4)": MAIN,
+    "main (block, sign, beta 1, all 1024 queries, K 4)": MAIN,
     "preconditioner identity": replace(MAIN, preconditioner="identity"),
     "preconditioner diagonal": replace(MAIN, preconditioner="diagonal"),
     "beta 0": replace(MAIN, beta=0.0), "beta 0.5": replace(MAIN, beta=0.5), "beta 1.5": replace(MAIN, beta=1.5),
@@ -422,9 +463,12 @@ VARIANTS = {  # what makes the signal useful: one change at a time from MAIN (di
     "aggregate pooled (one query vector)": replace(MAIN, aggregate="pooled"),
     "aggregate zmean (per-query z-scores)": replace(MAIN, aggregate="zmean"),
     "queries not unit-normalised": replace(MAIN, normalize_queries=False),
-    "32 queries": replace(MAIN, num_queries=32), "64 queries": replace(MAIN, num_queries=64),
-    "128 queries": replace(MAIN, num_queries=128), "K = 1 rollout": replace(MAIN, num_rollouts=1),
-    "K = 2 rollouts": replace(MAIN, num_rollouts=2), "128 queries, K = 2": replace(MAIN, num_queries=128, num_rollouts=2),
+    "task-conditional": replace(MAIN, task_conditional=True),
+    "task-conditional, beta 1.5": replace(MAIN, task_conditional=True, beta=1.5),
+    # N queries: the first N/2 of each target task (query_vectors balances by task)
+    **{f"{n} queries": replace(MAIN, num_queries=n) for n in (32, 64, 128, 256, 512)},
+    "K = 1 rollout": replace(MAIN, num_rollouts=1), "K = 2 rollouts": replace(MAIN, num_rollouts=2),
+    "512 queries, K = 2": replace(MAIN, num_queries=512, num_rollouts=2),
 }
 
 
@@ -462,7 +506,7 @@ def explore_variants(ctx) -> list[dict]:
 
 
 def resolve_methods(cfg: BenchConfig) -> dict:
-    names = cfg.methods or tuple(METHODS)
+    names = [n for n in (cfg.methods or tuple(METHODS)) if n != "ablations"]
     out = {}
     for name in names:
         scorer, selection, group = METHODS[name]
@@ -470,13 +514,13 @@ def resolve_methods(cfg: BenchConfig) -> dict:
     return out
 
 
-def diagnostics(ctx, methods, cached) -> dict:
+def diagnostics(ctx, methods, cached, out: dict | None = None) -> dict:
     """ROC-AUC clean vs corrupted, Spearman with gradient norm and length, per scorer (seed 0 for random)."""
     pool = ctx["splits"].pool
     clean = np.array([r["corruption"] == "clean" for r in pool])
     ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
-    out = {}
-    for scorer in sorted({s for s, _, _ in methods.values()} - {"none", "oracle"}):
+    out = {} if out is None else out
+    for scorer in sorted({s for s, _, _ in methods.values()} - {"none", "oracle"} - set(out)):
         s = method_scores(ctx, scorer, 0, cached)
         out[scorer] = dict(rl.score_diagnostics(s, clean, ctx["feats"]["pool_norm"], ntok))
         # AUC per corruption kind: clean rows against that kind only
@@ -511,6 +555,8 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
     base_t = np.mean([ctx["base_eval"]["per_task"][t] for t in TARGET])  # equal test sizes per task
     base_n = np.mean([ctx["base_eval"]["per_task"][t] for t in NONTARGET])
     rows: list[dict] = []
+    choice: dict = {}  # DRIFT's best setting, chosen on dev (choose_best)
+    run_ablations = any(g == "drift" for _, _, g in methods.values()) and (not cfg.methods or "ablations" in cfg.methods)
 
     def assemble(label: str) -> dict:
         return {
@@ -520,29 +566,47 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
                      "per_task": ctx["base_eval"]["per_task"]},
             "pool_corrupted_share": float(np.mean([x != "clean" for x in labels])), "corruption_kinds": kinds,
             "pool_shares": rl.kept_shares(np.ones(len(pool)), labels, kinds), "diagnostics": diag,
-            "library_check": check, "wall_s": dict(timer.stages),
+            "library_check": check, "wall_s": dict(timer.stages), "choice": choice,
             "cache_build_wall_s": json.loads((ctx["cache"] / "build_wall_s.json").read_text()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores "
                        f"(shared with other jobs), {platform.platform()}",
             "versions": versions(),
-            "drift_main_variant": asdict(MAIN), "drift_variants": {k: asdict(v) for k, v in DRIFT_SCORERS.items()},
+            "drift_main_variant": asdict(MAIN), "drift_variants": {k: asdict(v) for k, v in ctx["scorers"].items()},
         }
 
-    with timer("continued_sft"):
+    total = len(cfg.seeds) * (len(methods) + (len(ABLATIONS) if run_ablations else 0))
+
+    def run_methods(batch: dict) -> None:
         for seed in cfg.seeds:
-            for name, (scorer, selection, group) in methods.items():
+            for name, (scorer, selection, group) in batch.items():
                 weights = select(ctx, method_scores(ctx, scorer, seed, cached), selection)
                 t = time.perf_counter()
-                target, other, per_task = continue_sft(ctx, weights, seed)
-                rows.append({"method": name, "seed": seed, "target_acc": target, "nontarget_acc": other,
-                             "per_task": per_task, "rows_kept": int((weights > 0).sum()),
+                acc = continue_sft(ctx, weights, seed)
+                rows.append({"method": name, "seed": seed, **acc, "rows_kept": int((weights > 0).sum()),
                              "corrupted_share": 1.0 - rl.kept_shares(weights, labels, ["clean"])["clean"],
                              "kept_shares": rl.kept_shares(weights, labels, kinds), "wall_s": time.perf_counter() - t})
-                logger.info("%-26s seed %d: target %.3f non-target %.3f (%.0fs)", name, seed, target, other,
-                            rows[-1]["wall_s"])
+                logger.info("%-32s seed %d: target %.3f non-target %.3f | dev %.3f / %.3f (%.0fs)", name, seed,
+                            acc["target_acc"], acc["nontarget_acc"], acc.get("dev_target_acc", float("nan")),
+                            acc.get("dev_nontarget_acc", float("nan")), rows[-1]["wall_s"])
                 if out is not None:  # partial results after every run, so a long run can be read while it goes
-                    write_outputs(out, assemble(f"{mode}, partial: {len(rows)} of "
-                                                f"{len(cfg.seeds) * len(methods)} runs"))
+                    write_outputs(out, assemble(f"{mode}, partial: {len(rows)} of {total} runs"))
+
+    with timer("continued_sft"):
+        run_methods(methods)
+        if run_ablations:
+            chosen = choose_best(rows, methods)
+            choice.update(chosen)
+            logger.info("DRIFT setting chosen on dev: %s", chosen["chosen"])
+            scorer, selection, _ = methods[chosen["chosen"]]
+            ablations = {}
+            for name, change in ABLATIONS.items():
+                key = f"{scorer}|{name}"
+                ctx["scorers"][key] = replace(ctx["scorers"][scorer], **change)
+                ablations[name] = (key, selection, "ablation")
+            methods.update(ablations)
+            with timer("scores"):
+                diagnostics(ctx, ablations, cached, diag)
+            run_methods(ablations)
     timer.stages["total"] = time.perf_counter() - t0
     return assemble(mode)
 
@@ -554,7 +618,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/refine_eval_cache"),
                         help="cache of base model, rollouts and features (reused when the config matches)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
-    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help=f"subset of {list(METHODS)}; add 'ablations' to run the ablations of the setting chosen "
+                             "on dev among the DRIFT methods given (default: every method and the ablations)")
     parser.add_argument("--no-library-check", action="store_true")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only re-render results.md / results.png from a results.json into --out")

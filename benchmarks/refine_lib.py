@@ -60,8 +60,11 @@ class DriftVariant:
     normalize_queries: bool = True  # b_j scaled to unit norm
     aggregate: str = "mean"  # mean of per-query scores | "pooled": one summed query vector | "zmean": mean of
     # per-query scores standardised over the pool (each query an equal vote whatever its spread)
-    num_queries: int | None = None  # first N queries only (None: all)
+    num_queries: int | None = None  # the first N queries only, N/T of each of T tasks (None: all)
     num_rollouts: int | None = None  # first K rollouts per query only (None: all)
+    # task-conditional: a row of a task that has validation queries is scored by the mean over that task's queries
+    # only (other rows: over all queries), so each target task's rows compete on their own task's signal
+    task_conditional: bool = False
 
     def __post_init__(self):
         if self.targets not in ("on-policy", "off-policy"):
@@ -72,18 +75,41 @@ class DriftVariant:
             raise ConfigError(f"unknown preconditioner {self.preconditioner!r}")
         if self.aggregate not in ("mean", "pooled", "zmean"):
             raise ConfigError(f"aggregate must be mean, pooled or zmean, got {self.aggregate!r}")
+        if self.task_conditional and self.aggregate != "mean":
+            raise ConfigError("task_conditional needs aggregate='mean'")
 
 
-def query_vectors(variant: DriftVariant, rollout_feats, rollout_query, rollout_index, rewards, reference_feats):
-    """g_j per query, [m, D] float64, and the ids of queries kept (those with a signal).
+def query_subset(num_queries: int | None, m: int, query_task: Sequence[str] | None = None) -> np.ndarray:
+    """Boolean mask [m] of the queries used: all, or the first `num_queries`, taken as an equal share of each task
+    (in query order) when `query_task` is given, so that a subset never covers one task only."""
+    allowed = np.ones(m, dtype=bool)
+    if num_queries is None or num_queries >= m:
+        return allowed
+    if query_task is None:
+        allowed[num_queries:] = False
+        return allowed
+    query_task = np.asarray(query_task)
+    tasks = sorted(set(query_task.tolist()))
+    allowed[:] = False
+    for i, t in enumerate(tasks):
+        share = num_queries // len(tasks) + (1 if i < num_queries % len(tasks) else 0)
+        allowed[np.flatnonzero(query_task == t)[:share]] = True
+    return allowed
 
-    rollout_feats [R, D], rollout_query [R] (query position), rollout_index [R], rewards [R]; reference_feats [m, D].
+
+def query_vectors(variant: DriftVariant, rollout_feats, rollout_query, rollout_index, rewards, reference_feats,
+                  query_task: Sequence[str] | None = None):
+    """g_j per query, [m', D] float64, and the positions of the queries kept (used and with a signal).
+
+    rollout_feats [R, D], rollout_query [R] (query position), rollout_index [R], rewards [R]; reference_feats [m, D];
+    query_task [m] balances `variant.num_queries` across tasks (query_subset).
     """
     m = reference_feats.shape[0]
-    nq = m if variant.num_queries is None else min(m, variant.num_queries)
+    allowed = query_subset(variant.num_queries, m, query_task)
     if variant.targets == "off-policy":
-        return reference_feats[:nq].astype(np.float64), np.arange(nq)
-    keep = rollout_query < nq
+        return reference_feats[allowed].astype(np.float64), np.flatnonzero(allowed)
+    nq = m
+    keep = allowed[rollout_query]
     if variant.num_rollouts is not None:
         keep &= rollout_index < variant.num_rollouts
     feats, q, r = rollout_feats[keep].astype(np.float64), rollout_query[keep], rewards[keep]
@@ -131,6 +157,16 @@ def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner
         z = (per_query - per_query.mean(axis=0)) / np.maximum(per_query.std(axis=0), 1e-30)
         return z.mean(axis=1), per_query
     return per_query.mean(axis=1), per_query
+
+
+def task_conditional_mean(per_query, query_task, row_task) -> np.ndarray:
+    """Score [n]: rows of a task that has queries -> mean over that task's queries; other rows -> mean over all."""
+    query_task, row_task = np.asarray(query_task), np.asarray(row_task)
+    out = per_query.mean(axis=1)
+    for t in np.unique(query_task):
+        rows = row_task == t
+        out[rows] = per_query[rows][:, query_task == t].mean(axis=1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- selection

@@ -42,10 +42,42 @@ def summary(result: dict) -> list[dict]:
         runs = [r for r in result["rows"] if r["method"] == name]
         t_m, t_s = rl.mean_std([r["target_acc"] for r in runs])
         n_m, n_s = rl.mean_std([r["nontarget_acc"] for r in runs])
+        dev = [rl.mean_std([r[k] for r in runs if k in r]) for k in ("dev_target_acc", "dev_nontarget_acc")]
         rows.append({"method": name, "group": info["group"], "selection": info["selection"], "seeds": len(runs),
-                     "target": (t_m, t_s), "nontarget": (n_m, n_s), "kept": runs[0]["rows_kept"] if runs else 0,
+                     "target": (t_m, t_s), "nontarget": (n_m, n_s), "dev_target": dev[0], "dev_nontarget": dev[1], "kept": runs[0]["rows_kept"] if runs else 0,
                      "corrupted": runs[0]["corrupted_share"] if runs else float("nan")})
     return rows
+
+
+def verdict(result: dict) -> list[str]:
+    """The issue's target, checked on test for the setting chosen on dev: the lines of the markdown section."""
+    chosen = (result.get("choice") or {}).get("chosen")
+    by = {r["method"]: r for r in summary(result)}
+    if not chosen or chosen not in by or "full" not in by:
+        return []
+    seeds = sorted({r["seed"] for r in result["rows"]})
+    acc = {(r["method"], r["seed"]): r for r in result["rows"]}
+    baselines = [m for m, r in by.items() if r["group"] == "baseline"]
+    best = max(baselines, key=lambda m: by[m]["target"][0])
+    paired = [acc[chosen, s]["target_acc"] - acc[best, s]["target_acc"] for s in seeds if (best, s) in acc]
+    p_m, p_s = rl.mean_std(paired)
+    margin = by[chosen]["target"][0] - by[best]["target"][0]
+    drop = by["full"]["nontarget"][0] - by[chosen]["nontarget"][0]
+    ablations = {m: r["target"][0] for m, r in by.items() if r["group"] == "ablation"}
+    ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+    lines = ["", f"## Against the issue's target (DRIFT setting chosen on dev: `{chosen}`)", "",
+             f"- Target accuracy: {by[chosen]['target'][0]:.3f} against the best baseline `{best}` "
+             f"{by[best]['target'][0]:.3f}: margin {100 * margin:+.1f} points (needed +2.0): {ok(margin >= 0.02)}. "
+             f"Per seed, {', '.join(f'{100 * d:+.1f}' for d in paired)} (mean {100 * p_m:+.1f} ± {100 * p_s:.1f}; "
+             f"standard error {100 * p_s / max(np.sqrt(len(paired)), 1):.1f}).",
+             f"- Non-target accuracy: {by[chosen]['nontarget'][0]:.3f} against the full pool's "
+             f"{by['full']['nontarget'][0]:.3f}: drop {100 * drop:+.1f} points (limit 2.0): {ok(drop <= 0.02)}."]
+    if ablations:
+        below = {m: v < by[chosen]["target"][0] for m, v in ablations.items()}
+        lines.append("- Ablations below the chosen setting on target accuracy: " + ", ".join(
+            f"{m} {v:.3f} ({'below' if below[m] else 'NOT below'})" for m, v in ablations.items())
+            + f": {ok(all(below.values()))}.")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -54,11 +86,16 @@ def markdown(result: dict) -> str:
              f"Base (before continued SFT): target {base['target_acc']:.3f}, non-target {base['nontarget_acc']:.3f}. "
              f"Pool {result['config']['pool_size']} rows, {result['pool_corrupted_share']:.1%} corrupted; "
              f"{result['config']['sft_steps']} continued-SFT steps of batch {result['config']['batch_size']} per run.",
-             "", "| method | selection | rows (weight>0) | corrupted share | target acc | non-target acc |",
-             "|---|---|---:|---:|---:|---:|"]
+             "Mean ± std over seeds; test decides the result, dev only chose DRIFT's setting (marked *).",
+             "", "| method | selection | rows (weight>0) | corrupted share | target acc | non-target acc | "
+             "dev target | dev non-target |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    chosen = (result.get("choice") or {}).get("chosen")
     for r in summary(result):
-        lines.append(f"| {r['method']} | {r['selection']} | {r['kept']} | {r['corrupted']:.1%} | "
-                     f"{r['target'][0]:.3f} ± {r['target'][1]:.3f} | {r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} |")
+        dev = " | ".join(f"{m:.3f}" if np.isfinite(m) else "" for m in (r["dev_target"][0], r["dev_nontarget"][0]))
+        lines.append(f"| {r['method']}{' *' if r['method'] == chosen else ''} | {r['selection']} | {r['kept']} | "
+                     f"{r['corrupted']:.1%} | {r['target'][0]:.3f} ± {r['target'][1]:.3f} | "
+                     f"{r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} | {dev} |")
+    lines += verdict(result)
     kinds = result["corruption_kinds"]
     lines += ["", "Share of each corruption kind among kept rows (by weight; seed 0):", "",
               "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]

@@ -33,7 +33,7 @@ CORRUPTION_KINDS = ("wrong_answer", "truncated", "garbled", "off_task", "too_sho
 # Streams of items must not overlap: item i of a stream uses seed base + i, and no split draws 10^7 items.
 _TASK_STRIDE = 10_000_000
 _SPLIT_STRIDE = 100_000_000
-SPLITS = ("pool", "queries", "test", "donor")
+SPLITS = ("pool", "queries", "test", "donor", "dev")
 
 _PRINTABLE = [chr(i) for i in range(33, 127)]
 _TOO_SHORT = ("?", "ok", "...", "#", "no", "idk", "0", "-")
@@ -422,9 +422,12 @@ class DataRecipe:
     queries: Mapping[str, int] = field(default_factory=lambda: {"basic_arithmetic": 64, "chain_sum": 64})
     test: Mapping[str, int] = field(default_factory=lambda: {
         "basic_arithmetic": 100, "chain_sum": 100, "gcd": 34, "products": 33, "leg_counting": 33})
+    # held-out queries for choosing a setting (e.g. a benchmark's best variant) without looking at test; none by default
+    dev: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name, mapping in (("pool_tasks", self.pool_tasks), ("queries", self.queries), ("test", self.test)):
+        for name, mapping in (("pool_tasks", self.pool_tasks), ("queries", self.queries), ("test", self.test),
+                              ("dev", self.dev)):
             for task in mapping:
                 _spec(task)
             if any(v < 0 for v in mapping.values()):
@@ -438,14 +441,17 @@ class Splits:
     pool: list  # {id, messages, task, corruption}
     queries: list  # {id, question, answer, task}
     test: list  # {id, question, answer, task}
+    dev: list = field(default_factory=list)  # {id, question, answer, task}; empty unless the recipe asks for it
 
 
 def make_splits(recipe: DataRecipe = DataRecipe()) -> Splits:
-    """Test first, then validation queries, then the pool, each excluding every question drawn before it."""
+    """Test first, then dev, then validation queries, then the pool, each excluding every question drawn before it."""
     test = make_queries(recipe.test, seed=recipe.seed, split="test")
     seen = {row["question"] for row in test}
+    dev = make_queries(recipe.dev, seed=recipe.seed, split="dev", exclude=seen)
+    seen |= {row["question"] for row in dev}
     queries = make_queries(recipe.queries, seed=recipe.seed, split="queries", exclude=seen)
     seen |= {row["question"] for row in queries}
     pool = make_sft_pool(recipe.pool_tasks, size=recipe.pool_size, corruption=recipe.corruption,
                          seed=recipe.seed, exclude=seen)
-    return Splits(pool=pool, queries=queries, test=test)
+    return Splits(pool=pool, queries=queries, test=test, dev=dev)

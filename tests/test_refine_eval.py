@@ -33,12 +33,13 @@ def test_quick_run_writes_every_method_with_valid_numbers(quick):
     result, out = quick
     assert (out / "results.md").read_text().startswith("# Refinement benchmark (quick)")
     assert (out / "results.png").stat().st_size > 1000
-    methods = set(refine_eval.resolve_methods(refine_eval.QUICK))
+    methods = set(refine_eval.resolve_methods(refine_eval.QUICK)) | set(refine_eval.ABLATIONS)
     assert {r["method"] for r in result["rows"]} == methods
     assert len(result["rows"]) == len(methods) * len(refine_eval.QUICK.seeds)
     for row in result["rows"]:
         assert {"method", "seed", "target_acc", "nontarget_acc", "rows_kept", "kept_shares"} <= set(row)
-        assert 0.0 <= row["target_acc"] <= 1.0 and 0.0 <= row["nontarget_acc"] <= 1.0
+        for key in ("target_acc", "nontarget_acc", "dev_target_acc", "dev_nontarget_acc"):
+            assert 0.0 <= row[key] <= 1.0
         assert math.isclose(sum(row["kept_shares"].values()), 1.0, rel_tol=1e-9)
     assert result["machine"] and result["versions"]["torch"]
 
@@ -99,3 +100,58 @@ def test_softmax_weights_mean_one_and_monotone():
     assert w.mean() == pytest.approx(1.0, abs=1e-12)
     z = (s - s.mean()) / s.std()
     np.testing.assert_allclose(w, np.exp(z) / np.exp(z).mean(), rtol=1e-12)
+
+
+def test_quick_run_chooses_on_dev_and_ablates_the_choice(quick):
+    import refine_eval
+
+    result, out = quick
+    choice = result["choice"]
+    methods = {k: (v["scorer"], v["selection"], v["group"]) for k, v in result["methods"].items()}
+    assert choice["chosen"] == refine_eval.choose_best(result["rows"], methods)["chosen"]
+    assert result["methods"][choice["chosen"]]["group"] == "drift"
+    chosen = result["methods"][choice["chosen"]]
+    for name, change in refine_eval.ABLATIONS.items():
+        info = result["methods"][name]
+        assert info["selection"] == chosen["selection"] and info["scorer"] == f"{chosen['scorer']}|{name}"
+        variant = result["drift_variants"][info["scorer"]]
+        assert variant == {**result["drift_variants"][chosen["scorer"]], **change}
+    assert "Against the issue's target" in (out / "results.md").read_text()
+
+
+def test_choose_best_uses_dev_only_and_respects_the_nontarget_slack():
+    import refine_eval
+
+    methods = {"full": ("none", "all", "baseline"), "a": ("drift", "top:0.25", "drift"),
+               "b": ("drift", "weights", "drift"), "c": ("drift", "top:0.1", "drift")}
+    rows = []
+    for seed in (0, 1):
+        rows.append({"method": "full", "seed": seed, "dev_target_acc": 0.5, "dev_nontarget_acc": 0.50,
+                     "target_acc": 0.0, "nontarget_acc": 0.0})
+        # a: best dev target but drops dev non-target by 5 points; b: next best, within the slack; c: worse
+        rows.append({"method": "a", "seed": seed, "dev_target_acc": 0.70, "dev_nontarget_acc": 0.45,
+                     "target_acc": 0.0, "nontarget_acc": 0.0})
+        rows.append({"method": "b", "seed": seed, "dev_target_acc": 0.60 + 0.02 * seed, "dev_nontarget_acc": 0.49,
+                     "target_acc": 0.0, "nontarget_acc": 0.0})
+        rows.append({"method": "c", "seed": seed, "dev_target_acc": 0.55, "dev_nontarget_acc": 0.52,
+                     "target_acc": 1.0, "nontarget_acc": 1.0})  # test numbers must not matter
+    choice = refine_eval.choose_best(rows, methods)
+    assert choice["chosen"] == "b" and choice["eligible"] == ["b", "c"]
+    assert choice["candidates"]["b"]["dev_target"] == pytest.approx(0.61)
+    for r in rows:  # nobody within the slack: the best dev target wins
+        if r["method"] in ("b", "c"):
+            r["dev_nontarget_acc"] = 0.40
+    assert refine_eval.choose_best(rows, methods)["chosen"] == "a"
+
+
+def test_query_subset_balances_tasks_and_task_conditional_mean():
+    import refine_lib as rl
+
+    tasks = ["a"] * 5 + ["b"] * 3
+    assert rl.query_subset(None, 8, tasks).all()
+    assert rl.query_subset(3, 8, None).tolist() == [True] * 3 + [False] * 5
+    assert np.flatnonzero(rl.query_subset(4, 8, tasks)).tolist() == [0, 1, 5, 6]
+    assert np.flatnonzero(rl.query_subset(5, 8, tasks)).tolist() == [0, 1, 2, 5, 6]
+    per_query = np.arange(12, dtype=float).reshape(3, 4)  # rows x queries
+    out = rl.task_conditional_mean(per_query, ["a", "a", "b", "b"], ["a", "b", "other"])
+    np.testing.assert_allclose(out, [np.mean([0, 1]), np.mean([6, 7]), np.mean([8, 9, 10, 11])])

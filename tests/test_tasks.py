@@ -78,6 +78,20 @@ def test_splits_are_disjoint_and_sized(small):
     ids = [r["id"] for r in small.pool + small.queries + small.test]
     assert len(set(ids)) == len(ids)
     assert {r["task"] for r in small.queries} == set(T.TARGET_TASKS)
+    assert small.dev == []  # no dev split unless the recipe asks for one
+
+
+def test_dev_split_is_disjoint_and_leaves_test_unchanged(small):
+    from dataclasses import replace
+
+    with_dev = T.make_splits(replace(SMALL, dev={"basic_arithmetic": 6, "chain_sum": 6, "gcd": 3}))
+    assert with_dev.test == small.test  # drawn after test, so test does not move
+    dev_q = {r["question"] for r in with_dev.dev}
+    assert len(with_dev.dev) == 15 == len(dev_q)
+    others = ({r["question"] for r in with_dev.test + with_dev.queries}
+              | {r["messages"][0]["content"] for r in with_dev.pool})
+    assert not dev_q & others
+    assert {r["task"] for r in with_dev.dev} == {"basic_arithmetic", "chain_sum", "gcd"}
 
 
 def test_corruption_counts_are_exact(small):
