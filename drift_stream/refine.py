@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from drift_stream import __version__
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import git_sha
+from drift_stream.io.run_dir import git_sha, write_bytes_atomic
 from drift_stream.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 
 logger = logging.getLogger(__name__)
@@ -168,19 +168,6 @@ def scan_shards(fs: fsspec.AbstractFileSystem, shards: list[str]) -> pl.LazyFram
     if is_local(fs):
         return pl.scan_parquet(shards)
     return pl.scan_pyarrow_dataset(pads.dataset(shards, filesystem=fs, format="parquet"))
-
-
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Local: temp name then rename. Object stores: one PUT, which is atomic."""
-    parent = os.path.dirname(path)
-    if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 @contextmanager

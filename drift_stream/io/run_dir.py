@@ -258,6 +258,26 @@ def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write a small file so that readers see the old content or the new, never a part.
+
+    Local: a temp name in the same directory, fsync, then rename. Object stores: one PUT, which is atomic.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
 class _AtomicParquet:
     """A parquet file that appears at its final name only when `close` succeeds (see module docstring)."""
 
@@ -333,18 +353,7 @@ class RunDirectory:
 
     def _write_json(self, rel: str, value: Any) -> None:
         data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        path = self._path(rel)
-        if self.is_local:
-            directory, name = os.path.split(path)
-            os.makedirs(directory, exist_ok=True)
-            temp = os.path.join(directory, f".{name}.tmp")
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        else:
-            self.fs.pipe_file(path, data)  # one PUT: atomic
+        write_bytes_atomic(self.fs, self._path(rel), data)
 
     def _remove(self, rel: str) -> None:
         path = self._path(rel)
