@@ -95,6 +95,10 @@ METHODS = {
     "ifd": ("ifd", "top:{f}", "baseline"),
     "less": ("less", "top:{f}", "baseline"),
     "if": ("if", "top:{f}", "baseline"),
+    # off-policy baselines with the dataset's bare answers as references (the paper's premise: references that are
+    # off the model's distribution); the plain less/if above get worked references in the pool's own template
+    "less answer-refs": ("less_answer", "top:{f}", "baseline"),
+    "if answer-refs": ("if_answer", "top:{f}", "baseline"),
     # the baselines under DRIFT's stratified selection too, so that a DRIFT win is not the selection policy's alone
     "loss strat_len:{f}": ("loss", "strat_len:{f}", "baseline"),
     "less strat_len:{f}": ("less", "strat_len:{f}", "baseline"),
@@ -106,14 +110,20 @@ METHODS = {
     "drift beta=1.5 strat_len:{f}": ("drift_beta1.5", "strat_len:{f}", "drift"),
     "drift tc strat_len:{f}": ("drift_tc", "strat_len:{f}", "drift"),
     "drift tc beta=1.5 strat_len:{f}": ("drift_tc_beta1.5", "strat_len:{f}", "drift"),
+    # advantage signing (r - mean_j r): the shared part of a query's rollouts cancels, leaving correct minus incorrect
+    "drift advantage top:{f}": ("drift_advantage", "top:{f}", "drift"),
+    "drift advantage strat_len:{f}": ("drift_advantage", "strat_len:{f}", "drift"),
     "oracle clean": ("oracle", "top:{f}", "reference"),
 }
 DRIFT_SCORERS = {
     "drift": MAIN,
     "less": replace(MAIN, targets="off-policy", beta=1.0),
     "if": replace(MAIN, targets="off-policy", beta=0.0),
+    "less_answer": replace(MAIN, targets="off-policy", beta=1.0, references="answer"),
+    "if_answer": replace(MAIN, targets="off-policy", beta=0.0, references="answer"),
     "drift_beta1.5": replace(MAIN, beta=1.5),
     "drift_tc": replace(MAIN, task_conditional=True),
+    "drift_advantage": replace(MAIN, signing="advantage"),
     "drift_tc_beta1.5": replace(MAIN, beta=1.5, task_conditional=True),
 }
 ABLATIONS = {  # of the chosen setting: name -> change to its DriftVariant (its selection is kept)
@@ -255,6 +265,15 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
                      block_sizes=np.array(feat.block_sizes))
         f = np.load(path)
         feats = {k: f[k] for k in f.files}
+        path = cache / "features_answer_refs.npz"  # added after the first v2 run: its own file, same cache key
+        if not path.exists():
+            ans_ex = [chat.encode(Example(id=q["id"], messages=(
+                {"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answer"]})))
+                for q in splits.queries]
+            af, _, al, _ = rl.featurize(model, ans_ex, feature_config=fc)
+            np.savez(path, ref_answer=af, ref_answer_loss=al)
+        f = np.load(path)
+        feats.update({k: f[k] for k in f.files})
     torch.manual_seed(0)
     base_eval = json.loads((base_dir / "base_eval.json").read_text())
     built = cache / "build_wall_s.json"  # stage times of the run that built the cache (reruns only load it)
@@ -266,8 +285,9 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
 
 def drift_from_cache(ctx, variant: rl.DriftVariant):
     f, r = ctx["feats"], ctx["rollouts"]
+    refs = f["ref_answer"] if variant.references == "answer" else f["ref"]
     g, kept = rl.query_vectors(variant, f["roll"], np.array([x["query"] for x in r]),
-                               np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), f["ref"],
+                               np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), refs,
                                query_task=[q["task"] for q in ctx["splits"].queries])
     fisher = f["pool"][: ctx["cfg"].fisher_rows]
     if len(g) == 0:  # e.g. unsigned targets when no rollout is correct: no signal, every row ties
@@ -460,6 +480,7 @@ VARIANTS = {  # what makes the signal useful: one change at a time from MAIN (di
     "beta 2": replace(MAIN, beta=2.0),
     "signing advantage": replace(MAIN, signing="advantage"), "signing positive (unsigned)": replace(MAIN, signing="positive"),
     "targets off-policy": replace(MAIN, targets="off-policy"),
+    "targets off-policy, answer-only references": replace(MAIN, targets="off-policy", references="answer"),
     "aggregate pooled (one query vector)": replace(MAIN, aggregate="pooled"),
     "aggregate zmean (per-query z-scores)": replace(MAIN, aggregate="zmean"),
     "queries not unit-normalised": replace(MAIN, normalize_queries=False),

@@ -53,6 +53,9 @@ class DriftVariant:
     """One way of turning cached features into a DRIFT score (defaults: the library's defaults)."""
 
     targets: str = "on-policy"  # on-policy | off-policy
+    # off-policy targets: "worked" references in the pool's own template (no proximity gap: the best case for them),
+    # or "answer": the dataset's bare answer, what reasoning-gym ships with a question
+    references: str = "worked"
     signing: str = "sign"  # sign | advantage | positive
     preconditioner: str = "identity"  # identity | diagonal | block
     damping: float = 0.1
@@ -69,6 +72,8 @@ class DriftVariant:
     def __post_init__(self):
         if self.targets not in ("on-policy", "off-policy"):
             raise ConfigError(f"targets must be on-policy or off-policy, got {self.targets!r}")
+        if self.references not in ("worked", "answer"):
+            raise ConfigError(f"references must be worked or answer, got {self.references!r}")
         if self.signing not in ("sign", "advantage", "positive"):
             raise ConfigError(f"signing must be sign, advantage or positive, got {self.signing!r}")
         if self.preconditioner not in ("identity", "diagonal", "block"):

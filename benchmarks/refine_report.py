@@ -96,6 +96,16 @@ def markdown(result: dict) -> str:
                      f"{r['corrupted']:.1%} | {r['target'][0]:.3f} ± {r['target'][1]:.3f} | "
                      f"{r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} | {dev} |")
     lines += verdict(result)
+    tasks = list(base.get("per_task", {}))
+    if tasks:
+        lines += ["", "Test accuracy per task (mean over seeds):", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks),
+                  "| base | " + " | ".join(f"{base['per_task'][t]:.3f}" for t in tasks) + " |"]
+        for name in result["methods"]:
+            runs = [r for r in result["rows"] if r["method"] == name and "per_task" in r]
+            if runs:
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{np.mean([r['per_task'][t] for r in runs]):.3f}" for t in tasks) + " |")
     kinds = result["corruption_kinds"]
     lines += ["", "Share of each corruption kind among kept rows (by weight; seed 0):", "",
               "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
