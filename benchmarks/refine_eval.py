@@ -114,6 +114,8 @@ METHODS = {
     "drift advantage top:{f}": ("drift_advantage", "top:{f}", "drift"),
     "drift advantage strat_len:{f}": ("drift_advantage", "strat_len:{f}", "drift"),
     "oracle clean": ("oracle", "top:{f}", "reference"),
+    # the ceiling of filtering toward the target tasks: clean target-task rows at random (reads the hidden label)
+    "oracle clean target-tasks": ("oracle_target", "top:{f}", "reference"),
 }
 DRIFT_SCORERS = {
     "drift": MAIN,
@@ -318,7 +320,7 @@ def library_scores(ctx, name: str, seed: int):
 
 
 def method_scores(ctx, scorer: str, seed: int, cached: dict):
-    key = (scorer, seed if scorer in ("random", "oracle") else None)
+    key = (scorer, seed if scorer in ("random", "oracle", "oracle_target") else None)
     if key in cached:
         return cached[key]
     pool = ctx["splits"].pool
@@ -329,6 +331,10 @@ def method_scores(ctx, scorer: str, seed: int, cached: dict):
     elif scorer == "oracle":
         rng = np.random.default_rng(1000 + seed)
         s = rng.random(len(pool)) + np.array([r["corruption"] == "clean" for r in pool], dtype=float)
+    elif scorer == "oracle_target":
+        rng = np.random.default_rng(2000 + seed)
+        s = rng.random(len(pool)) + np.array([r["corruption"] == "clean" for r in pool], dtype=float) \
+            + np.array([r["task"] in TARGET for r in pool], dtype=float)
     elif scorer in ctx["scorers"]:
         s = drift_from_cache(ctx, ctx["scorers"][scorer])
     else:
@@ -541,7 +547,7 @@ def diagnostics(ctx, methods, cached, out: dict | None = None) -> dict:
     clean = np.array([r["corruption"] == "clean" for r in pool])
     ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
     out = {} if out is None else out
-    for scorer in sorted({s for s, _, _ in methods.values()} - {"none", "oracle"} - set(out)):
+    for scorer in sorted({s for s, _, _ in methods.values()} - {"none", "oracle", "oracle_target"} - set(out)):
         s = method_scores(ctx, scorer, 0, cached)
         out[scorer] = dict(rl.score_diagnostics(s, clean, ctx["feats"]["pool_norm"], ntok))
         # AUC per corruption kind: clean rows against that kind only

@@ -52,6 +52,7 @@ def test_quick_run_selections_match_their_definition(quick):
     assert rows["full"]["rows_kept"] == n
     assert rows["full"]["kept_shares"] == pytest.approx(result["pool_shares"], abs=1e-12)
     assert rows["oracle clean"]["corrupted_share"] == 0.0
+    assert rows["oracle clean target-tasks"]["corrupted_share"] == 0.0
     assert rows["random"]["rows_kept"] == math.floor(frac * n + 0.5)
     assert rows["drift top:0.1"]["rows_kept"] == math.floor(0.1 * n + 0.5)
     assert rows["drift weights"]["rows_kept"] == n
