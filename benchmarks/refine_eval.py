@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -116,6 +117,15 @@ METHODS = {
     "oracle clean": ("oracle", "top:{f}", "reference"),
     # the ceiling of filtering toward the target tasks: clean target-task rows at random (reads the hidden label)
     "oracle clean target-tasks": ("oracle_target", "top:{f}", "reference"),
+}
+# Not in the default run (--methods NAME ...): does the score matter once the composition is held fixed? Each keeps
+# round(P*n) rows of the target tasks only, top P inside each target task x response-length quartile, which is the
+# composition of "oracle clean target-tasks".
+EXTRA_METHODS = {
+    "drift target-only strat_len:{f}": ("drift", "strat_len_target:{f}", "composition"),
+    "loss target-only strat_len:{f}": ("loss", "strat_len_target:{f}", "composition"),
+    "less target-only strat_len:{f}": ("less", "strat_len_target:{f}", "composition"),
+    "random target-only strat_len:{f}": ("random", "strat_len_target:{f}", "composition"),
 }
 DRIFT_SCORERS = {
     "drift": MAIN,
@@ -357,9 +367,16 @@ def select(ctx, scores, selection: str):
         return rl.top_mask(scores, frac, ids).astype(float)
     if kind == "strat_task":
         return rl.stratified_top_mask(scores, frac, ids, [r["task"] for r in pool]).astype(float)
-    if kind in ("strat_len", "strat_length"):
+    if kind in ("strat_len", "strat_length", "strat_len_target"):
         ntok = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]])
         buckets = rl.length_buckets(ntok)  # response-length quartile over the pool
+        if kind == "strat_len_target":  # target-task rows only; as many rows in all as top:P of the whole pool
+            idx = np.flatnonzero([r["task"] in TARGET for r in pool])
+            k = int(math.floor(frac * len(pool) + 0.5))
+            strata = [f"{pool[i]['task']}|{buckets[i]}" for i in idx]
+            keep = np.zeros(len(pool))
+            keep[idx[rl.stratified_top_mask(np.asarray(scores)[idx], k / len(idx), [ids[i] for i in idx], strata)]] = 1
+            return keep
         if kind == "strat_len":  # task x length quartile
             strata = [f"{r['task']}|{b}" for r, b in zip(pool, buckets)]
         else:  # length quartile only: the task mix is left to the score
@@ -536,7 +553,7 @@ def resolve_methods(cfg: BenchConfig) -> dict:
     names = [n for n in (cfg.methods or tuple(METHODS)) if n != "ablations"]
     out = {}
     for name in names:
-        scorer, selection, group = METHODS[name]
+        scorer, selection, group = {**METHODS, **EXTRA_METHODS}[name]
         out[name.format(f=cfg.fraction)] = (scorer, selection.format(f=cfg.fraction), group)
     return out
 
@@ -646,7 +663,7 @@ def main(argv=None) -> int:
                         help="cache of base model, rollouts and features (reused when the config matches)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=None,
-                        help=f"subset of {list(METHODS)}; add 'ablations' to run the ablations of the setting chosen "
+                        help=f"subset of {list(METHODS) + list(EXTRA_METHODS)}; add 'ablations' to run the ablations of the setting chosen "
                              "on dev among the DRIFT methods given (default: every method and the ablations)")
     parser.add_argument("--no-library-check", action="store_true")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",

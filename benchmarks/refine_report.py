@@ -135,7 +135,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary(result)
-    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green"}
+    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green", "composition": "tab:purple"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
     y = np.arange(len(rows))
     for ax, key, title in ((axes[0], "target", "target tasks"), (axes[1], "nontarget", "non-target tasks")):

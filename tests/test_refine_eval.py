@@ -156,3 +156,26 @@ def test_query_subset_balances_tasks_and_task_conditional_mean():
     per_query = np.arange(12, dtype=float).reshape(3, 4)  # rows x queries
     out = rl.task_conditional_mean(per_query, ["a", "a", "b", "b"], ["a", "b", "other"])
     np.testing.assert_allclose(out, [np.mean([0, 1]), np.mean([6, 7]), np.mean([8, 9, 10, 11])])
+
+
+def test_target_only_stratified_selection_keeps_target_rows_by_length_quartile():
+    from types import SimpleNamespace
+
+    import refine_eval
+
+    rng = np.random.default_rng(2)
+    tasks = ["basic_arithmetic"] * 40 + ["chain_sum"] * 40 + ["gcd"] * 20
+    pool = [{"id": f"r{i:03d}", "task": t} for i, t in enumerate(tasks)]
+    lengths = rng.integers(5, 60, size=len(pool))
+    ctx = {"splits": SimpleNamespace(pool=pool), "pool_ex": [SimpleNamespace(loss_mask=[1] * int(n)) for n in lengths]}
+    scores = rng.normal(size=len(pool))
+    scores[80:] += 100.0  # the non-target rows score highest, and are still never kept
+    keep = refine_eval.select(ctx, scores, "strat_len_target:0.25") > 0
+    assert keep.sum() == 25 and not keep[80:].any()
+    buckets = refine_eval.rl.length_buckets(lengths)
+    for task in ("basic_arithmetic", "chain_sum"):
+        for b in np.unique(buckets):
+            members = np.flatnonzero((np.array(tasks) == task) & (buckets == b))
+            kept = members[keep[members]]
+            if len(kept):  # the kept rows of a stratum are its best-scored ones
+                assert scores[kept].min() >= scores[np.setdiff1d(members, kept)].max(initial=-np.inf)
