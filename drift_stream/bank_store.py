@@ -224,6 +224,12 @@ class ValidationBank:
             f"  proximity gap {_fmt(gap['gap'])} over {gap['num_queries']} queries "
             f"(reference loss {_fmt(gap['reference_loss'])} - rollout loss {_fmt(gap['rollout_loss'])})",
         ]
+        if isinstance(gap.get("gap"), (int, float)):
+            lines.append("    " + (
+                "> 0: the references are farther from the model than its own rollouts; off-policy targets "
+                "(less / if) aim away from what the model does" if gap["gap"] > 0 else
+                "<= 0: the references are as close to the model as its rollouts; off-policy targets (less / if) "
+                "are a strong baseline here"))
         excluded: dict[str, int] = {}
         for row in m["queries"]:
             if row["excluded"]:

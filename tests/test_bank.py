@@ -148,7 +148,10 @@ def test_proximity_gap_is_explicit(sign_bank, model_dir):
             assert r["loss"] == pytest.approx(-r["mean_logprob"], abs=1e-5)
         gaps.append(row["proximity_gap"])
     assert bank.manifest["proximity_gap"]["gap"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-12)
-    assert "proximity gap" in bank.summary()
+    summary = bank.summary()
+    assert "proximity gap" in summary
+    expected = "farther from the model" if bank.manifest["proximity_gap"]["gap"] > 0 else "a strong baseline here"
+    assert expected in summary
 
 
 def test_round_trip_bit_exact_and_deterministic(sign_bank, model_dir, tmp_path):
