@@ -370,9 +370,18 @@ def make_sft_pool(
 
 
 def make_queries(
-    task_counts: Mapping[str, int], *, seed: int, split: str, exclude: Iterable[str] = ()
+    task_counts: Mapping[str, int], *, seed: int, split: str, exclude: Iterable[str] = (),
+    reference_styles: Sequence[str] = (),
 ) -> list[dict]:
-    """Question/answer rows {id, question, answer, task} (the `qa` form), distinct and outside `exclude`."""
+    """Question/answer rows {id, question, answer, task} (the `qa` form), distinct and outside `exclude`.
+
+    Each style in `reference_styles` (task_references.REFERENCE_STYLES) adds a column `reference_<style>`: the
+    item's correct worked solution as that style's author writes it (off-policy targets for less / if)."""
+    from drift_stream.task_references import REFERENCE_STYLES, reference_solution
+
+    unknown = sorted(set(reference_styles) - set(REFERENCE_STYLES))
+    if unknown:
+        raise ConfigError(f"unknown reference styles {unknown}: use {REFERENCE_STYLES}")
     exclude = set(exclude)
     rows = []
     for task, n in task_counts.items():
@@ -383,6 +392,7 @@ def make_queries(
                 "question": item.question,
                 "answer": item.answer,
                 "task": item.task,
+                **{f"reference_{style}": reference_solution(item, style) for style in reference_styles},
             })
     return rows
 
@@ -424,6 +434,8 @@ class DataRecipe:
         "basic_arithmetic": 100, "chain_sum": 100, "gcd": 34, "products": 33, "leg_counting": 33})
     # held-out queries for choosing a setting (e.g. a benchmark's best variant) without looking at test; none by default
     dev: Mapping[str, int] = field(default_factory=dict)
+    # reference solutions added to test / dev / query rows as `reference_<style>` columns (none in the demo data)
+    reference_styles: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name, mapping in (("pool_tasks", self.pool_tasks), ("queries", self.queries), ("test", self.test),
@@ -446,11 +458,12 @@ class Splits:
 
 def make_splits(recipe: DataRecipe = DataRecipe()) -> Splits:
     """Test first, then dev, then validation queries, then the pool, each excluding every question drawn before it."""
-    test = make_queries(recipe.test, seed=recipe.seed, split="test")
+    styles = tuple(recipe.reference_styles)
+    test = make_queries(recipe.test, seed=recipe.seed, split="test", reference_styles=styles)
     seen = {row["question"] for row in test}
-    dev = make_queries(recipe.dev, seed=recipe.seed, split="dev", exclude=seen)
+    dev = make_queries(recipe.dev, seed=recipe.seed, split="dev", exclude=seen, reference_styles=styles)
     seen |= {row["question"] for row in dev}
-    queries = make_queries(recipe.queries, seed=recipe.seed, split="queries", exclude=seen)
+    queries = make_queries(recipe.queries, seed=recipe.seed, split="queries", exclude=seen, reference_styles=styles)
     seen |= {row["question"] for row in queries}
     pool = make_sft_pool(recipe.pool_tasks, size=recipe.pool_size, corruption=recipe.corruption,
                          seed=recipe.seed, exclude=seen)
