@@ -61,19 +61,15 @@ def _check_model_dir(path: str) -> None:
 
 
 def sequence_losses(model, batch: dict):
-    """Per-example mean NLL over loss-masked tokens, without backward.
+    """Per-example mean NLL over loss-masked tokens, without backward: `drift_stream.losses.example_losses`.
 
     batch: input_ids/attention_mask [B, T] long, loss_mask [B, T] (1 where token t is a target predicted from t-1).
-    Returns (loss [B] float32, num_tokens [B] long). Rows with no masked token get NaN.
+    Returns (loss [B] float32 (float64 for a float64 model), num_tokens [B] long). Rows with no masked token get NaN.
     """
     import torch
 
+    from drift_stream.losses import example_losses
+
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = batch["input_ids"][:, 1:]
-        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-        mask = batch["loss_mask"][:, 1:].to(nll.dtype)
-        num = mask.sum(dim=1)
-        loss = (nll * mask).sum(dim=1) / num
-    return loss, num.long()
+        out = example_losses(model, batch)
+    return out.loss, out.num_tokens

@@ -25,6 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
 from drift_stream.errors import ConfigError
+from drift_stream.losses import eval_mode, example_losses, input_device, prepare_batch, resolve_head
 from drift_stream.grads.projection import FeatureConfig, GradientProjector
 
 if TYPE_CHECKING:
@@ -137,19 +138,7 @@ def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
     return tracked
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """model.eval() (no dropout) for the duration, then every module's own mode back. Free when already in eval."""
-    if not model.training:
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+_eval_mode = eval_mode  # one definition, in drift_stream.losses
 
 
 class _Capture:
@@ -190,7 +179,7 @@ class GradientFeaturizer:
         self.projector = GradientProjector(self.config)
         self.modules = find_tracked_modules(model, self.config)
         param = next(model.parameters())
-        self.device = param.device
+        self.device = input_device(model)
         self.compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         by_name = dict(model.named_modules())
         self._module_objs = [by_name[t.name] for t in self.modules]
@@ -205,6 +194,7 @@ class GradientFeaturizer:
             )
         self.block_sizes = [self.config.proj_dim_out * self.config.proj_dim_in] * len(self.modules)
         self.dim = sum(self.block_sizes)
+        resolve_head(model)  # probe (and cache) the loss-only head now, before any hook is registered
         logger.debug("tracking %d modules, feature dim %d", len(self.modules), self.dim)
 
     # ------------------------------------------------------------------ description
@@ -290,52 +280,16 @@ class GradientFeaturizer:
 
     # ------------------------------------------------------------------ batches
     def _prepare(self, batch: dict):
-        import torch
-
-        missing = [k for k in ("input_ids", "attention_mask", "loss_mask") if k not in batch]
-        if missing:
-            raise ValueError(f"batch is missing {missing}: build it with drift_stream.formats.collate")
-        ids = torch.as_tensor(batch["input_ids"]).to(self.device, torch.long)
-        attn = torch.as_tensor(batch["attention_mask"]).to(self.device, torch.long)
-        lmask = torch.as_tensor(batch["loss_mask"]).to(self.device, torch.float32)
-        if ids.dim() != 2 or attn.shape != ids.shape or lmask.shape != ids.shape or ids.shape[0] == 0:
-            raise ValueError(
-                f"input_ids, attention_mask, loss_mask must share a non-empty [B, T] shape, got "
-                f"{tuple(ids.shape)}, {tuple(attn.shape)}, {tuple(lmask.shape)}"
-            )
-        if not bool(((lmask == 0) | (lmask == 1)).all()):
-            raise ValueError("loss_mask must hold only 0 and 1")
-        if bool((lmask[:, 0] != 0).any()):
-            raise ValueError("loss_mask[:, 0] must be 0: the first token is never predicted")
-        if bool(((lmask > 0) & (attn == 0)).any()):
-            raise ValueError("loss_mask is 1 on a padding position (attention_mask == 0)")
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        return ids, attn, lmask, positions
-
-    def _autocast(self):
-        import torch
-
-        if self.config.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast_dtype))
+        return prepare_batch(batch, self.device)
 
     def _per_example_loss(self, ids, attn, lmask, positions):
-        """Forward pass; (loss [B] in the accumulation dtype, NaN where no tokens; num_tokens [B] int64)."""
-        import torch
+        """Forward pass; (loss [B] in the accumulation dtype, NaN where no tokens; num_tokens [B] int64).
 
-        with self._autocast():
-            logits = self.model(
-                input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False
-            ).logits  # [B, T, V]
-        logits = logits[:, :-1].to(self.compute_dtype)
-        targets = ids[:, 1:]
-        mask = lmask[:, 1:] > 0
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).view_as(targets)  # [B, T-1]
-        num_tokens = mask.sum(dim=1)
-        loss = torch.where(mask, nll, 0.0).sum(dim=1) / num_tokens  # 0/0 = NaN for rows without targets
-        return loss, num_tokens
+        The one per-example loss (drift_stream.losses): LM head only at loss positions, in chunks.
+        """
+        out = example_losses(self.model, None, prepared=(ids, attn, lmask, positions),
+                             autocast_dtype=self.config.autocast_dtype)
+        return out.loss.to(self.device), out.num_tokens.to(self.device)
 
     def loss_only(self, batch: dict):
         """Per-example mean NLL without a backward: (loss [B], num_tokens [B] int64), on the CPU.

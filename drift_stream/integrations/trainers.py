@@ -1,9 +1,12 @@
-"""A small plain-PyTorch SFT loop that honours per-row weights, and greedy accuracy for evaluation.
+"""A small plain-PyTorch SFT loop that honours per-row weights, the weighted loss every trainer here shares, and
+greedy accuracy for evaluation.
 
-This is the reference for how a trainer consumes drift-stream's `weight` column: the batch loss is
-sum_i w_i * l_i / B, with l_i the mean NLL of row i's assistant tokens, so weights with mean 1 keep the loss scale.
-Rows of weight 0 are never drawn: training with them is exactly training without them. Deterministic under `seed`
-(data order from a seeded generator; no dropout), for a fixed torch thread count.
+`weighted_example_loss` is THE weighted SFT loss: `train_sft` (the benchmark's continued SFT and the tiny model's
+recipe) and `integrations.trl.WeightedSFTTrainer` (what users run) both call it, so the benchmark trains through the
+same loss users get. The batch loss is sum_i w_i * l_i / N, with l_i the mean NLL of row i's loss tokens and N the
+rows of the whole optimiser step, so weights with mean 1 keep the loss scale. Rows of weight 0 are never drawn:
+training with them is exactly training without them. `train_sft` is deterministic under `seed` (data order from a
+seeded generator; no dropout), for a fixed torch thread count.
 """
 
 from __future__ import annotations
@@ -86,14 +89,56 @@ def encode_rows(tokenizer, rows: Sequence[Mapping[str, Any]], *, max_tokens: int
 
 
 def example_losses(model, batch: Mapping[str, Any]):
-    """Per-example mean NLL over loss-masked tokens: `batch` from `collate` -> loss [B] (float32)."""
-    import torch.nn.functional as F
+    """Per-example mean NLL over loss-masked tokens: `batch` from `collate` -> loss [B] (float32), NaN for a row
+    without loss tokens. Differentiable; the one loss of `drift_stream.losses` (LM head at loss positions only)."""
+    from drift_stream.losses import example_losses as _losses
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-    targets = batch["input_ids"][:, 1:]  # [B, T-1]
-    mask = batch["loss_mask"][:, 1:]  # [B, T-1]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # [B, T-1]
-    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return _losses(model, batch).loss
+
+
+WEIGHTINGS = ("example", "token")
+
+
+def loss_denominator(loss_mask, weighting: str = "example"):
+    """The count a weighted loss divides by: rows with >= 1 loss token ("example") or loss tokens ("token").
+
+    loss_mask [B, T] (1 where token t is a target predicted from < t; position 0 never is) -> 0-dim int64 tensor.
+    Summed over every micro-batch of an optimiser step (and every data-parallel rank) it is the step's N.
+    """
+    import torch
+
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    counts = (torch.as_tensor(loss_mask)[:, 1:] > 0).sum(1)  # [B] loss tokens per row
+    return (counts > 0).sum() if weighting == "example" else counts.sum()
+
+
+def weighted_example_loss(model, batch: Mapping[str, Any], weights, *, denominator=None, weighting: str = "example"):
+    """The weighted SFT loss of one (micro-)batch: sum_i w_i * l_i / N (`weighting="example"`, the default).
+
+    model: a HF causal LM. batch: `input_ids`, `attention_mask`, `loss_mask` [B, T] (`formats.collate`; a TRL batch
+    maps `labels != -100` to loss_mask). weights [B] (>= 0, finite). l_i: row i's mean NLL over its loss tokens (DESIGN.md
+    section 2; `example_losses`). denominator: N, the rows of the whole optimiser step across gradient-accumulation
+    micro-batches and data-parallel ranks (default: this batch's rows, `loss_denominator`), so that micro-batches summed
+    equal one big batch. With mean-1 weights the loss keeps the scale of the unweighted mean.
+
+    `weighting="token"`: sum_i w_i * sum_t nll_it / (loss tokens of the step): every token of row i weighted by w_i,
+    TRL's and LLaMA-Factory's token-mean convention; with all weights 1 it is `SFTTrainer`'s own loss.
+    Rows without loss tokens contribute 0. Returns a 0-dim float32 tensor (differentiable under grad mode).
+    """
+    import torch
+
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    mask = torch.as_tensor(batch["loss_mask"])
+    losses = example_losses(model, batch)  # [B]
+    w = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)  # [B]
+    counts = (mask[:, 1:] > 0).sum(1).to(losses.device)  # [B]
+    if denominator is None:
+        denominator = loss_denominator(mask, weighting)
+    per_row = losses if weighting == "example" else losses * counts
+    per_row = torch.where(counts > 0, per_row, torch.zeros_like(per_row))  # no loss tokens: 0, never NaN
+    return (w * per_row).sum() / torch.as_tensor(denominator, dtype=losses.dtype, device=losses.device).clamp_min(1)
 
 
 def _resolve_weights(rows, weights) -> list[float]:
@@ -173,7 +218,7 @@ def train_sft(
         for part in _micro_batches(idx, examples, cfg.max_batch_tokens):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in part], pad_id).items()}
             w = torch.tensor([weights[i] for i in part], dtype=torch.float32, device=device)  # [b]
-            loss = (w * example_losses(model, batch)).sum() / len(idx)
+            loss = weighted_example_loss(model, batch, w, denominator=len(idx))
             loss.backward()
             value += float(loss.detach())
             result.tokens_seen += int(batch["loss_mask"][:, 1:].sum())
