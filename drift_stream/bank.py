@@ -15,6 +15,8 @@ Bank directory (fixed names; written and loaded by bank_store.py): bank.safetens
 (schemas/bank_manifest.schema.json), rollouts.parquet.
 Proximity gap of a query: reference_loss - rollout_loss (token-weighted mean NLL of all its rollouts); overall: the
 mean over the queries that have both.
+Queries without a contrast (adaptive K, reference as a positive target, dropping) and query weighting (uniform |
+learnability p(1-p)): drift_stream/contrast.py; recorded in the manifest's `contrast` and per-query rows.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ from drift_stream.bank_store import (
     fingerprint_projector,
     fingerprint_tokenizer,
     write_bank,
+)
+from drift_stream.contrast import (
+    NO_CONTRAST,
+    QUERY_WEIGHTINGS,
+    contrast_counts,
+    contrast_plan,
+    query_weights,
+    top_up_rollouts,
 )
 from drift_stream.errors import BankError, ConfigError
 from drift_stream.grads.projection import FeatureConfig
@@ -78,6 +88,9 @@ class BankConfig:
     max_tokens: int = 2048  # prompt + completion tokens per featurized sequence
     verifier_timeout_s: float | None = 10.0
     save_rollout_vectors: bool = False
+    no_contrast: str = "keep"  # --no-contrast keep | drop | reference (contrast.py)
+    max_rollouts: int | None = None  # --max-rollouts: adaptive K budget per query (None: off)
+    query_weighting: str = "uniform"  # --query-weighting uniform | learnability
 
     def __post_init__(self):
         for name, value, allowed in (("signing", self.signing, SIGNINGS), ("targets", self.targets, TARGETS),
@@ -95,6 +108,18 @@ class BankConfig:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.verifier_timeout_s is not None and not self.verifier_timeout_s > 0:
             raise ConfigError(f"verifier_timeout_s must be > 0 or None, got {self.verifier_timeout_s}")
+        for name, value, allowed in (("no_contrast", self.no_contrast, NO_CONTRAST),
+                                     ("query_weighting", self.query_weighting, QUERY_WEIGHTINGS)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.max_rollouts is not None and (not isinstance(self.max_rollouts, int)
+                                              or self.max_rollouts <= self.rollouts.num_rollouts):
+            raise ConfigError(f"max_rollouts (adaptive K) must be an int > rollouts ({self.rollouts.num_rollouts}) "
+                              f"or None, got {self.max_rollouts!r}")
+        if self.targets == "off-policy" and (self.no_contrast != "keep" or self.max_rollouts is not None
+                                             or self.query_weighting != "uniform"):
+            raise ConfigError("no_contrast, max_rollouts and query_weighting need rollouts: use them with "
+                              "targets on-policy")
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("rollouts", "features")}
@@ -211,33 +236,45 @@ def _encode_all(items: dict, encode) -> tuple[dict, dict]:
     return done, errors
 
 
-def _query_row(qid, counts, rollout_loss, reference_loss, excluded, ref_error) -> dict:
+def _query_row(qid, counts, rollout_loss, reference_loss, excluded, ref_error, reference_target=False) -> dict:
     n = counts["correct"] + counts["incorrect"]
     gap = None if rollout_loss is None or reference_loss is None else reference_loss - rollout_loss
     return {"id": qid, **counts, "pass_rate": counts["correct"] / n if n else None, "rollout_loss": rollout_loss,
-            "reference_loss": reference_loss, "proximity_gap": gap, "excluded": excluded, "reference_error": ref_error}
+            "reference_loss": reference_loss, "proximity_gap": gap, "excluded": excluded, "reference_error": ref_error,
+            "reference_target": reference_target, "weight": None}
 
 
-def _on_policy(queries, rollouts, results, feats: _Targets, encode_errors, ref_loss, ref_errors, config, tokenizer):
-    """(manifest rows, {query id: g_j [D] float64}, parquet rows, rollout vectors [R, D] | None)."""
+def _on_policy(queries, rollouts, results, feats: _Targets, encode_errors, ref_loss, ref_errors, config, tokenizer,
+               refs: _Targets | None = None):
+    """(manifest rows, {query id: g_j [D] float64}, parquet rows, rollout vectors [R, D] | None, {query id: target
+    pass rate}). Rollouts are in (query, rollout index) order, K_j of them per query (adaptive K: K_j may vary)."""
     import torch
 
-    rows, vectors, table = [], {}, []
+    rows, vectors, table, target_pass = [], {}, [], {}
     rollout_vectors = torch.zeros(len(rollouts), feats.features.shape[1] if feats.features is not None else 0) \
         if config.save_rollout_vectors else None
-    k_all = config.rollouts.num_rollouts
+    groups: dict[str, list[int]] = {q.id: [] for q in queries}
+    for i, r in enumerate(rollouts):
+        groups[r.query_id].append(i)
     for j, q in enumerate(queries):
-        idx = range(j * k_all, (j + 1) * k_all)
+        idx = groups[q.id]
         failures = {i: results[i].failure or encode_errors.get(i) or feats.reason(i) for i in idx}
         valid = [i for i in idx if failures[i] is None]
         correct = {i: results[i].reward >= config.correct_threshold - 1e-12 for i in valid}
         counts = {"correct": sum(correct.values()), "incorrect": len(valid) - sum(correct.values()),
-                  "failed": k_all - len(valid)}
-        weights, why = signed_weights([results[i].reward for i in valid], config.signing, config.correct_threshold)
+                  "failed": len(idx) - len(valid)}
+        target_rewards, why, use_ref = contrast_plan([results[i].reward for i in valid], config.correct_threshold,
+                                                     config.no_contrast, refs is not None and refs.ok(j))
+        weights = None
+        if why is None:
+            weights, why = signed_weights(target_rewards, config.signing, config.correct_threshold)
         sign_of = dict(zip(valid, weights or []))
         if weights is not None:
             stack = feats.features[[feats.row[i] for i in valid]].double()  # [K_j, D]
-            g = (torch.tensor(weights, dtype=torch.float64) @ stack) / len(valid)  # [D]
+            if use_ref:  # the reference as one more, correct, target: [K_j + 1, D]
+                stack = torch.cat([stack, refs.features[refs.row[j]].double()[None]])
+            g = (torch.tensor(weights, dtype=torch.float64) @ stack) / len(weights)  # [D]
+            target_pass[q.id] = sum(r >= config.correct_threshold - 1e-12 for r in target_rewards) / len(weights)
             if float(g.norm()) > 0:
                 vectors[q.id] = g
             else:
@@ -245,7 +282,7 @@ def _on_policy(queries, rollouts, results, feats: _Targets, encode_errors, ref_l
         scored = [i for i in idx if feats.ok(i)]  # every rollout with a finite loss counts toward the gap
         rollout_loss = _token_mean([float(feats.loss[feats.row[i]]) for i in scored],
                                    [int(feats.num_tokens[feats.row[i]]) for i in scored])
-        rows.append(_query_row(q.id, counts, rollout_loss, ref_loss.get(j), why, ref_errors.get(j)))
+        rows.append(_query_row(q.id, counts, rollout_loss, ref_loss.get(j), why, ref_errors.get(j), use_ref))
         for i in idx:
             r = rollouts[i]
             if rollout_vectors is not None and feats.ok(i):
@@ -258,7 +295,7 @@ def _on_policy(queries, rollouts, results, feats: _Targets, encode_errors, ref_l
                 "num_completion_tokens": len(r.completion_ids), "mean_logprob": r.mean_logprob,
                 "loss": float(feats.loss[feats.row[i]]) if feats.ok(i) else None,
             })
-    return rows, vectors, table, rollout_vectors
+    return rows, vectors, table, rollout_vectors, target_pass
 
 
 def _off_policy(queries, refs: _Targets, ref_errors):
@@ -367,6 +404,20 @@ def build_bank(
         results = verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rollouts],
                                   config.verifier_timeout_s, progress)
         timings["verification"] = time.perf_counter() - t0
+    adaptive = None
+    if on_policy and config.max_rollouts is not None:
+        import dataclasses
+
+        t0 = time.perf_counter()
+        gen_model = model_path if backend == "vllm" else model
+        rollouts, results, adaptive = top_up_rollouts(
+            lambda qs, seed: generate_rollouts(gen_model, tokenizer, chat_tok, qs,
+                                               dataclasses.replace(config.rollouts, seed=seed), progress),
+            lambda rs: verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rs],
+                                       config.verifier_timeout_s, progress),
+            query_list, rollouts, results, num_rollouts=config.rollouts.num_rollouts,
+            max_rollouts=config.max_rollouts, seed=config.rollouts.seed, correct_threshold=config.correct_threshold)
+        timings["adaptive_rollouts"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     featurizer = GradientFeaturizer(model, config.features)
@@ -376,17 +427,19 @@ def build_bank(
         {j: (Example(id=q.id, messages=tuple(q.messages) + ({"role": "assistant", "content": q.reference_response},)),)
          for j, q in enumerate(query_list) if q.reference_response is not None}, chat_tok.encode)
     ref_errors.update({j: "no_reference" for j, q in enumerate(query_list) if q.reference_response is None})
-    refs = _Targets(featurizer, refs, *batch_args, "reference", progress, loss_only=on_policy)
+    refs = _Targets(featurizer, refs, *batch_args, "reference", progress,
+                    loss_only=on_policy and config.no_contrast != "reference")
     ref_loss = {j: float(refs.loss[refs.row[j]]) for j in refs.owners if refs.ok(j)}
     if on_policy:
         # Each rollout's own tokens: prompt + completion, loss on the completion.
         encoded, encode_errors = _encode_all(
             {i: (r.prompt_ids, r.completion_ids, r.query_id) for i, r in enumerate(rollouts)}, chat_tok.encode_rollout)
         feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress)
-        rows, vectors, table, rollout_vectors = _on_policy(query_list, rollouts, results, feats, encode_errors,
-                                                           ref_loss, ref_errors, config, tokenizer)
+        rows, vectors, table, rollout_vectors, target_pass = _on_policy(
+            query_list, rollouts, results, feats, encode_errors, ref_loss, ref_errors, config, tokenizer,
+            refs if config.no_contrast == "reference" else None)
     else:
-        (rows, vectors), table, rollout_vectors = _off_policy(query_list, refs, ref_errors), [], None
+        (rows, vectors), table, rollout_vectors, target_pass = _off_policy(query_list, refs, ref_errors), [], None, {}
     timings["gradients"] = time.perf_counter() - t0
 
     excluded = [row for row in rows if row["excluded"]]
@@ -398,6 +451,14 @@ def build_bank(
                         "(see the manifest reasons in the warnings); try --signing sign or more --rollouts")
     kept_ids = [q.id for q in query_list if q.id in vectors]
     g = torch.stack([vectors[qid] for qid in kept_ids])  # [m, D] float64
+    weights = query_weights([target_pass.get(qid, 1.0) for qid in kept_ids], config.query_weighting)  # [m]
+    if not weights.sum() > 0:
+        raise BankError(f"query_weighting {config.query_weighting!r} gives every one of the {len(kept_ids)} queries "
+                        "weight 0 (no query has both correct and incorrect targets): use --query-weighting uniform, "
+                        "more --rollouts or --max-rollouts")
+    weight_of = dict(zip(kept_ids, weights.tolist()))
+    for row in rows:
+        row["weight"] = weight_of.get(row["id"])
 
     t0 = time.perf_counter()
     kind = config.preconditioner
@@ -429,11 +490,16 @@ def build_bank(
                           "rollout_loss": _mean([r["rollout_loss"] for r in gap_rows]),
                           "reference_loss": _mean([r["reference_loss"] for r in gap_rows])},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "contrast": {"no_contrast": config.no_contrast, "query_weighting": config.query_weighting,
+                     "adaptive": adaptive, "queries": contrast_counts(rows) if on_policy else None,
+                     "reference_targets": sum(bool(r["reference_target"]) for r in rows)},
     }
     tensors = {"query_vectors": b.float().contiguous(), "signed_vectors": g.float().contiguous(),
                **{k: v.contiguous() for k, v in pre.state_dict().items()}}
     if rollout_vectors is not None:
         tensors["rollout_vectors"] = rollout_vectors.contiguous()
+    if config.query_weighting != "uniform":  # uniform stores none: the scorer takes the plain mean, as before
+        tensors["query_weights"] = torch.from_numpy(weights).float().contiguous()
     write_bank(out_dir, tensors, manifest, table)
     logger.info("bank written to %s: %d queries, dim %d, pass rate %s, proximity gap %s", out_dir, len(kept_ids),
                 featurizer.dim, manifest["pass_rate"], manifest["proximity_gap"]["gap"])

@@ -121,6 +121,7 @@ class ValidationBank:
         self.query_vectors = tensors["query_vectors"]
         self.signed_vectors = tensors["signed_vectors"]
         self.rollout_vectors = tensors.get("rollout_vectors")
+        self.query_weights = tensors.get("query_weights")  # [m] w_j of S(z); None: uniform (the plain mean)
         self.preconditioner_state = {k: v for k, v in tensors.items() if k.startswith("preconditioner.")}
         self.query_ids: list[str] = list(manifest["query_ids"])
         self.dim: int = manifest["dim"]
@@ -153,6 +154,10 @@ class ValidationBank:
         if shape != (manifest["num_queries"], manifest["dim"]):
             raise BankError(f"{path / TENSORS_FILE}: query_vectors is {shape}, the manifest says "
                             f"({manifest['num_queries']}, {manifest['dim']}): the bank is corrupt, rebuild it")
+        weights = tensors.get("query_weights")
+        if weights is not None and tuple(weights.shape) != (manifest["num_queries"],):
+            raise BankError(f"{path / TENSORS_FILE}: query_weights is {tuple(weights.shape)}, the manifest has "
+                            f"{manifest['num_queries']} queries: the bank is corrupt, rebuild it")
         bank = cls(path, manifest, tensors)
         bank.check_compatible(model=model, tokenizer=tokenizer, featurizer=featurizer, allow_mismatch=allow_mismatch)
         return bank
@@ -221,6 +226,10 @@ class ValidationBank:
             f"  queries    {m['num_queries']} in the bank, {len(m['queries']) - m['num_queries']} excluded, "
             f"{len(m['rejected_queries'])} rejected",
             f"  pass rate  {_fmt(m['pass_rate'])}",
+            *([f"  contrast   no_contrast {m['contrast']['no_contrast']}  query weighting "
+               f"{m['contrast']['query_weighting']}  by outcome {m['contrast'].get('queries')}"
+               + (f"  adaptive K {m['contrast']['adaptive']}" if m["contrast"].get("adaptive") else "")]
+              if m.get("contrast") else []),
             f"  proximity gap {_fmt(gap['gap'])} over {gap['num_queries']} queries "
             f"(reference loss {_fmt(gap['reference_loss'])} - rollout loss {_fmt(gap['rollout_loss'])})",
         ]

@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--proj-dim", type=int, default=16, help="projection size per side per module")
     b.add_argument("--last-n-blocks", type=int, default=None, help="track only the last N blocks")
+    b.add_argument("--no-contrast", default="keep", choices=("keep", "drop", "reference"),
+                   help="queries whose rollouts are all correct or all wrong: keep; drop; reference (its reference "
+                        "solution as a correct target when no rollout is correct)")
+    b.add_argument("--max-rollouts", type=int, default=None, metavar="N", help="adaptive K: K more rollouts at a "
+                   "time for a query without a contrast, up to N in all (default: off)")
+    b.add_argument("--query-weighting", default="uniform", choices=("uniform", "learnability"),
+                   help="S(z) as a mean over queries weighted by 1 (uniform) or p(1-p) of the query's pass rate")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank directory")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto")

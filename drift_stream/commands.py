@@ -73,6 +73,9 @@ def bank_build_cmd(args, progress: bool = True) -> int:
         ),
         features=FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim, last_n_blocks=args.last_n_blocks),
         fisher_examples=args.fisher_examples,
+        no_contrast=args.no_contrast,
+        max_rollouts=args.max_rollouts,
+        query_weighting=args.query_weighting,
     )
     if config.preconditioner != "identity" and not args.fisher_data:
         logger.warning("--preconditioner %s needs --fisher-data (training rows); using identity", args.preconditioner)

@@ -5,7 +5,8 @@ loss mask -> per-example numbers -> columns. Rows that cannot be scored keep the
 `drift_reject_reason`; nothing is dropped here (the pipeline routes them to `rejects/`).
 
 Conventions: a higher `drift_score` always means "more worth keeping".
-- drift / less / if: mean over queries of <b_j, u(z)> / ||u(z)||^beta (DESIGN.md section 2).
+- drift / less / if: mean over queries of <b_j, u(z)> / ||u(z)||^beta (DESIGN.md section 2); weighted by the
+  bank's query weights w_j when it has them (query_weighting, contrast.py).
 - loss: minus the mean response NLL (low-loss rows rank first).
 - ifd: the instruction-following difficulty loss(y|x) / loss(y), ranked high-first as in the IFD paper, except that
   rows with IFD > 1 (the prompt does not help at all) are sent to the bottom as that paper filters them.
@@ -23,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from drift_stream.contrast import weighted_query_mean
 from drift_stream.errors import ConfigError
 from drift_stream.stats import spearman
 
@@ -440,7 +442,8 @@ class DriftScorer(_ModelScorer):
             raise ConfigError("beta: auto found no scorable row in the calibration sample")
         raw, norm, _, bad = self._raw(examples)
         ok = np.array([b is None for b in bad])
-        mean_raw = raw.mean(axis=1)
+        weights = self.bank.query_weights
+        mean_raw = weighted_query_mean(raw, None if weights is None else weights.double().numpy())
         beta = fit_beta(mean_raw[ok], norm[ok])
         self._beta = beta
         self._debias = debias_stats(mean_raw[ok], norm[ok], beta)
@@ -465,7 +468,9 @@ class DriftScorer(_ModelScorer):
         raw, norm, loss, bad = self._raw(examples)
         scale = np.power(np.maximum(norm, 1e-30), self._beta)[:, None]  # [n, 1]
         per_query = raw / scale  # [n, m]
-        score = per_query.mean(axis=1)
+        # S = sum_j w_j score_j / sum_j w_j (bank query_weighting, contrast.py); no weights: the plain mean
+        weights = self.bank.query_weights
+        score = weighted_query_mean(per_query, None if weights is None else weights.double().numpy())
         return ExampleScores(score=score, grad_norm=norm, loss=loss, bad=bad, query_scores=per_query)
 
     def _extra_config(self) -> dict:
