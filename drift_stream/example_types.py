@@ -2,15 +2,18 @@
 
 Reject reasons (`RowError.reason`): missing_field:COL, wrong_type:COL, empty_field:COL, invalid_role:NAME,
 unsupported_content:TYPE, empty_conversation, misplaced_system, duplicate_system, no_assistant_turn, empty_response,
-template_error, mask_boundary, too_long:N>M, no_loss_tokens.
+template_error:WHERE: MESSAGE (the template's own), template_span:assistant turn N ..., too_long:N>M,
+no_loss_tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
-Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+# {"role": "system" | "user" | "assistant" | "tool", "content": str} plus, passed to the chat template as given:
+# tool_calls (OpenAI form) and reasoning_content on assistant turns, tool_call_id / name on tool turns.
+Message = Mapping[str, Any]
 
 
 class RowError(ValueError):

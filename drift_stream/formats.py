@@ -32,7 +32,9 @@ __all__ = [  # the types and tokenization's names are re-exported: they were def
     "validate_adapter_spec",
 ]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Message keys passed on to the chat template besides role and content (OpenAI tool calls, reasoning).
+_PASSED_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
 
 # kind -> (required fields, optional fields); a required field's column defaults to its own name.
 _KIND_FIELDS = {
@@ -280,14 +282,21 @@ class Adapter:
                 raise RowError(f"wrong_type:{col}.{self.role_key}")
             if role not in self.roles:
                 raise RowError(f"invalid_role:{role[:40]}")
-            if content is None:
+            turn = {"role": self.roles[role]}
+            for key in _PASSED_KEYS:
+                if item.get(key) is not None:
+                    turn[key] = _plain_json(item[key])
+            if content is None and not (turn["role"] == "assistant" and turn.get("tool_calls")):
                 raise RowError(f"missing_field:{col}.{self.content_key}")
-            turns.append({"role": self.roles[role], "content": _content_text(content, f"{col}.{self.content_key}")})
+            turn["content"] = "" if content is None else _content_text(content, f"{col}.{self.content_key}")
+            if turn.get("tool_calls") is not None:
+                _check_tool_calls(turn["tool_calls"], col)
+            turns.append(turn)
         return turns
 
     def _with_system(self, row: Mapping[str, Any], messages: list[dict]) -> list[dict]:
         system = self._string(row, "system", required=False)
-        if system is None or not system.strip():
+        if system is None:  # an empty system prompt is kept, as a `messages` row's empty system turn is
             return messages
         if any(m["role"] == "system" for m in messages):
             raise RowError("duplicate_system")
@@ -319,6 +328,26 @@ class Adapter:
         return Example(id=rid, messages=tuple(messages), answer=self.extract_answer(answer), reference=answer.strip())
 
 
+def _plain_json(value: Any) -> Any:
+    """Lists/dicts as plain Python (pandas rows hold numpy arrays); JSON strings kept as they are."""
+    items = _as_list(value)
+    if items is not None:
+        return [_plain_json(v) for v in items]
+    if isinstance(value, Mapping):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    return value
+
+
+def _check_tool_calls(calls: Any, col: str) -> None:
+    """OpenAI tool calls: [{"type": "function", "function": {"name": str, "arguments": str | dict}}]."""
+    if not isinstance(calls, list):
+        raise RowError(f"wrong_type:{col}.tool_calls")
+    for call in calls:
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"wrong_type:{col}.tool_calls.function.name")
+
+
 def _content_text(content: Any, col: str) -> str:
     if isinstance(content, str):
         return content
@@ -345,5 +374,6 @@ def _check_conversation(messages: Sequence[Message]) -> None:
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise RowError("no_assistant_turn")
-    if any(not m["content"].strip() for m in assistant):
+    if any(not m["content"].strip() and not m.get("tool_calls") and not (m.get("reasoning_content") or "").strip()
+           for m in assistant):
         raise RowError("empty_response")

@@ -2,17 +2,20 @@
 
 Plain template, used when the tokenizer has no chat template (built piece by piece, so masks are exact):
     [bos] "System: {c}" "\\n\\n" "User: {c}" "\\n\\n" "Assistant:" " {c}" <eos> "\\n\\n" ...
-Loss on " {c}" <eos> of every assistant turn; the generation prompt ends with "Assistant:".
+Loss on " {c}" <eos> of every assistant turn; the generation prompt ends with "Assistant:". Tool turns are
+"Tool: {c}"; an assistant's reasoning_content and tool_calls are written into its text (`_plain_assistant_text`).
+Chat templates: one render per row, spans located as in template_spans.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from drift_stream.errors import ConfigError
 from drift_stream.example_types import Example, Message, RowError, TokenizedExample
+from drift_stream.template_spans import END_OF_TURN_TEXTS, cut_points, locate_assistant_turns, token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +23,28 @@ OVERLONG_POLICIES = ("reject", "truncate")
 
 
 class ChatTemplateError(ConfigError):
-    """The tokenizer's chat template cannot give exact loss masks (a rendered prefix is not a prefix of the whole)."""
+    """A chat template was asked for but none is available (or cannot be read)."""
+
+
+def read_chat_template(path: str) -> str:
+    """The Jinja text of a `--chat-template FILE`; ChatTemplateError when it cannot be read."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ChatTemplateError(f"--chat-template {path}: cannot read it ({exc.strerror or exc})") from exc
+    if not text.strip():
+        raise ChatTemplateError(f"--chat-template {path}: the file is empty")
+    return text
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ConfigError(f"--stop-token {text!r} is {len(ids)} tokens for this tokenizer, not one: pass a token "
+                          "of its vocabulary (e.g. <|im_end|>)")
+    return int(ids[0])
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -47,11 +71,19 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int, padding_sid
 
 
 class ChatTokenizer:
-    """Tokenize Examples with loss masks: the tokenizer's chat template when it has one, else the plain template.
+    """Tokenize Examples with loss masks: the chat template (the tokenizer's, or `chat_template`) when there is
+    one, else the plain template.
 
-    Masks come from rendering conversation prefixes and diffing token counts: for each assistant turn, loss on
-    the tokens between the generation prompt before it and the end of the turn, cut after the turn's last stop
-    token (EOS or `stop_token_ids`), so the template's role header and separators after EOS carry no loss.
+    A conversation is rendered once and tokenized once with character offsets; each assistant turn's span is
+    located in the rendered text (template_spans.py: from the end of the generation prompt through the turn's
+    end-of-turn token) and the tokens overlapping it carry the loss. No template is refused as a whole: a row the
+    template cannot render, or whose assistant turn cannot be located, raises RowError with a reason naming the
+    turn and, for a template error, the template's own message.
+
+    tokenizer: a HF (fast, for offsets) tokenizer. chat_template: Jinja text replacing the tokenizer's.
+    use_chat_template: False -> the plain template even when a chat template exists. stop_tokens: extra
+    end-of-turn token strings (each must be one token). Counters: `reasoning_dropped` (assistant turns whose
+    reasoning the template did not render).
     """
 
     def __init__(
@@ -61,6 +93,8 @@ class ChatTokenizer:
         overlong: str = "reject",
         stop_token_ids: Sequence[int] = (),
         use_chat_template: bool | None = None,
+        chat_template: str | None = None,
+        stop_tokens: Sequence[str] = (),
     ):
         if not isinstance(max_tokens, int) or max_tokens < 2:
             raise ConfigError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
@@ -69,19 +103,36 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.overlong = overlong
-        template = getattr(tokenizer, "chat_template", None)
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # tokenizers with several named templates
+            template = template.get("default") or next(iter(template.values()), None)
         self.uses_chat_template = bool(template) if use_chat_template is None else use_chat_template
         if self.uses_chat_template and not template:
-            raise ChatTemplateError("use_chat_template=True but the tokenizer has no chat_template")
-        self._template_sha1 = hashlib.sha1(str(template).encode()).hexdigest() if self.uses_chat_template else None
+            raise ChatTemplateError("use_chat_template=True but the tokenizer has no chat_template: pass "
+                                    "chat_template= (--chat-template FILE) or use the plain format (--no-chat-template)")
+        if chat_template and not self.uses_chat_template:
+            raise ConfigError("chat_template was given together with use_chat_template=False: choose one")
+        self.template = template if self.uses_chat_template else None
+        self._template_sha1 = hashlib.sha1(str(self.template).encode()).hexdigest() if self.template else None
         self.eos_token_id = tokenizer.eos_token_id
         if self.eos_token_id is None:
             raise ConfigError("the tokenizer has no eos_token (it ends text and plain-template turns): set one")
-        self.stop_ids = frozenset(int(t) for t in stop_token_ids) | {self.eos_token_id}
+        extra = [int(t) for t in stop_token_ids] + [_single_token_id(tokenizer, t) for t in stop_tokens]
+        self.stop_ids = frozenset(extra) | {self.eos_token_id} | frozenset(self._template_stop_ids())
         self._lead = self._leading_special_ids()
         self._start = self._lead or [self.eos_token_id]
+        self.reasoning_dropped = 0
+        self._warned_reasoning = False
         if self.uses_chat_template:
-            self._probe_template()
+            if not getattr(tokenizer, "is_fast", False):
+                raise ConfigError("chat templates need a fast tokenizer (character offsets locate each assistant "
+                                  "turn): load it with use_fast=True, or use the plain format (--no-chat-template)")
+            self._stop_texts = sorted({tokenizer.convert_ids_to_tokens(int(i)) for i in self.stop_ids}
+                                      | {t for t in END_OF_TURN_TEXTS if t in self.template}, key=len, reverse=True)
+            self._gen_suffix = self._generation_suffix()
+            specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+            specials += [t for t in getattr(tokenizer, "added_tokens_encoder", {})]
+            self._cuts = cut_points(self._gen_suffix, specials)
 
     @property
     def pad_token_id(self) -> int:
@@ -98,6 +149,10 @@ class ChatTokenizer:
             "stop_token_ids": sorted(self.stop_ids),
         }
 
+    def stats(self) -> dict:
+        """Counters for a run manifest: {"reasoning_dropped": assistant turns whose reasoning was not rendered}."""
+        return {"reasoning_dropped": self.reasoning_dropped}
+
     # -- public encoders
 
     def encode(self, example: Example) -> TokenizedExample:
@@ -106,10 +161,14 @@ class ChatTokenizer:
         return self._finish(example.id, ids, mask)
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Generation prompt [T]: exactly the tokens `encode` puts before an assistant turn that follows `messages`."""
+        """Generation prompt [T]: the tokens of `messages` rendered with the generation prompt (header + prefill).
+
+        The loss span of an assistant turn in `encode` starts where this text ends, so the prompt is a token prefix
+        of the encoded row except where the template renders earlier turns differently once a later turn exists
+        (Qwen3 and R1 strip reasoning), or where a token merges across the header's end (content starting "\n")."""
         messages = [dict(m) for m in messages]
         if self.uses_chat_template:
-            ids = self._tokenize([self._render(messages, True)])[0]
+            ids = self._tokenize([self._render(messages, True, None)])[0]
         else:
             ids = self._plain(messages, generation_prompt=True)[0]
         if len(ids) >= self.max_tokens:
@@ -127,17 +186,18 @@ class ChatTokenizer:
         mask = [0] * len(prompt_ids) + [1] * len(completion)
         return self._finish(id, ids, mask)
 
+    def response_only(self, example: TokenizedExample) -> TokenizedExample:
+        """The loss tokens of a tokenized example alone, after the start token(s) (BOS, else EOS): loss(y) without
+        x, as IFD needs. The one response-only builder."""
+        body = [t for t, m in zip(example.input_ids, example.loss_mask) if m]
+        ids = self._start + body
+        return TokenizedExample(id=example.id, input_ids=ids, loss_mask=[0] * len(self._start) + [1] * len(body))
+
     def encode_response_only(self, example: Example) -> TokenizedExample:
-        """The response alone: a start token (BOS, else EOS) then every assistant span of `encode`, loss on all of it."""
+        """`response_only(encode(example))`; a plain-text example is its own response."""
         if example.text is not None:
             return self.encode(example)
-        if example.response is not None:
-            body = self._tokenize([example.response])[0] + [self.eos_token_id]
-        else:
-            ids, mask = self._build(example)
-            body = [t for t, m in zip(ids, mask) if m]
-        ids = self._start + body
-        return self._finish(example.id, ids, [0] * len(self._start) + [1] * len(body))
+        return self.response_only(self.encode(example))
 
     # -- internals
 
@@ -177,42 +237,82 @@ class ChatTokenizer:
                 return list(full[:start])
         return []
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _template_stop_ids(self) -> list[int]:
+        """End-of-turn tokens the template writes (END_OF_TURN_TEXTS it mentions that are single tokens). GPT-OSS
+        writes <|end|> between the analysis and final messages of one turn: with <|return|> present it is no stop."""
+        if not self.uses_chat_template:
+            return []
+        texts = [t for t in END_OF_TURN_TEXTS if t in self.template]
+        if "<|return|>" in texts:
+            texts = [t for t in texts if t != "<|end|>"]
+        ids = []
+        for text in texts:
+            tid = self.tokenizer.convert_tokens_to_ids(text)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.append(tid)
+        return ids
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, what: str | None) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
             )
         except Exception as exc:  # jinja2 errors, raise_exception() in templates (e.g. roles must alternate)
-            logger.debug("chat template failed: %s", exc)
-            raise RowError("template_error") from exc
+            message = " ".join(str(exc).split())[:200]
+            raise RowError(f"template_error:{what or 'conversation'}: {type(exc).__name__}: {message}") from exc
+
+    def _failing_turn(self, messages: list[dict]) -> str:
+        """"message N (role)": the first message whose prefix the template cannot render (only run on failure)."""
+        for n in range(1, len(messages) + 1):
+            try:
+                self._render(messages[:n], False, None)
+            except RowError:
+                return f"message {n - 1} ({messages[n - 1].get('role')})"
+        return "conversation"
+
+    def _generation_suffix(self) -> str:
+        """The text the generation prompt adds after a one-user-turn chat (header + prefill), cut back to a token
+        boundary (Phi-3 ends the chat with EOS when there is no generation prompt). "" when the template has none
+        or cannot render the probe (then each turn's span starts at its own text)."""
+        for probe in ([{"role": "user", "content": "Hi"}],
+                      [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]):
+            try:
+                with_prompt = self._render(probe, True, None)
+                without = self._render(probe, False, None)
+            except RowError as exc:
+                logger.debug("generation-prompt probe failed: %s", exc.reason)
+                continue
+            common = 0
+            for a, b in zip(with_prompt, without):
+                if a != b:
+                    break
+                common += 1
+            enc = self.tokenizer(with_prompt, add_special_tokens=False, return_offsets_mapping=True)
+            for s, e in enc["offset_mapping"]:
+                if e > common:
+                    common = min(common, s)
+                    break
+            return with_prompt[common:]
+        return ""
 
     def _chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        full = self._render(messages, False)
-        bounds = []  # (text before the turn's content, text through the turn's end)
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                bounds.append((self._render(messages[:i], True), self._render(messages[: i + 1], False)))
-        for turn, (before, through) in enumerate(bounds):
-            for name, prefix in (("generation prompt", before), ("conversation prefix", through)):
-                if not full.startswith(prefix):
-                    raise ChatTemplateError(
-                        f"chat template: the {name} of assistant turn {turn} is not a prefix of the whole "
-                        f"conversation, so loss masks cannot be computed (the template renders earlier turns "
-                        f"differently, e.g. strips reasoning): pass a template without that, or use_chat_template=False"
-                    )
-        texts = list(dict.fromkeys([full] + [text for pair in bounds for text in pair]))  # the last turn ends at `full`
-        tokens = dict(zip(texts, self._tokenize(texts)))
-        ids, mask = tokens[full], [0] * len(tokens[full])
-        for before_text, through_text in bounds:
-            before, through = tokens[before_text], tokens[through_text]
-            if ids[: len(before)] != before or ids[: len(through)] != through:
-                raise RowError("mask_boundary")  # tokens merge across a turn boundary for this row's text
-            start, end = len(before), len(through)
-            stops = [p for p in range(start, end) if ids[p] in self.stop_ids]
-            if stops:
-                end = stops[-1] + 1
-            mask[start:end] = [1] * (end - start)
-        return ids, mask
+        try:
+            text = self._render(messages, False, None)
+        except RowError as exc:
+            raise RowError(exc.reason.replace("conversation", self._failing_turn(messages), 1)) from exc.__cause__
+        located = locate_assistant_turns(text, messages, self._gen_suffix, self._cuts, self._stop_texts)
+        if located.reasoning_dropped:
+            self.reasoning_dropped += located.reasoning_dropped
+            if not self._warned_reasoning:
+                self._warned_reasoning = True
+                logger.warning(
+                    "the chat template (sha1 %s) drops the reasoning of some assistant turns (Qwen3 and R1 templates "
+                    "keep it only after the last user turn): those turns are scored as rendered, without it; the "
+                    "run counts them as reasoning_dropped. Pass a template that keeps it (--chat-template, e.g. "
+                    "TRL's *_training.jinja) to score the reasoning", (self._template_sha1 or "")[:12])
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        return ids, token_mask(enc["offset_mapping"], located.spans)
 
     def _plain(self, messages: list[dict], generation_prompt: bool) -> tuple[list[int], list[int]]:
         # (text, loss) pieces in order; "\n\n" separates turns; tokenized in one call
@@ -221,9 +321,9 @@ class ChatTokenizer:
             if i:
                 pieces.append(("\n\n", 0))
             if m["role"] == "assistant":
-                pieces += [("Assistant:", 0), (" " + m["content"], 1), ("", 1)]  # "" marks the EOS token
+                pieces += [("Assistant:", 0), (" " + _plain_assistant_text(m), 1), ("", 1)]  # "" marks EOS
             else:
-                pieces.append((f"{m['role'].capitalize()}: {m['content']}", 0))
+                pieces.append((f"{m['role'].capitalize()}: {m.get('content') or ''}", 0))
         if generation_prompt:
             pieces += [("\n\n", 0)] * bool(messages) + [("Assistant:", 0)]
         ids, mask = list(self._lead), [0] * len(self._lead)
@@ -233,21 +333,18 @@ class ChatTokenizer:
             mask += [loss] * len(toks)
         return ids, mask
 
-    def _probe_template(self) -> None:
-        """Fail at construction, not mid-run, when the template cannot give exact masks."""
-        probe = [
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye"},
-            {"role": "assistant", "content": "Bye."},
-        ]
-        try:
-            _, mask = self._chat(probe)
-        except RowError as exc:
-            raise ChatTemplateError(f"the chat template fails on a plain two-turn chat ({exc.reason})") from exc
-        if not any(mask):
-            raise ChatTemplateError("the chat template puts no assistant tokens in a plain two-turn chat")
-        if self._render(probe[:1], True) == self._render(probe[:1], False):
-            logger.warning(
-                "the chat template ignores add_generation_prompt: the assistant header will be inside the loss mask"
-            )
+
+def _plain_assistant_text(message: Mapping[str, Any]) -> str:
+    """An assistant turn in the plain format: <think>reasoning</think> when given as reasoning_content, the
+    content, then one <tool_call>{json}</tool_call> line per tool call."""
+    import json
+
+    text = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning:
+        text = f"<think>\n{reasoning}\n</think>\n\n{text}"
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function", call)
+        text += "\n<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")},
+                                             ensure_ascii=False) + "</tool_call>"
+    return text

@@ -322,7 +322,7 @@ def test_yaml_failing_schema_lists_problems(tmp_path):
         "Additional properties are not allowed ('extra'",
         "fields.messages: 3 is not of type 'string'",
         "'text' is not one of ['messages', 'system']",
-        "roles.human: 'robot' is not one of ['system', 'user', 'assistant']",
+        "roles.human: 'robot' is not one of ['system', 'user', 'assistant', 'tool']",
     ]:
         assert needle in text
 
@@ -518,18 +518,25 @@ def test_tokenizer_config_errors(char_tok):
         Example(id="x", text="a", messages=())
 
 
-def test_template_breaking_prefix_property_is_refused():
+def test_template_dropping_earlier_turns_rejects_only_rows_it_breaks(char_tok, caplog):
+    """No start-up probe refuses a template: a row whose assistant text the template does not render is one reject
+    naming the turn; rows it renders are encoded."""
     tok = make_char_tokenizer()
-    tok.chat_template = (  # like templates that strip reasoning from earlier assistant turns
+    tok.chat_template = (  # blanks every assistant turn but the last
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|assistant|><|end|>\n"
         "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    with pytest.raises(ChatTemplateError, match="not a prefix of the whole conversation"):
-        ChatTokenizer(tok)
+    ct = ChatTokenizer(tok)
+    one = Example(id="a", messages=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}))
+    assert masked_spans(tok, ct.encode(one)) == ["Yo<|end|>"]
+    two = Example(id="b", messages=one.messages + ({"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}))
+    with pytest.raises(RowError) as err:
+        ct.encode(two)
+    assert err.value.reason.startswith("template_span:assistant turn 0 (message 1)")
 
 
-def test_template_exception_and_token_merge_are_row_rejects(bpe_tok):
+def test_template_exception_and_token_merge(bpe_tok):
     tok = make_char_tokenizer()
     tok.chat_template = (
         "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
@@ -540,8 +547,9 @@ def test_template_exception_and_token_merge_are_row_rejects(bpe_tok):
                         {"role": "assistant", "content": "c"}]}
     with pytest.raises(RowError) as err:
         ChatTokenizer(tok).encode(load_adapter("messages").to_example(row))
-    assert err.value.reason == "template_error"
-    # a header ending in ':' merges with content starting with '::' under this BPE: masks would be wrong
+    assert err.value.reason == "template_error:message 1 (user): TemplateError: roles must alternate"
+    # a header ending in ':' merges with content starting with '::' under this BPE: the merged token straddles the
+    # turn's start and carries the loss (as in HF's assistant-token masks), rather than rejecting the row
     bpe = bpe_tok.__class__(tokenizer_object=bpe_tok.backend_tokenizer, eos_token="<|im_end|>")
     bpe.chat_template = (
         "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
@@ -550,18 +558,23 @@ def test_template_exception_and_token_merge_are_row_rejects(bpe_tok):
     ct = ChatTokenizer(bpe)
     ok = Example(id="a", messages=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x::"}))
     assert masked_spans(bpe, ct.encode(ok)) == ["x::<|im_end|>"]
-    bad = Example(id="b", messages=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "::x"}))
-    with pytest.raises(RowError) as err:
-        ct.encode(bad)
-    assert err.value.reason == "mask_boundary"
+    merged = Example(id="b", messages=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "::x"}))
+    te = ct.encode(merged)
+    (span,) = masked_spans(bpe, te)
+    assert span.endswith("::x<|im_end|>") and span in (":::x<|im_end|>", "::x<|im_end|>")
+    assert bpe.decode(te.input_ids) == "user:Hi<|im_end|>assistant:::x<|im_end|>"
 
 
-def test_template_ignoring_generation_prompt_warns(caplog):
+def test_template_ignoring_generation_prompt_masks_content_without_warning(caplog):
+    """Mistral-like: no generation prompt, so each turn starts at its own text; nothing is wrong, nothing warns."""
     tok = make_char_tokenizer()
     tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    with caplog.at_level(logging.WARNING, logger="drift_stream.formats"):
-        ChatTokenizer(tok)
-    assert "ignores add_generation_prompt" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        ct = ChatTokenizer(tok)
+        te = ct.encode(Example(id="a", messages=({"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Yo"})))
+    assert masked_spans(tok, te) == ["Yo<|end|>"]
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
