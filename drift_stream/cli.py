@@ -32,10 +32,22 @@ def _beta_arg(text: str):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="flags from a YAML file (keys: flag names, dashes or "
+                   "underscores); flags on the command line win")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; the demo uses 1)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _add_engine(p: argparse.ArgumentParser, work: str) -> None:
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help=f"local: this process; ray: {work} on a pool of Ray actors (same output)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (default: RAY_ADDRESS, as `ray job submit` sets, else a new local one)")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors, each loading the model once (default 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (default 0)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per Ray actor (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    _add_engine(p, "score input files")
     _add_common(p)
 
     p = sub.add_parser("bank", help="build or inspect a validation bank")
@@ -126,12 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top:P inside each group of these columns, keeping the pool's mix (e.g. task)")
     p.add_argument("--length-buckets", type=int, default=0, metavar="N",
                    help="with top:P, also stratify by N quantile buckets of response length")
+    p.add_argument("--allow-incomplete", action="store_true", help="refine a run whose score command has not "
+                   "finished every input file (refused by default); the finished part is used and its fraction said")
     p.add_argument("--storage-options", type=_json_arg, default=None)
     _add_common(p)
 
     p = sub.add_parser("report", help="one self-contained HTML page about a run")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    p.add_argument("--allow-incomplete", action="store_true", help="report on a run whose score command has not "
+                   "finished every input file (refused by default); the page says what fraction it covers")
     p.add_argument("--storage-options", type=_json_arg, default=None)
     _add_common(p)
 
@@ -154,9 +171,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # One tokenizer call per row from one thread: the Rust thread pool only adds contention (2x slower on 2 cores).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    _configure_logging(args)
+    from drift_stream.cli_config import apply_config_file
     from drift_stream.errors import DriftError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        apply_config_file(parser, argv)
+    except DriftError as err:
+        print(f"drift-stream: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    _configure_logging(args)
 
     try:
         return _dispatch(args)
