@@ -33,3 +33,11 @@ class BankError(DriftError):
 
 class BankMismatchError(BankError):
     """The bank was built for another model, tokenizer or projector."""
+
+
+class IncompleteRunError(InputError):
+    """A run directory is missing completion markers: some input files were never scored (or not yet)."""
+
+
+class AllRejectedError(DriftError):
+    """Every row of a run was rejected (wrong adapter or file format, most often); the run directory is kept."""

@@ -10,11 +10,17 @@ markers, so the process that finishes last leaves the complete manifest.
 
 What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()`. Not compared,
 because they do not change any output row: `out`, `num_shards`, `shard_index`, `batch_rows`, `prefetch_batches`,
-`on_bad_row` and the storage options (credentials are never recorded).
+`on_bad_row`, `allow_all_rejected` and the storage options (credentials are never recorded).
+
+The run's one input schema (union of every input file's columns, io/schema.py) is recorded in `OUT/schema.json` by
+the first process, so every shard, resume and engine writes data shards of one schema. At the end,
+`run_checks.check_rejections` warns when most rows were rejected (naming the top reasons and the likely cause) and
+raises AllRejectedError when every row was, unless `allow_all_rejected`.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -30,9 +36,10 @@ from drift_stream.io.run_dir import (
     RunDirectory,
     ScoreSummary,
     ShardWriter,
-    conform_table,
     reason_code,
 )
+from drift_stream.io.schema import SchemaPlan, conform_table
+from drift_stream.run_checks import check_rejections
 from drift_stream.io.streams import (
     Chunk,
     InputFile,
@@ -40,6 +47,7 @@ from drift_stream.io.streams import (
     input_schema,
     is_iterable_dataset,
     iter_chunks,
+    plan_inputs,
     prefetch,
     shard_files,
 )
@@ -47,6 +55,7 @@ from drift_stream.io.streams import (
 logger = logging.getLogger(__name__)
 
 REASON_COLUMN = "drift_reject_reason"
+PLAN_FILE = "schema.json"  # the run's one input schema (io/schema.py SchemaPlan), recorded by the first process
 ON_BAD_ROW = ("reject", "error")
 
 
@@ -61,6 +70,7 @@ class RunConfig:
     batch_rows: int = 1024  # rows per chunk handed to the scorer; bounds memory
     on_bad_row: str = "reject"  # reject: bad rows go to rejects/; error: the first bad row stops the run
     prefetch_batches: int = 2  # chunks read ahead on the background thread
+    allow_all_rejected: bool = False  # else a run whose every row is rejected raises AllRejectedError (CLI exit 2)
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)  # never recorded
 
     def __post_init__(self) -> None:
@@ -93,14 +103,25 @@ def recorded_config(files: list[InputFile], scorer: Any) -> dict[str, Any]:
     return {"input_files": [f.url for f in files], "scorer": scorer.config_dict()}
 
 
-def run_score(config: RunConfig, scorer: Callable[[pa.Table], pa.Table], progress: bool = True) -> dict[str, Any]:
-    """Score this shard's input files into `config.out`; skip finished ones. Returns the manifest."""
+def run_score(
+    config: RunConfig,
+    scorer: Callable[[pa.Table], pa.Table],
+    progress: bool = True,
+    score_files: Callable[..., None] | None = None,
+) -> dict[str, Any]:
+    """Score this shard's input files into `config.out`; skip finished ones. Returns the manifest.
+
+    `score_files(todo, run, scorer, config, progress)` scores the files that have no marker yet, each through
+    `score_file`; the default runs them in this process, `integrations.ray.RayEngine` on a Ray actor pool. Listing,
+    assignment, calibration, the config check and the manifest stay here, so every engine writes the same run.
+    """
     files = expand_inputs(config.data, config.storage_options)
     run = RunDirectory(config.out, config.storage_options)
+    plan = input_plan(files, run, scorer, config)
     if getattr(scorer, "needs_calibration", False):
         # beta: auto is fitted on the first rows of the WHOLE input (not of this shard), so every shard process and
         # every resume fits the same beta.
-        scorer.calibrate(head_rows(files, scorer.config.calibration_rows, config))
+        scorer.calibrate(head_rows(files, scorer.config.calibration_rows, config, plan))
     record = recorded_config(files, scorer)
     run.check_config(record)
     mine = shard_files(files, config.num_shards, config.shard_index)
@@ -111,20 +132,57 @@ def run_score(config: RunConfig, scorer: Callable[[pa.Table], pa.Table], progres
         config.shard_index, config.num_shards, len(mine), len(files), len(mine) - len(todo), len(todo), run.url,
     )
     if todo:
-        _score_files(todo, run, scorer, config, progress)
+        (score_files or _score_files)(todo, run, scorer, config, progress)
     manifest = run.update_manifest(record, [f.url for f in files])
     if manifest["complete"]:
         logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
                     manifest["rows_scored"], manifest["rows_rejected"])
+    if plan.json_columns:
+        logger.warning("column(s) %s hold values of different JSON types in different rows: they are carried as "
+                       "JSON text (%s records it)", ", ".join(plan.json_columns), f"{run.url}/{PLAN_FILE}")
+    check_rejections(manifest, scorer, allow_all_rejected=config.allow_all_rejected)
     return manifest
 
 
-def head_rows(files: list[InputFile], num_rows: int, config: RunConfig) -> pa.Table:
+def input_plan(files: list[InputFile], run: RunDirectory, scorer: Any, config: RunConfig) -> SchemaPlan:
+    """The run's one input schema (io/schema.py): read from OUT/schema.json when a earlier process recorded it
+    (resumes and other shard processes skip the schema pass), else computed over every input file and recorded."""
+    recorded = run._read_json(PLAN_FILE)
+    if recorded is not None:
+        return plan_from_dict(recorded)
+    adapter = getattr(scorer, "adapter", None)
+    plan = plan_inputs(files, config.storage_options, strict_columns=getattr(adapter, "columns", ()) or ())
+    run._write_json(PLAN_FILE, plan_to_dict(plan))
+    return plan
+
+
+def plan_to_dict(plan: SchemaPlan) -> dict[str, Any]:
+    """JSON form of a plan: readable column list plus the exact Arrow schema (IPC, base64)."""
+    return {**plan.to_dict(), "arrow_schema_base64": base64.b64encode(plan.schema.serialize().to_pybytes()).decode()}
+
+
+def plan_from_dict(value: dict[str, Any]) -> SchemaPlan:
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(value["arrow_schema_base64"])))
+    return SchemaPlan(schema, tuple(value.get("json_columns", ())), tuple(value.get("strict_columns", ())))
+
+
+def data_schema(plan: SchemaPlan, scorer: Any) -> pa.Schema | None:
+    """Schema of every data shard: the input plan, `id`, the scorer's columns (the scorer run on zero rows)."""
+    try:
+        out = scorer(plan.schema.empty_table())
+    except Exception:  # noqa: BLE001 - a custom scorer that cannot take zero rows: the first output decides
+        return None
+    if not isinstance(out, pa.Table) or REASON_COLUMN not in out.column_names:
+        return None
+    return out.drop_columns([REASON_COLUMN]).schema
+
+
+def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, plan: SchemaPlan | None = None) -> pa.Table:
     """The first `num_rows` decodable rows of the input files, in input order."""
     tables: list[pa.Table] = []
     have = 0
     for file in files:
-        schema = input_schema(file, config.storage_options)
+        schema = plan or input_schema(file, config.storage_options)
         for chunk in iter_chunks(file, schema, min(config.batch_rows, num_rows), config.storage_options):
             tables.append(chunk.table.slice(0, num_rows - have))
             have += tables[-1].num_rows
@@ -137,12 +195,11 @@ def head_rows(files: list[InputFile], num_rows: int, config: RunConfig) -> pa.Ta
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _events(todo: list[InputFile], config: RunConfig) -> Iterator[tuple[str, InputFile, Any]]:
+def _events(todo: list[InputFile], config: RunConfig, plan: SchemaPlan) -> Iterator[tuple[str, InputFile, Any]]:
     """("start", file, schema), ("chunk", file, Chunk)..., ("end", file, None) for every file, in order."""
     for file in todo:
-        schema = input_schema(file, config.storage_options)
-        yield "start", file, schema
-        for chunk in iter_chunks(file, schema, config.batch_rows, config.storage_options):
+        yield "start", file, plan
+        for chunk in iter_chunks(file, plan, config.batch_rows, config.storage_options):
             yield "chunk", file, chunk
         yield "end", file, None
 
@@ -152,11 +209,13 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
 
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
-    events = prefetch(_events(todo, config), config.prefetch_batches)
+    plan = _run_plan(run, todo, config)
+    out_schema = data_schema(plan, scorer)
+    events = prefetch(_events(todo, config, plan), config.prefetch_batches)
     try:
         for kind, file, payload in events:
             if kind == "start":
-                current = _FileScoring(run.shard_writer(file, payload), config.on_bad_row)
+                current = _FileScoring(run.shard_writer(file, payload.schema), config.on_bad_row, out_schema)
             elif kind == "chunk":
                 bar.update(current.score(payload, scorer))
             else:
@@ -171,11 +230,36 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
         bar.close()
 
 
+def score_file(file: InputFile, run: RunDirectory, scorer, config: RunConfig) -> dict[str, Any]:
+    """Score one input file into its data / rejects shards, then write its marker. Returns the marker.
+
+    What a Ray actor runs per file: a failure anywhere leaves no marker, so the file is scored again from its start.
+    """
+    plan = _run_plan(run, [file], config)
+    current = _FileScoring(run.shard_writer(file, plan.schema), config.on_bad_row, data_schema(plan, scorer))
+    chunks = prefetch(iter_chunks(file, plan, config.batch_rows, config.storage_options), config.prefetch_batches)
+    try:
+        for chunk in chunks:
+            current.score(chunk, scorer)
+        return current.commit(scorer)
+    except BaseException:
+        current.writer.abort()
+        raise
+    finally:
+        chunks.close()
+
+
+def _run_plan(run: RunDirectory, files: list[InputFile], config: RunConfig) -> SchemaPlan:
+    """The plan that `run_score` recorded in the run directory (else, for a direct caller, that of `files`)."""
+    recorded = run._read_json(PLAN_FILE)
+    return plan_from_dict(recorded) if recorded is not None else plan_inputs(files, config.storage_options)
+
+
 class _FileScoring:
     """Scores the chunks of one input file into its ShardWriter and keeps its counts."""
 
-    def __init__(self, writer: ShardWriter, on_bad_row: str) -> None:
-        self.writer, self.on_bad_row = writer, on_bad_row
+    def __init__(self, writer: ShardWriter, on_bad_row: str, out_schema: pa.Schema | None = None) -> None:
+        self.writer, self.on_bad_row, self.out_schema = writer, on_bad_row, out_schema
         self.rows_in = self.rows_scored = self.rows_rejected = 0
         self.by_reason: dict[str, int] = {}
         self.scores = ScoreSummary()
@@ -204,6 +288,8 @@ class _FileScoring:
                 first = int(np.flatnonzero(rejected)[0])
                 self._fail(int(chunk.row_index[first]), out.column(REASON_COLUMN)[first].as_py())
             scored = out.filter(pa.array(~rejected)).drop_columns([REASON_COLUMN])
+            if self.out_schema is not None:
+                scored = conform_table(scored, self.out_schema)  # one schema for every shard of the run
             if scored.num_rows:
                 self.writer.write_scored(scored)
                 self.scores.add(scored.column("drift_score").to_numpy(zero_copy_only=False).astype(np.float64))
@@ -230,6 +316,8 @@ class _FileScoring:
         return table.num_rows + n_bad
 
     def commit(self, scorer) -> dict[str, Any]:
+        if self.rows_scored == 0 and self.out_schema is not None:
+            self.writer.write_scored(self.out_schema.empty_table())  # an empty shard still has the run's schema
         info = scorer.manifest_info() if hasattr(scorer, "manifest_info") else {}
         counts = {
             "rows_in": self.rows_in,

@@ -15,9 +15,11 @@ import zstandard
 
 from drift_stream.errors import ConfigError, InputError
 from drift_stream.io.streams import (
+    as_plan,
     expand_inputs,
     input_schema,
     iter_chunks,
+    plan_inputs,
     prefetch,
     redact_url,
     resolve_storage_options,
@@ -160,10 +162,29 @@ def test_jsonl_schema_is_unified_over_the_whole_file(tmp_path):
     assert table.column("extra").null_count == 4500
 
 
-def test_jsonl_incompatible_types_name_the_file(tmp_path):
-    write_jsonl(tmp_path / "mixed.jsonl", [{"x": 1}] * 5000 + [{"x": "one"}])
-    with pytest.raises(InputError, match=r"mixed\.jsonl.*incompatible types"):
-        read_all(str(tmp_path / "mixed.jsonl"))
+def test_jsonl_type_conflict_in_a_passthrough_column_is_carried_as_json_text(tmp_path):
+    # 5000 + 1 rows: the conflict appears only in the second schema-pass chunk
+    write_jsonl(tmp_path / "mixed.jsonl", [{"x": 1, "k": i} for i in range(5000)] + [{"x": "one", "k": 5000}])
+    _, schema, chunks = read_all(str(tmp_path / "mixed.jsonl"), batch_rows=1000)
+    assert schema.field("x").type == pa.string() and schema.field("k").type == pa.int64()
+    assert as_plan(schema).json_columns == ("x",)
+    table = pa.concat_tables(c.table for c in chunks)
+    assert table.num_rows == 5001 and not any(c.bad_rows for c in chunks)
+    assert [json.loads(v) for v in table.column("x").to_pylist()] == [1] * 5000 + ["one"]
+
+
+def test_jsonl_type_conflict_in_an_adapter_column_rejects_only_that_row(tmp_path):
+    records = [{"x": [1, 2], "k": i} for i in range(6)]
+    records[4]["x"] = "not a list"
+    write_jsonl(tmp_path / "strict.jsonl", records)
+    files = expand_inputs([str(tmp_path / "strict.jsonl")])
+    plan = plan_inputs(files, strict_columns=["x"])
+    assert plan.schema.field("x").type == pa.list_(pa.int64()) and plan.strict_columns == ("x",)
+    chunks = list(iter_chunks(files[0], plan, 4))
+    assert np.concatenate([c.row_index for c in chunks]).tolist() == [0, 1, 2, 3, 5]
+    bad = [b for c in chunks for b in c.bad_rows]
+    assert [(b.row_index, b.reason) for b in bad] == [(4, "wrong_type:x")]
+    assert json.loads(bad[0].raw) == records[4]
 
 
 def test_corrupt_parquet_names_the_file(tmp_path):
@@ -269,10 +290,15 @@ def test_jsonl_keys_missing_from_the_first_row_are_kept(tmp_path):
     assert got[3]["c"] == [{"k": None, "j": "s"}]
 
 
-def test_jsonl_incompatible_types_in_one_chunk_name_the_file(tmp_path):
-    write_jsonl(tmp_path / "mixed1.jsonl", [{"x": 1}, {"x": "one"}])
-    with pytest.raises(InputError, match=r"mixed1\.jsonl.*incompatible types"):
-        read_all(str(tmp_path / "mixed1.jsonl"))
+def test_jsonl_nested_type_conflict_in_one_chunk(tmp_path):
+    # meta.source_id: a string in every row but one (a number): meta is carried as JSON text, no row is lost
+    records = [{"meta": {"source_id": f"doc-{i}", "lang": "en"}, "n": i} for i in range(5)]
+    records[2]["meta"]["source_id"] = 2
+    write_jsonl(tmp_path / "mixed1.jsonl", records)
+    _, schema, chunks = read_all(str(tmp_path / "mixed1.jsonl"))
+    table = pa.concat_tables(c.table for c in chunks)
+    assert [json.loads(v) for v in table.column("meta").to_pylist()] == [r["meta"] for r in records]
+    assert table.column("n").to_pylist() == list(range(5))
 
 
 def test_read_over_http(tmp_path):

@@ -18,6 +18,7 @@ a finished input file: a rerun skips files with markers and overwrites anything 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import subprocess
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -208,7 +209,7 @@ class ShardWriter:
     def write_scored(self, table: pa.Table) -> None:
         """Append scored rows (all input columns + id + drift_* score columns), in input order."""
         if self._data is None:
-            self._data = _AtomicParquet(self.run, self.data_rel, table.schema)
+            self._data = _AtomicParquet(self.run.fs, self.run._path(self.data_rel), table.schema)
         self._data.write(table)
 
     def write_rejects(self, table: pa.Table) -> None:
@@ -216,13 +217,14 @@ class ShardWriter:
         if table.num_rows == 0:
             return
         if self._rejects is None:
-            self._rejects = _AtomicParquet(self.run, self.rejects_rel, self.rejects_schema)
+            self._rejects = _AtomicParquet(self.run.fs, self.run._path(self.rejects_rel), self.rejects_schema)
         self._rejects.write(conform_table(table, self.rejects_schema))
 
     def commit(self, counts: Mapping[str, Any], scores: ScoreSummary) -> dict[str, Any]:
         """Publish both shards, then write the marker. Returns the marker."""
         if self._data is None:
-            self._data = _AtomicParquet(self.run, self.data_rel, empty_data_schema(self.input_schema))
+            schema = empty_data_schema(self.input_schema)
+            self._data = _AtomicParquet(self.run.fs, self.run._path(self.data_rel), schema)
         self._data.close()
         if self._rejects is not None:
             self._rejects.close()
@@ -258,6 +260,39 @@ def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def is_local_fs(fs: Any) -> bool:
+    """True for fsspec's local filesystem (atomic rename available), False for object stores."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def open_path(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(filesystem, normalised path) for a local path or fsspec URL: THE resolver of run, refine and report paths.
+
+    It is `io.streams.filesystem` (so s3:// falls back to AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), with local paths
+    made absolute and trailing slashes removed. Raises InputError for an unknown protocol.
+    """
+    fs, path = filesystem(str(url), storage_options)
+    return fs, (os.path.abspath(path) if is_local_fs(fs) else path.rstrip("/") or path)
+
+
+@contextlib.contextmanager
+def atomic_parquet_writer(fs: Any, path: str, schema: pa.Schema) -> Iterator["_AtomicParquet"]:
+    """A parquet writer (`.write(table)`) whose file appears at `path` only if the block exits without error.
+
+    Same rules as the run directory's shards (module docstring): local temp file + fsync + rename; object stores one
+    (multipart) upload that an error discards.
+    """
+    writer = _AtomicParquet(fs, path, schema)
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
 def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
     """Write a small file so that readers see the old content or the new, never a part.
 
@@ -281,17 +316,19 @@ def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
 class _AtomicParquet:
     """A parquet file that appears at its final name only when `close` succeeds (see module docstring)."""
 
-    def __init__(self, run: "RunDirectory", rel: str, schema: pa.Schema) -> None:
-        self.run, self.final = run, run._path(rel)
+    def __init__(self, fs: Any, path: str, schema: pa.Schema) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.final = path
         self.schema = schema
-        if run.is_local:
+        if isinstance(fs, LocalFileSystem):
             directory, name = os.path.split(self.final)
             os.makedirs(directory, exist_ok=True)
             self.temp = os.path.join(directory, f".{name}.tmp")
             self.handle = open(self.temp, "wb")
         else:
             self.temp = None
-            self.handle = run.fs.open(self.final, "wb")
+            self.handle = fs.open(self.final, "wb")
         self.writer = pq.ParquetWriter(self.handle, schema)
 
     def write(self, table: pa.Table) -> None:
@@ -324,19 +361,30 @@ class _AtomicParquet:
 
 
 class RunDirectory:
-    """A run directory at a local path or fsspec URL (`storage_options` are used, never recorded)."""
+    """A run directory at a local path or fsspec URL (`storage_options` are used, never recorded).
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        from fsspec.implementations.local import LocalFileSystem
+    Writers (`drift-stream score`, the Ray engine) construct it directly (the directory is created); readers
+    (refine, report, export) use `RunDirectory.open(url)` and then `read_completed_shards()`, which hands out the
+    data shards of finished input files only (see `CompletedShards`).
+    """
 
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *, create: bool = True) -> None:
         self.url = redact_url(str(url))
-        self.fs, root = filesystem(str(url), storage_options)
-        self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        self.fs, self.root = open_path(str(url), storage_options)
+        self.is_local = is_local_fs(self.fs)
+        if not create:
+            if not self.fs.isdir(self.root):
+                raise InputError(f"run directory {self.url} does not exist (expected the --out of `drift-stream score`)")
+            return
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create run directory {self.url}: {exc}") from exc
+
+    @classmethod
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> "RunDirectory":
+        """An existing run directory, for reading (nothing is created). InputError if it does not exist."""
+        return cls(url, storage_options, create=False)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -430,6 +478,7 @@ class RunDirectory:
             "rows_scored": rows_scored,
             "rows_rejected": rows_rejected,
             "rejected_by_reason": dict(sorted(by_reason.items())),
+            "json_text_columns": sorted({c for m in ordered for c in m.get("json_text_columns", [])}),
             "score_stats": merge_score_summaries([m["score_summary"] for m in ordered]),
             "scorer_info": ordered[0].get("scorer_info", {}) if ordered else {},
             "data_files": [m["data_file"] for m in ordered],
@@ -460,3 +509,154 @@ class RunDirectory:
 
     def read_manifest(self) -> dict | None:
         return self._read_json(MANIFEST_FILE)
+
+    # ------------------------------------------------------------------ reading a run (refine, report, export, Ray)
+    def read_config(self) -> dict | None:
+        """config.json as recorded by the first writer ({"config": ..., "version": ...}), or None."""
+        return self._read_json(CONFIG_FILE)
+
+    def read_completed_shards(self, *, allow_incomplete: bool = False, command: str = "this command") -> "CompletedShards":
+        """The data shards of the run's finished input files: THE way to read a run directory.
+
+        Only input files with a completion marker count; a `data/` shard without one (a killed writer's, or a file
+        still being scored) is never handed out. The run's input files come from manifest.json, else config.json.
+        Raises IncompleteRunError when some input file has no marker, naming them and the command that completes
+        the run, unless `allow_incomplete` (then a warning says what fraction of the input files was seen).
+        `command` names the caller in those messages ("refine", "report", "export").
+        Raises InputError when the directory is not a score run directory or a marker's shard is missing.
+        """
+        from drift_stream.errors import IncompleteRunError
+
+        manifest = self.read_manifest()
+        recorded = self.read_config()
+        config = (recorded or {}).get("config") or (manifest or {}).get("config") or {}
+        inputs = (manifest or {}).get("input_files") or config.get("input_files")
+        if not inputs:
+            raise InputError(f"{self.url} is not a run directory of `drift-stream score`: it has neither "
+                             f"{MANIFEST_FILE} nor {CONFIG_FILE} listing the input files")
+        markers = self.completed()
+        for index, marker in markers.items():
+            if marker.get("num_input_files", len(inputs)) != len(inputs) or not 0 <= index < len(inputs):
+                raise InputError(f"{self.url}/completions/{index:05d}.json is for input file {index} of "
+                                 f"{marker.get('num_input_files')}, but the run has {len(inputs)} input files: "
+                                 "the directory mixes two runs; score into a new --out")
+            data = self._path(marker["data_file"])
+            self.fs.invalidate_cache(data)
+            if not self.fs.exists(data):
+                raise InputError(f"{data} is missing although completions/{index:05d}.json marks input file "
+                                 f"{marker['input_file']} done: delete that marker and rerun the score command")
+        shards = CompletedShards(self, tuple(inputs), dict(sorted(markers.items())), manifest, config)
+        if not shards.complete:
+            if not allow_incomplete:
+                raise IncompleteRunError(shards.incomplete_message(command))
+            logger.warning("%s of an incomplete run (allowed): %s", command, shards.describe())
+        elif manifest is None or not manifest.get("complete"):
+            # every marker is there but the last writer died before recomputing the manifest: the data is complete
+            logger.info("%s: every input file of %s has its marker; its manifest is stale or missing", command,
+                        self.url)
+        return shards
+
+
+class CompletedShards:
+    """The finished part of a run directory, from `RunDirectory.read_completed_shards()`.
+
+    `data_files` / `rejects_files` are paths inside `fs` (use `scan()` or `open_data`), in input order; counts come
+    from the completion markers; `fraction_files` is finished input files / input files (1.0 for a complete run).
+    """
+
+    def __init__(self, run: RunDirectory, input_files: tuple[str, ...], markers: dict[int, dict],
+                 manifest: dict | None, config: dict) -> None:
+        self.run, self.url, self.fs, self.root = run, run.url, run.fs, run.root
+        self.input_files, self.markers, self.manifest, self.config = input_files, markers, manifest, config
+        self.data_files = [run._path(m["data_file"]) for m in markers.values()]
+        self.rejects_files = [run._path(m["rejects_file"]) for m in markers.values() if m.get("rejects_file")]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.markers) == len(self.input_files)
+
+    @property
+    def missing_input_files(self) -> list[str]:
+        return [url for i, url in enumerate(self.input_files) if i not in self.markers]
+
+    @property
+    def fraction_files(self) -> float:
+        return len(self.markers) / len(self.input_files)
+
+    def _sum(self, key: str) -> int:
+        return int(sum(m.get(key, 0) for m in self.markers.values()))
+
+    @property
+    def rows_in(self) -> int:
+        return self._sum("rows_in")
+
+    @property
+    def rows_scored(self) -> int:
+        return self._sum("rows_scored")
+
+    @property
+    def rows_rejected(self) -> int:
+        return self._sum("rows_rejected")
+
+    def describe(self) -> str:
+        """'2 of 8 input files (25.0%): 2437 rows scored, 3 rejected' (rows of the unfinished files are unknown)."""
+        return (f"{len(self.markers)} of {len(self.input_files)} input files ({100 * self.fraction_files:.1f}%) "
+                f"of {self.url}: {self.rows_scored} rows scored, {self.rows_rejected} rejected")
+
+    def incomplete_message(self, command: str) -> str:
+        missing = self.missing_input_files
+        shown = "\n".join(f"  {url}" for url in missing[:10]) + (f"\n  ... {len(missing) - 10} more"
+                                                                if len(missing) > 10 else "")
+        return (f"run directory {self.url} is not complete: {len(missing)} of {len(self.input_files)} input files "
+                f"have no completion marker:\n{shown}\n"
+                f"{command} would see only {self.describe()}.\n"
+                f"Complete the run by rerunning the score command (finished files are skipped):\n"
+                f"  {resume_command(self.url, self.config)}\n"
+                "(for a Slurm array: rerun the tasks whose --shard-index is (input position) % --num-shards), "
+                f"or pass --allow-incomplete (allow_incomplete=True) to {command} the finished part")
+
+    def scan(self):
+        """A polars LazyFrame over the data shards in input order (native scan locally, pyarrow dataset else)."""
+        import polars as pl
+
+        if not self.data_files:
+            raise InputError(f"{self.url} has no finished input file: nothing to read")
+        if self.run.is_local:
+            return pl.scan_parquet(self.data_files)
+        import pyarrow.dataset as pads
+
+        return pl.scan_pyarrow_dataset(pads.dataset(self.data_files, filesystem=self.fs, format="parquet"))
+
+    def open_data(self, path: str):
+        """A binary file object for one of `data_files` / `rejects_files` (close it, or use `with`)."""
+        return self.fs.open(path, "rb")
+
+
+def resume_command(url: str, config: Mapping[str, Any]) -> str:
+    """The `drift-stream score` command that completes the run recorded in `config` (config.json's "config").
+
+    Built from the recorded, output-changing settings; flags left at their defaults are omitted. Inputs are listed
+    when there are at most 8 of them.
+    """
+    scorer = dict(config.get("scorer") or {})
+    inputs = list(config.get("input_files") or [])
+    data = " ".join(inputs) if 0 < len(inputs) <= 8 else f"<the {len(inputs)} inputs of the first run>"
+    parts = ["drift-stream score", f"--data {data}", f"--out {url}"]
+    if scorer.get("model"):
+        parts.append(f"--model {scorer['model']}")
+    for key, flag in (("scorer", "--scorer"), ("bank", "--bank"), ("adapter", "--adapter")):
+        if scorer.get(key) not in (None, ""):
+            parts.append(f"{flag} {scorer[key]}")
+    try:
+        from drift_stream.scoring import ScoreConfig
+        from dataclasses import fields
+
+        for f in fields(ScoreConfig):
+            if f.name in ("scorer", "adapter") or f.name not in scorer or scorer[f.name] == f.default:
+                continue
+            value = scorer[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            parts.append(flag if value is True else f"{flag} {value}")
+    except ImportError:  # pragma: no cover - scoring needs torch; the message still names the main flags
+        pass
+    return " ".join(parts) + " [the other flags of the first run]"

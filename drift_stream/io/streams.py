@@ -2,19 +2,24 @@
 
 Inputs are URLs handled by fsspec (local paths, globs, directories, s3://, gs://, hf://, http(s)://) or a
 `datasets.IterableDataset`. `expand_inputs` turns them into a deterministic list of `InputFile`s: each argument's
-matches sorted by path, arguments kept in the order given, duplicates dropped (first wins). A directory expands to
-every .parquet / .jsonl / .ndjson file below it (optionally .gz / .zst / .zstd), skipping names that start with '.'
-or '_' (temporary files, `_SUCCESS`). An IterableDataset counts as one input file per `ds.n_shards`.
+matches sorted by path, arguments kept in the order given, duplicates dropped (first wins). A path that exists is
+read as that path even when its name holds glob characters (`pool[v2].jsonl`); only a name that does not exist is a
+pattern. A directory expands to every .parquet / .jsonl / .ndjson / .json file below it (JSON text may end in .gz /
+.zst / .zstd), skipping names that start with '.' or '_' (temporary files, `_SUCCESS`). An IterableDataset counts as
+one input file per `ds.n_shards`.
 
 Sharding rule (`shard_files`): input file i goes to shard i % num_shards. More shards than files is allowed (the
 extra shards get no files and finish at once), so a fixed-size Slurm array works for any input.
 
-Reading: parquet by `ParquetFile.iter_batches` (one row group in memory at a time); jsonl line by line. A jsonl file is
-read twice: a first pass infers one Arrow schema for the whole file (per-chunk schemas unified permissively), the
-second casts every chunk to it, so every output shard has one schema. A line that is not UTF-8, not JSON, or not a JSON
-object becomes a `BadRow` (reason `invalid_utf8`, `invalid_json` or `not_a_json_object`) carried next to the good rows,
-never dropped. Blank lines are not rows. A file that cannot be opened or decoded as a whole (corrupt parquet, a column
-whose JSON types cannot be unified) raises `InputError` naming the file.
+Reading: parquet by `ParquetFile.iter_batches` (one row group in memory at a time); JSON text (JSON Lines, a JSON
+array, concatenated objects; any common encoding and line end: io/jsontext.py) record by record. One schema for the
+whole input (`plan_inputs`, io/schema.py): parquet footers and a first pass over each JSON text file count the types
+of every column; every chunk of every file is conformed to the union (missing columns null, one string / list
+flavour), so every output shard of a run has one schema. A column whose JSON type varies between rows is carried as
+JSON text when the adapter does not read it; in a column the adapter reads, a row of another type becomes a
+`BadRow` (`wrong_type:COLUMN`). A line that is not JSON or not a JSON object becomes a `BadRow` (`invalid_json`,
+`not_a_json_object`, `invalid_utf8`) carried next to the good rows, never dropped. A file that cannot be opened or
+read as a whole (corrupt parquet, a file that is no JSON text) raises `InputError` naming the file.
 
 Storage options: a dict given by the caller (CLI `--storage-options` JSON) wins; for s3:// the endpoint falls back to
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, and credentials to botocore's own chain (AWS_ACCESS_KEY_ID, ...). Options are
@@ -39,10 +44,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError
+from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
+from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text
 
 logger = logging.getLogger(__name__)
 
-_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}  # JSON text: sniffed
+PLAN_METADATA_KEY = b"drift_stream.schema_plan"  # schema metadata: which columns are JSON text / strict
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _GLOB_CHARS = set("*?[")
 _SECRET_QUERY_WORDS = ("signature", "token", "credential", "secret", "key", "password", "sig")
@@ -59,15 +67,6 @@ class InputFile:
     format: str  # "parquet" | "jsonl" | "dataset"
     compression: str | None = None
     dataset: Any = field(default=None, repr=False, compare=False)  # datasets.IterableDataset when format == "dataset"
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """An input row that could not be decoded; it goes to rejects with `reason`."""
-
-    row_index: int  # 0-based line number in the file
-    reason: str
-    raw: str  # the line as text (invalid UTF-8 replaced), cut to 10 kB
 
 
 @dataclass
@@ -154,28 +153,66 @@ def shard_files(files: Sequence[InputFile], num_shards: int, shard_index: int) -
     return mine
 
 
-def input_schema(file: InputFile, storage_options: Mapping[str, Any] | None = None) -> pa.Schema:
-    """The Arrow schema every chunk of `file` is cast to. For jsonl this reads the whole file once."""
+def file_type_stats(file: InputFile, storage_options: Mapping[str, Any] | None = None) -> TypeStats:
+    """Rows per (column, Arrow type) of one input file. Parquet: the footer; JSON text: the whole file, read once."""
+    stats = TypeStats()
     if file.format == "parquet":
         with _open(file, storage_options) as handle:
-            return _parquet_file(file, handle).schema_arrow
-    if file.format == "jsonl":
-        return _jsonl_schema(file, storage_options)
-    return _dataset_schema(file)
+            reader = _parquet_file(file, handle)
+            stats.add_schema(reader.schema_arrow, max(reader.metadata.num_rows, 1))
+    elif file.format == "jsonl":
+        stats = _json_stats(file, storage_options)
+    else:
+        stats.add_schema(_dataset_schema(file), 1)
+    return stats
+
+
+def plan_inputs(
+    files: Sequence[InputFile], storage_options: Mapping[str, Any] | None = None, strict_columns: Sequence[str] = ()
+) -> SchemaPlan:
+    """The one schema of a whole input (io/schema.py): every file's chunks are conformed to it, so every output
+    shard of a run has the same columns and types. `strict_columns`: the columns the adapter reads."""
+    stats = TypeStats()
+    for file in files:
+        stats.merge(file_type_stats(file, storage_options))
+    return _with_plan_metadata(plan_schema(stats, strict_columns))
+
+
+def input_schema(file: InputFile, storage_options: Mapping[str, Any] | None = None) -> pa.Schema:
+    """The schema of one file alone (`plan_inputs([file])`); its metadata names the JSON-text columns."""
+    return plan_inputs([file], storage_options).schema
 
 
 def iter_chunks(
-    file: InputFile, schema: pa.Schema, batch_rows: int, storage_options: Mapping[str, Any] | None = None
+    file: InputFile, schema: pa.Schema | SchemaPlan, batch_rows: int, storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[Chunk]:
-    """Stream `file` as chunks of at most `batch_rows` rows (good + bad), each cast to `schema`."""
+    """Stream `file` as chunks of at most `batch_rows` rows (good + bad), each conformed to `schema` (a plan, or a
+    schema from `input_schema` / `plan_inputs(...).schema`, whose metadata carries the plan)."""
     if batch_rows < 1:
         raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
+    plan = as_plan(schema)
     if file.format == "parquet":
-        yield from _parquet_chunks(file, schema, batch_rows, storage_options)
+        yield from _parquet_chunks(file, plan, batch_rows, storage_options)
     elif file.format == "jsonl":
-        yield from _jsonl_chunks(file, schema, batch_rows, storage_options)
+        yield from _json_chunks(file, plan, batch_rows, storage_options)
     else:
-        yield from _dataset_chunks(file, schema, batch_rows)
+        yield from _dataset_chunks(file, plan, batch_rows)
+
+
+def as_plan(schema: pa.Schema | SchemaPlan) -> SchemaPlan:
+    """A SchemaPlan from a plan or from a schema carrying one in its metadata (else: no JSON-text columns)."""
+    if isinstance(schema, SchemaPlan):
+        return schema
+    meta = json.loads((schema.metadata or {}).get(PLAN_METADATA_KEY, b"{}"))
+    return SchemaPlan(schema, tuple(meta.get("json_columns", ())), tuple(meta.get("strict_columns", ())))
+
+
+def _with_plan_metadata(plan: SchemaPlan) -> SchemaPlan:
+    if not plan.json_columns and not plan.strict_columns:
+        return plan
+    meta = {PLAN_METADATA_KEY: json.dumps({"json_columns": list(plan.json_columns),
+                                           "strict_columns": list(plan.strict_columns)})}
+    return SchemaPlan(plan.schema.with_metadata(meta), plan.json_columns, plan.strict_columns)
 
 
 def prefetch(items: Iterable[Any], max_items: int) -> Iterator[Any]:
@@ -247,8 +284,8 @@ def _detect_format(url: str) -> tuple[str, str | None]:
     fmt = _FORMATS.get(ext)
     if fmt is None or (fmt == "parquet" and compression):
         raise InputError(
-            f"unsupported input file {redact_url(url)}: expected .parquet, .jsonl or .ndjson "
-            "(jsonl may end in .gz / .zst)"
+            f"unsupported input file {redact_url(url)}: expected .parquet, or JSON text as .jsonl, .ndjson or .json "
+            "(JSON Lines or one JSON array; may end in .gz / .zst)"
         )
     return fmt, compression
 
@@ -272,10 +309,15 @@ def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str
     if protocol in ("http", "https"):
         return [url]  # no listing over HTTP: a URL names one file
     try:
-        if any(c in path for c in _GLOB_CHARS):
+        # A path that exists is that path, even when its name holds glob characters ("pool[v2].jsonl"); only a
+        # name that does not exist is read as a pattern.
+        literal = _exists(fs, path) if any(c in path for c in _GLOB_CHARS) else None
+        if literal is None and any(c in path for c in _GLOB_CHARS):
             matches = fs.glob(path, detail=True)  # one listing, no HEAD per match
             paths = sorted(p for p, info in matches.items() if info.get("type") != "directory" and _is_supported(p))
-        elif fs.isdir(path):
+        elif literal == "file":
+            paths = [path]
+        elif literal == "directory" or fs.isdir(path):
             paths = sorted(p for p in fs.find(path) if _is_supported(p))
         elif fs.exists(path):
             paths = [path]
@@ -290,6 +332,15 @@ def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str
     if local:
         paths = [os.path.abspath(p) for p in paths]
     return [to_url(p) for p in paths]
+
+
+def _exists(fs, path: str) -> str | None:
+    """'file', 'directory' or None: what is at `path` taken literally (no glob expansion)."""
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return "directory" if info.get("type") == "directory" else "file"
 
 
 def _open(file: InputFile, storage_options: Mapping[str, Any] | None, compression: str | None = None):
@@ -322,16 +373,14 @@ def _parquet_file(file: InputFile, handle) -> pq.ParquetFile:
         raise InputError(f"input file {file.url} is not a readable parquet file ({exc}); replace or remove it") from exc
 
 
-def _parquet_chunks(file, schema, batch_rows, storage_options) -> Iterator[Chunk]:
+def _parquet_chunks(file, plan: SchemaPlan, batch_rows, storage_options) -> Iterator[Chunk]:
     start = 0
     with _open(file, storage_options) as handle:
         reader = _parquet_file(file, handle)
         try:
             for batch in reader.iter_batches(batch_size=batch_rows):
-                table = _cast(pa.Table.from_batches([batch]), schema)
-                n = table.num_rows
-                yield Chunk(file, table, np.arange(start, start + n, dtype=np.int64), [])
-                start += n
+                yield _conform_chunk(file, pa.Table.from_batches([batch]), start, plan)
+                start += batch.num_rows
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt pages or a failed range request: stop, naming the file
@@ -339,92 +388,76 @@ def _parquet_chunks(file, schema, batch_rows, storage_options) -> Iterator[Chunk
                              "replace or remove it") from exc
 
 
-def _decode_line(line: bytes, row_index: int) -> dict | BadRow | None:
-    """A JSON object, a BadRow, or None for a blank line."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return BadRow(row_index, "invalid_utf8", line.decode("utf-8", errors="replace")[:10_000])
-    if not text.strip():
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return BadRow(row_index, "invalid_json", text.rstrip("\r\n")[:10_000])
-    if not isinstance(value, dict):
-        return BadRow(row_index, "not_a_json_object", text.rstrip("\r\n")[:10_000])
-    return value
-
-
-def _jsonl_lines(file: InputFile, storage_options) -> Iterator[tuple[int, dict | BadRow]]:
-    """(row_index, object or BadRow) for every non-blank line; row_index is the 0-based line number."""
+def _json_records(file: InputFile, storage_options) -> Iterator[tuple[int, dict | BadRow]]:
+    """(row_index, object or BadRow) for every record of a JSON text file (jsontext.iter_json_records)."""
     try:
         with _open_text_stream(file, storage_options) as handle:
-            for line_no, line in enumerate(handle):
-                decoded = _decode_line(line, line_no)
-                if decoded is not None:
-                    yield line_no, decoded
+            yield from iter_json_records(handle, file.url)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated gzip / zstd stream, network error: stop, naming the file
         raise InputError(f"input file {file.url} cannot be read to the end ({exc}); replace or remove it") from exc
 
 
-def _jsonl_schema(file: InputFile, storage_options) -> pa.Schema:
-    schemas: list[pa.Schema] = []
+def _json_stats(file: InputFile, storage_options) -> TypeStats:
+    stats = TypeStats()
     rows: list[dict] = []
-
-    def flush() -> None:
-        if rows:
-            # pa.array unifies the keys of all rows (Table.from_pylist would only look at the first row's keys)
-            try:
-                struct_type = pa.array(rows).type
-            except (pa.ArrowException, ValueError) as exc:
-                raise InputError(
-                    f"input file {file.url}: a column holds JSON values of incompatible types in different rows "
-                    f"({exc}); fix the file or convert it to parquet with one type per column"
-                ) from exc
-            schemas.append(pa.schema(list(struct_type)))
-            rows.clear()
-            if len(schemas) > 16:
-                schemas[:] = [_unify(file, schemas)]
-
-    for _, decoded in _jsonl_lines(file, storage_options):
+    for _, decoded in _json_records(file, storage_options):
         if isinstance(decoded, dict):
             rows.append(decoded)
             if len(rows) >= _SCHEMA_PASS_LINES:
-                flush()
-    flush()
-    return _unify(file, schemas) if schemas else pa.schema([])
+                stats.add_rows(rows)
+                rows.clear()
+    stats.add_rows(rows)
+    return stats
 
 
-def _unify(file: InputFile, schemas: list[pa.Schema]) -> pa.Schema:
+def _rows_to_table(rows: list[dict], index: list[int], plan: SchemaPlan) -> tuple[pa.Table, list[int], list[BadRow]]:
+    """Rows (JSON objects) as a table of `plan`; rows that do not fit (a strict column of another type) are BadRows."""
+    for row in rows:
+        for name in plan.json_columns:  # every value, strings too ("n/a" -> "\"n/a\""): the column is JSON text
+            if row.get(name) is not None:
+                row[name] = to_json_text(row[name])
     try:
-        return pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
-        raise InputError(
-            f"input file {file.url}: a column holds JSON values of incompatible types in different rows ({exc}); "
-            "fix the file or convert it to parquet with one type per column"
-        ) from exc
+        return pa.Table.from_pylist(rows, schema=plan.schema), index, []
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        pass
+    good, good_index, bad = [], [], []
+    for row, i in zip(rows, index):
+        try:
+            pa.Table.from_pylist([row], schema=plan.schema)
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):
+            column = next((f.name for f in plan.schema if not _fits(row.get(f.name), f.type)), "row")
+            bad.append(BadRow(i, f"wrong_type:{column}", to_json_text(row)[:RAW_LIMIT]))
+            continue
+        good.append(row)
+        good_index.append(i)
+    return pa.Table.from_pylist(good, schema=plan.schema), good_index, bad
 
 
-def _jsonl_chunks(file, schema, batch_rows, storage_options) -> Iterator[Chunk]:
+def _fits(value: Any, type_: pa.DataType) -> bool:
+    try:
+        pa.array([value], type_)
+        return True
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        return False
+
+
+def _json_chunks(file, plan: SchemaPlan, batch_rows, storage_options) -> Iterator[Chunk]:
     rows: list[dict] = []
     index: list[int] = []
     bad: list[BadRow] = []
 
     def emit() -> Chunk:
-        try:
-            table = pa.Table.from_pylist(rows, schema=schema)
-        except (pa.ArrowException, ValueError) as exc:
-            raise InputError(f"input file {file.url}: rows do not fit the inferred schema ({exc})") from exc
-        chunk = Chunk(file, table, np.asarray(index, dtype=np.int64), list(bad))
+        table, kept, misfits = _rows_to_table(rows, index, plan)
+        chunk = Chunk(file, table, np.asarray(kept, dtype=np.int64),
+                      sorted(bad + misfits, key=lambda b: b.row_index))
         rows.clear()
         index.clear()
         bad.clear()
         return chunk
 
-    for line_no, decoded in _jsonl_lines(file, storage_options):
+    for line_no, decoded in _json_records(file, storage_options):
         if isinstance(decoded, BadRow):
             bad.append(decoded)
         else:
@@ -434,6 +467,30 @@ def _jsonl_chunks(file, schema, batch_rows, storage_options) -> Iterator[Chunk]:
             yield emit()
     if rows or bad:
         yield emit()
+
+
+def _conform_chunk(file: InputFile, table: pa.Table, start: int, plan: SchemaPlan) -> Chunk:
+    """A parquet / dataset batch as a Chunk of `plan`; a strict column that cannot be cast rejects its rows."""
+    n = table.num_rows
+    row_index = np.arange(start, start + n, dtype=np.int64)
+    try:
+        return Chunk(file, conform_table(table, plan.schema, plan.json_columns), row_index, [])
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        failing = [f.name for f in plan.schema if f.name in table.column_names and not _column_fits(table, f, plan)]
+        if not failing or any(name not in plan.strict_columns for name in failing):
+            raise InputError(f"input file {file.url}: column(s) {', '.join(failing) or '?'} cannot be read as the "
+                             f"run's schema ({exc})") from exc
+        rows = table.to_pylist()
+        bad = [BadRow(int(i), f"wrong_type:{failing[0]}", to_json_text(r)[:RAW_LIMIT]) for i, r in zip(row_index, rows)]
+        return Chunk(file, plan.schema.empty_table(), np.zeros(0, dtype=np.int64), bad)
+
+
+def _column_fits(table: pa.Table, field: pa.Field, plan: SchemaPlan) -> bool:
+    try:
+        conform_table(table.select([field.name]), pa.schema([field]), plan.json_columns)
+        return True
+    except (pa.ArrowException, ValueError, TypeError):
+        return False
 
 
 def _dataset_schema(file: InputFile) -> pa.Schema:
@@ -450,16 +507,8 @@ def _dataset_tables(file: InputFile, batch_rows: int) -> Iterator[pa.Table]:
     yield from shard.with_format("arrow").iter(batch_size=batch_rows)
 
 
-def _dataset_chunks(file, schema, batch_rows) -> Iterator[Chunk]:
+def _dataset_chunks(file, plan: SchemaPlan, batch_rows) -> Iterator[Chunk]:
     start = 0
     for table in _dataset_tables(file, batch_rows):
-        table = _cast(table, schema)
-        n = table.num_rows
-        yield Chunk(file, table, np.arange(start, start + n, dtype=np.int64), [])
-        start += n
-
-
-def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    if table.schema.equals(schema, check_metadata=False):
-        return table.replace_schema_metadata(schema.metadata)
-    return table.cast(schema)
+        yield _conform_chunk(file, table, start, plan)
+        start += table.num_rows
