@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top:P inside each group of these columns, keeping the pool's mix (e.g. task)")
     p.add_argument("--length-buckets", type=int, default=0, metavar="N",
                    help="with top:P, also stratify by N quantile buckets of response length")
+    p.add_argument("--prefilter", nargs=2, action="append", default=None, metavar=("RUN", "DROP_WORST"),
+                   help="first drop the worst DROP_WORST fraction of rows by the score of RUN (another scored run "
+                        "of the same pool, joined on id), then apply --policy to the rest; repeatable")
     p.add_argument("--allow-incomplete", action="store_true", help="refine a run whose score command has not "
                    "finished every input file (refused by default); the finished part is used and its fraction said")
     p.add_argument("--storage-options", type=_json_arg, default=None)

@@ -117,6 +117,7 @@ def refine_cmd(args, progress: bool = True) -> int:
         keep_all=args.keep_all,
         stratify_by=tuple(c.strip() for c in args.stratify_by.split(",") if c.strip()) if args.stratify_by else (),
         length_buckets=args.length_buckets,
+        prefilters=tuple(tuple(p) for p in (args.prefilter or ())),
         storage_options=args.storage_options,
         progress=progress,
     )

@@ -25,7 +25,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -33,13 +32,12 @@ import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from drift_stream import __version__
+from drift_stream.chain import Prefilter, mask_scores, survivor_mask
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import git_sha, write_bytes_atomic
+from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, git_sha, open_path, write_bytes_atomic
 from drift_stream.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 
 logger = logging.getLogger(__name__)
@@ -112,10 +110,14 @@ class RefineConfig:
     keep_all: bool = False
     stratify_by: tuple[str, ...] = ()  # top:P inside each group of these columns (keeps the pool's mix)
     length_buckets: int = 0  # with stratify_by: also split by quantile bucket of drift_num_tokens
+    prefilters: tuple[Prefilter, ...] = ()  # --prefilter RUN X: drop the worst X by RUN's score first (chain.py)
 
     def __post_init__(self) -> None:
         policy = Policy.parse(self.policy)
         object.__setattr__(self, "stratify_by", tuple(self.stratify_by))
+        object.__setattr__(self, "prefilters", tuple(Prefilter.coerce(p) for p in self.prefilters))
+        if self.prefilters and (self.stratify_by or self.length_buckets):
+            raise ConfigError("--prefilter does not combine with --stratify-by / --length-buckets")
         if (self.stratify_by or self.length_buckets) and policy.kind != "top":
             raise ConfigError(f"--stratify-by / --length-buckets only apply to top:P, not {policy}")
         if not isinstance(self.length_buckets, int) or self.length_buckets < 0 or self.length_buckets == 1:
@@ -132,26 +134,6 @@ class RefineConfig:
 # ---------------------------------------------------------------------------------------------------------- I/O
 
 
-def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for a local path or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-    return fs, path.rstrip("/") or path
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def list_data_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Sorted `data/train-*.parquet` paths of a run directory; InputError when there are none."""
-    fs.invalidate_cache(f"{root}/data")  # another process may have written it since this instance last listed
-    shards = sorted(p for p in fs.glob(f"{root}/data/train-*.parquet") if not os.path.basename(p).startswith("."))
-    if not shards:
-        raise InputError(f"no scored shards under {root}/data/ (expected data/train-XXXXX-of-YYYYY.parquet): "
-                         "is this a run directory written by `drift-stream score`?")
-    return shards
-
-
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
     """The JSON object at `path`, or None when the file does not exist."""
     if not fs.exists(path):
@@ -161,39 +143,6 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
             return json.loads(f.read())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read {path}: {e}") from e
-
-
-def scan_shards(fs: fsspec.AbstractFileSystem, shards: list[str]) -> pl.LazyFrame:
-    """A polars LazyFrame over the shards in this order (native scan locally, pyarrow dataset over fsspec else)."""
-    if is_local(fs):
-        return pl.scan_parquet(shards)
-    return pl.scan_pyarrow_dataset(pads.dataset(shards, filesystem=fs, format="parquet"))
-
-
-@contextmanager
-def atomic_parquet_writer(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter whose file appears at `path` only once closed without error."""
-    local = is_local(fs)
-    if local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    else:
-        fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="drift-refine-")
-        os.close(fd)
-    writer = pq.ParquetWriter(tmp, schema)
-    try:
-        yield writer
-        writer.close()
-        if local:
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)  # a single upload: the object appears complete or not at all
-    except BaseException:
-        writer.close()
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _iter_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.RecordBatch]:
@@ -270,18 +219,25 @@ def _log_weight_norm(lf: pl.LazyFrame, stats: dict[str, float], temperature: flo
 
 def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, temperature: float = 1.0,
                keep_all: bool = False, stratify_by: tuple[str, ...] | list[str] = (), length_buckets: int = 0,
-               storage_options: dict | None = None, progress: bool = True) -> dict:
+               storage_options: dict | None = None, progress: bool = True, allow_incomplete: bool = False,
+               prefilters: tuple = ()) -> dict:
     """Apply `policy` to the scored shards of `run_dir`, write `out/data/train-*.parquet` and `out/manifest.json`.
 
+    Only finished input files are read (`RunDirectory.read_completed_shards`); a run with unfinished input files
+    is refused (IncompleteRunError naming them and the command that completes the run) unless `allow_incomplete`,
+    in which case the finished part is refined and the manifest records `source_fraction_files` < 1.
+    prefilters: Prefilter(run, drop_worst) or (run, fraction) pairs, applied first (filters in sequence, chain.py).
     Returns the refine manifest (schemas/refine_manifest.schema.json).
     """
     from tqdm.auto import tqdm
 
     policy = Policy.parse(policy)
     config = RefineConfig(str(policy), seed=seed, temperature=float(temperature), keep_all=keep_all,
-                          stratify_by=tuple(stratify_by), length_buckets=int(length_buckets))
-    src_fs, src = open_fs(run_dir, storage_options)
-    out_fs, dst = open_fs(out, storage_options)
+                          stratify_by=tuple(stratify_by), length_buckets=int(length_buckets),
+                          prefilters=tuple(prefilters))
+    source_run = RunDirectory.open(run_dir, storage_options)
+    src_fs, src = source_run.fs, source_run.root
+    out_fs, dst = open_path(out, storage_options)
     if src_fs.unstrip_protocol(src) == out_fs.unstrip_protocol(dst):
         raise ConfigError(f"refine output {out} is the run directory itself: pass another --out")
     source = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
@@ -292,7 +248,10 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
             f"{out} holds a refine of {old.get('source_run')} with config {old.get('config')}; this one is of "
             f"{source} with {recorded}: choose another --out or delete it")
 
-    shards = list_data_shards(src_fs, src)
+    completed = source_run.read_completed_shards(allow_incomplete=allow_incomplete, command="refine")
+    shards = completed.data_files
+    if not shards:
+        raise InputError(f"{run_dir} has no finished input file: nothing to refine")
     schemas, counts = zip(*(_shard_schema(src_fs, s) for s in shards))
     for path, schema in zip(shards, schemas):
         missing = [c for c in (ID, SCORE) if c not in schema.names]
@@ -309,24 +268,34 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
                               f"{', '.join(schema.names)}")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    lf = scan_shards(src_fs, shards).select(ID, SCORE)
+    lf = completed.scan().select(ID, SCORE)
     n, stats = _check_scores(lf, src)
     if n != offsets[-1]:
         raise InputError(f"shard row counts ({offsets[-1]}) disagree with the scan ({n}) under {src}/data")
     logger.info("refine %s: %d scored rows in %d shards, policy %s", run_dir, n, len(shards), policy)
+    survive, chained, n_policy = None, None, n  # rows the policy sees: all, or those the prefilters keep
+    if config.prefilters:
+        survive, chained = survivor_mask(lf, config.prefilters, lambda run: RunDirectory.open(run, storage_options)
+                                         .read_completed_shards(allow_incomplete=allow_incomplete, command="refine")
+                                         .scan().select(ID, SCORE))
+        n_policy = int(survive.sum())
+        if not n_policy:
+            raise ConfigError(f"the prefilters {[str(p.run) for p in config.prefilters]} leave no row of {run_dir}")
+        _, stats = _check_scores(lf.filter(pl.Series(survive)), src)
+        lf = mask_scores(lf, survive)
 
     cut: dict[str, Any] | None = None
     top: TopCut | None = None
     strata: tuple[dict[str, TopCut], list[float]] | None = None
     log_norm = 0.0
     if policy.kind == "top":
-        k = int(math.floor(policy.value * n + 0.5))
+        k = int(math.floor(policy.value * n_policy + 0.5))
         if k == 0:
-            logger.warning("top:%g of %d rows keeps no row", policy.value, n)
+            logger.warning("top:%g of %d rows keeps no row", policy.value, n_policy)
         elif config.stratify_by or config.length_buckets:
             columns = list(dict.fromkeys([ID, SCORE, *config.stratify_by]
                                          + (["drift_num_tokens"] if config.length_buckets else [])))
-            cuts, groups, edges = stratified_cuts(scan_shards(src_fs, shards).select(columns).with_row_index("_row"),
+            cuts, groups, edges = stratified_cuts(completed.scan().select(columns).with_row_index("_row"),
                                                    k, config)
             strata = (cuts, edges)
         else:
@@ -338,8 +307,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
             cut["length_edges"] = strata[1] or None
     elif policy.kind in ("threshold", "positive"):
         cut = {"score": float(policy.value or 0.0)}
-    elif n:
-        log_norm = _log_weight_norm(lf, stats, config.temperature, n)
+    elif n_policy:
+        log_norm = _log_weight_norm(lf, stats, config.temperature, n_policy)
 
     num_out = len(shards)
     names = [f"{dst}/data/train-{i:05d}-of-{num_out:05d}.parquet" for i in range(num_out)]
@@ -347,12 +316,13 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     acc = _Accumulator()
     try:
         if policy.kind == "repeat":
-            written = _write_repeat(src_fs, shards, schemas, out_fs, names, stats, log_norm, config, bar, acc)
+            written = _write_repeat(src_fs, shards, schemas, out_fs, names, stats, log_norm, config, bar, acc,
+                                    survive)
         else:
             written = []
             for i, (path, schema) in enumerate(zip(shards, schemas)):
                 written.append(_write_shard(src_fs, path, schema, out_fs, names[i], policy, config, top, stats,
-                                            log_norm, int(offsets[i]), bar, acc, strata))
+                                            log_norm, int(offsets[i]), bar, acc, strata, survive))
     finally:
         bar.close()
 
@@ -362,7 +332,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         "git_sha": git_sha(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_run": source,
-        "source_rows_rejected": _source_rejected(read_json(src_fs, f"{src}/manifest.json")),
+        "source_rows_rejected": completed.rows_rejected,
+        "source_fraction_files": completed.fraction_files,
         "policy": {"spec": str(policy), "kind": policy.kind, "value": policy.value},
         "config": recorded,
         "rows_in": n,
@@ -373,21 +344,16 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         "score_stats_kept": acc.score_stats(),
         "weight_stats": acc.weight_stats() if policy.kind in ("weights", "repeat") else None,
         "repeat": ({"copies_total": int(sum(written)), "rows_with_copies": acc.kept,
-                    "expected_copies": float(n)} if policy.kind == "repeat" else None),
+                    "expected_copies": float(n_policy)} if policy.kind == "repeat" else None),
+        "prefilters": chained,
+        "rows_after_prefilters": n_policy,
         "shards": [{"path": f"data/{os.path.basename(p)}", "rows": int(r)} for p, r in zip(names, written)],
     }
     write_bytes_atomic(out_fs, f"{dst}/manifest.json", json.dumps(manifest, indent=2).encode())
     logger.info("refine %s -> %s: kept %d of %d rows, wrote %d", run_dir, out, acc.kept, n, manifest["rows_written"])
+    if not completed.complete:
+        logger.warning("refined an incomplete run: %s", completed.describe())
     return manifest
-
-
-def _source_rejected(manifest: dict | None) -> int | None:
-    if not manifest:
-        return None
-    rej = manifest.get("rows_rejected")
-    if isinstance(rej, dict):
-        return int(sum(rej.values()))
-    return int(rej) if isinstance(rej, (int, float)) else None
 
 
 class _Moments:
@@ -431,8 +397,9 @@ class _Accumulator:
 
 def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy: Policy, config: RefineConfig,
                  top: TopCut | None, stats: dict[str, float], log_norm: float, first_row: int, bar, acc,
-                 strata: tuple[dict[str, TopCut], list[float]] | None = None) -> int:
-    """One input shard -> one output shard for the filter and weights policies; returns rows written."""
+                 strata: tuple[dict[str, TopCut], list[float]] | None = None, survive: np.ndarray | None = None) -> int:
+    """One input shard -> one output shard for the filter and weights policies; returns rows written.
+    survive: [run rows] bool, the rows the prefilters keep (None: all)."""
     column = "keep" if policy.is_filter else "weight"
     out_schema = _add_field(schema, pa.field(column, pa.bool_() if policy.is_filter else pa.float32()))
     written = 0
@@ -448,17 +415,22 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
                     keep = np.zeros(len(score), dtype=bool)
             elif policy.is_filter:
                 keep = score.astype(np.float64) > (policy.value or 0.0)
+            alive = np.ones(batch.num_rows, dtype=bool) if survive is None else \
+                survive[first_row: first_row + batch.num_rows]
             if policy.is_filter:
+                keep = keep & alive
                 acc.scores.add(score[keep])
                 table = pa.Table.from_batches([batch]).append_column("keep", pa.array(keep, pa.bool_()))
                 if not config.keep_all:
                     table = table.filter(pa.array(keep))
             else:
                 weight = _weights(score, stats, log_norm, config.temperature).astype(np.float32)
-                acc.scores.add(score)
-                acc.weights.add(weight)
+                acc.scores.add(score[alive])
+                acc.weights.add(weight[alive])
                 table = pa.Table.from_batches([batch]).append_column("weight", pa.array(weight, pa.float32()))
-            writer.write_table(table.cast(out_schema))
+                if survive is not None:  # rows the prefilters drop are not written
+                    table = table.filter(pa.array(alive))
+            writer.write(table.cast(out_schema))
             written += table.num_rows
             first_row += batch.num_rows
             bar.update(batch.num_rows)
@@ -466,7 +438,7 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
 
 
 def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], stats: dict[str, float],
-                  log_norm: float, config: RefineConfig, bar, acc) -> list[int]:
+                  log_norm: float, config: RefineConfig, bar, acc, survive: np.ndarray | None = None) -> list[int]:
     """Two-pass external shuffle: copies go to random buckets on local disk, then each bucket is permuted."""
     num_out = len(names)
     schema = schemas[0]
@@ -476,16 +448,21 @@ def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], 
                              "across shards and needs one schema")
     with tempfile.TemporaryDirectory(prefix="drift-repeat-") as tmp:
         parts: list[list[str]] = [[] for _ in range(num_out)]
+        first_row = 0
         for i, path in enumerate(shards):
             rng = np.random.default_rng([config.seed, 0, i])
             writers: dict[int, pq.ParquetWriter] = {}
             for batch in _iter_batches(src_fs, path):
                 score = batch.column(SCORE).to_numpy(zero_copy_only=False)
                 weight = _weights(score, stats, log_norm, config.temperature)
+                alive = np.ones(len(weight), dtype=bool) if survive is None else \
+                    survive[first_row: first_row + len(weight)]
+                first_row += len(weight)
+                weight = np.where(alive, weight, 0.0)  # rows the prefilters drop get no copy
                 base = np.floor(weight)
                 copies = (base + (rng.random(len(weight)) < weight - base)).astype(np.int64)
                 acc.scores.add(score[copies > 0])
-                acc.weights.add(weight.astype(np.float32))
+                acc.weights.add(weight[alive].astype(np.float32))
                 index = np.repeat(np.arange(len(copies)), copies)
                 bucket = rng.integers(0, num_out, size=index.size)
                 table = pa.Table.from_batches([batch]).take(pa.array(index))
@@ -504,7 +481,7 @@ def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], 
                      else schema.empty_table())
             perm = np.random.default_rng([config.seed, 1, b]).permutation(table.num_rows)
             with atomic_parquet_writer(out_fs, dest, schema) as writer:
-                writer.write_table(table.take(pa.array(perm, pa.int64())))
+                writer.write(table.take(pa.array(perm, pa.int64())))
             written.append(table.num_rows)
             for p in parts[b]:
                 os.remove(p)
