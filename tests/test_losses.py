@@ -1,0 +1,219 @@
+"""The one per-example loss (drift_stream.losses) against the model's full logits, in float64.
+
+Covers models that do something after the LM head (Gemma2/Gemma3 final-logit soft-capping, Cohere's logit_scale,
+Granite's logits_scaling), tied embeddings, left/right padding, chunk boundaries, rows without loss tokens,
+gradients (frozen head: features; trainable head: training) and the full-logits fallback for an unknown head.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers as tf
+
+from drift_stream.formats import TokenizedExample, collate
+from drift_stream.grads import FeatureConfig, GradientFeaturizer
+from drift_stream.losses import example_losses, prepare_batch, resolve_head
+from drift_stream.testing import make_tiny_model
+
+VOCAB = 102
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=128, pad_token_id=0, eos_token_id=5, bos_token_id=5)
+
+
+def make_model(arch: str, dtype=torch.float64, seed: int = 1):
+    """Tiny random models; the post-head transforms use values that change the logits a lot (|z| ~ 0.2-2)."""
+    torch.manual_seed(seed)
+    if arch == "gemma2":  # soft-capping at 0.3: tanh(z / 0.3) is far from linear at |z| ~ 0.25
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(head_dim=8, final_logit_softcapping=0.3, **_COMMON))
+    elif arch == "gemma3":
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, final_logit_softcapping=0.3, **_COMMON))
+    elif arch == "cohere":  # logits * 3
+        model = tf.CohereForCausalLM(tf.CohereConfig(logit_scale=3.0, **_COMMON))
+    elif arch == "granite":  # logits / 0.25
+        model = tf.GraniteForCausalLM(tf.GraniteConfig(logits_scaling=0.25, **_COMMON))
+    elif arch == "llama_tied":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=True, **_COMMON))
+    else:
+        model = make_tiny_model(arch, seed=seed)
+    return model.to(dtype).eval()
+
+
+ARCHS = ["llama", "gpt2", "gemma2", "gemma3", "cohere", "granite", "llama_tied"]
+# Gemma2's own eager attention turns left-padded float64 rows into NaN (two float64-min masks add up to -inf, a
+# fully masked padding row then has NaN values that real positions multiply by 0): its full logits are NaN too.
+SIDES = {arch: ("right",) if arch == "gemma2" else ("right", "left") for arch in ARCHS}
+
+
+def make_examples(lengths=(9, 17, 13, 6, 21, 11), seed=0) -> list[TokenizedExample]:
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(6, VOCAB, (n,), generator=gen).tolist()
+        mask = [0] * n
+        for start, stop in [(2, 4), (6, 9), (12, 15)][: 1 + i % 3]:
+            for t in range(start, min(stop, n)):
+                mask[t] = 1
+        examples.append(TokenizedExample(id=f"ex{i}", input_ids=ids, loss_mask=mask))
+    return examples
+
+
+def full_logits_loss(model, example: TokenizedExample):
+    """Explicit reference: the model's own full [T, V] logits on the unpadded row, mean NLL over masked targets."""
+    ids = torch.tensor([example.input_ids])
+    mask = torch.tensor(example.loss_mask[1:], dtype=torch.float64)
+    logits = model(input_ids=ids).logits[0, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    return (nll * mask).sum() / mask.sum(), nll * mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_losses_equal_full_logits_float64(arch):
+    model = make_model(arch)
+    head = resolve_head(model)
+    assert head is not None  # the split path is the one under test, not the fallback
+    if arch in ("gemma2", "gemma3"):
+        assert head.softcap == 0.3
+    if arch == "cohere":
+        assert head.scale == 3.0
+    if arch == "granite":
+        assert head.divide == 0.25
+    if arch in ("gpt2", "gemma2", "llama_tied", "cohere"):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    examples = make_examples()
+    refs = [full_logits_loss(model, ex) for ex in examples]
+    for side in SIDES[arch]:
+        for chunk in (None, 1, 5):  # chunk boundaries inside and across rows
+            with torch.no_grad():
+                out = example_losses(model, collate(examples, 0, side), chunk_tokens=chunk, return_token_nll=True)
+            assert out.loss.dtype == torch.float64
+            for i, ex in enumerate(examples):
+                torch.testing.assert_close(out.loss[i], refs[i][0], rtol=1e-12, atol=1e-12)
+                assert int(out.num_tokens[i]) == sum(ex.loss_mask)
+                n = len(ex.input_ids)
+                row = out.token_nll[i, 1:n] if side == "right" else out.token_nll[i, -n + 1:]
+                torch.testing.assert_close(row, refs[i][1], rtol=1e-12, atol=1e-12)
+
+
+def test_rows_without_loss_tokens_are_nan_and_others_unaffected():
+    model = make_model("llama")
+    examples = make_examples()
+    examples[2] = TokenizedExample("none", examples[2].input_ids, [0] * len(examples[2].input_ids))
+    with torch.no_grad():
+        out = example_losses(model, collate(examples, 0))
+        alone = example_losses(model, collate(examples[:2], 0))
+    assert bool(torch.isnan(out.loss[2])) and int(out.num_tokens[2]) == 0
+    assert bool(torch.isfinite(out.loss[[0, 1, 3, 4, 5]]).all())
+    torch.testing.assert_close(out.loss[:2], alone.loss, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="loss_mask is 1 on a padding position"):
+        bad = collate(examples[:2], 0)
+        bad["loss_mask"][0, -1] = 1
+        bad["attention_mask"][0, -1] = 0
+        prepare_batch(bad, "cpu")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "llama"])
+def test_training_gradients_equal_full_logits(arch):
+    """Head requires grad (training, tied or not): per-chunk recompute gives the exact parameter gradients."""
+    model = make_model(arch)
+    examples = make_examples()
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.0, 1.5, 0.25], dtype=torch.float64)
+    batch = collate(examples, 0, SIDES[arch][-1])
+    out = example_losses(model, batch, chunk_tokens=4)
+    (weights * out.loss).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (weights * batched_full_logits_losses(model, batch)).sum().backward()  # same padded batch: see there
+    head_name = next(n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight)
+    assert model.get_output_embeddings().weight.grad.abs().max() > 1e-6  # the head's gradient is checked too
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert head_name in ours
+    model.zero_grad(set_to_none=True)
+
+
+def batched_full_logits_losses(model, batch):
+    """Reference on a padded batch: the model's own [B, T, V] logits, mean NLL over masked targets per row [B].
+
+    Used where Gemma's RMSNorm (float32 even in a float64 model) makes per-row references differ from any batched
+    computation by float32 summation order (~1e-7 relative on gradients).
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    mask = batch["loss_mask"][:, 1:].double()
+    return (nll * mask).sum(1) / mask.sum(1)
+
+
+def explicit_features(model, featurizer, batch, row: int):
+    """P_out G P_in^T from one backward of row `row`'s full-logits loss (float64)."""
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batched_full_logits_losses(model, batch)[row].backward()
+    names = dict(model.named_modules())
+    parts = []
+    for t in featurizer.modules:
+        p_in, p_out = featurizer.projection_matrices(t.name)
+        parts.append((p_out.double() @ names[t.name].weight.grad @ p_in.double().T).reshape(-1))
+    model.zero_grad(set_to_none=True)
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "cohere", "granite", "llama_tied"])
+def test_features_equal_full_logits_gradients(arch):
+    """Frozen head (the featurizer): d NLL / d h from each chunk, then the hooks; equal to full-logits backward."""
+    model = make_model(arch)
+    featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=4, proj_dim_out=4, seed=2))
+    examples = make_examples()
+    batch = collate(examples, 0, SIDES[arch][-1])
+    out = featurizer.featurize(batch)
+    assert out.bad == [None] * len(examples)
+    for i, ex in enumerate(examples):
+        ref = explicit_features(model, featurizer, batch, i)
+        assert ref.abs().max() > 1e-4
+        torch.testing.assert_close(out.features[i], ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out.loss[i], full_logits_loss(model, ex)[0], rtol=1e-12, atol=1e-12)
+
+
+class _ScaledLlama(tf.LlamaForCausalLM):
+    """A head transform the loss module does not know: logits * 2 + 0.5 inside forward."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0 + 0.5
+        return out
+
+
+def test_unknown_head_transform_falls_back_to_full_logits(caplog):
+    torch.manual_seed(0)
+    model = _ScaledLlama(tf.LlamaConfig(**_COMMON)).double().eval()
+    examples = make_examples()
+    with caplog.at_level(logging.WARNING, logger="drift_stream.losses"):
+        assert resolve_head(model) is None
+    assert "_ScaledLlama: using full [B, T, V] logits" in caplog.text
+    with torch.no_grad():
+        out = example_losses(model, collate(examples, 0, "left"), chunk_tokens=3)
+    for i, ex in enumerate(examples):
+        torch.testing.assert_close(out.loss[i], full_logits_loss(model, ex)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_every_caller_gives_the_same_loss():
+    """models.sequence_losses, the featurizer (loss_only and featurize) and the trainer loss are one function."""
+    from drift_stream.integrations.trainers import example_losses as trainer_losses
+    from drift_stream.models import sequence_losses
+
+    model = make_model("gemma2", torch.float32)
+    examples = make_examples()
+    batch = collate(examples, 0, "right")
+    seq, num = sequence_losses(model, batch)
+    featurizer = GradientFeaturizer(model)
+    only, num_only = featurizer.loss_only(batch)
+    feat = featurizer.featurize(batch).loss
+    train = trainer_losses(model, batch).detach()
+    assert seq.dtype == torch.float32 and torch.equal(num, num_only)
+    torch.testing.assert_close(only, seq, rtol=0, atol=0)
+    torch.testing.assert_close(feat, seq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(train, seq, rtol=1e-6, atol=1e-6)
