@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,8 @@ def score_cmd(args, progress: bool = True) -> int:
     from drift_stream.report import summarize_run
     from drift_stream.scoring import build_scorer
 
-    scorer = build_scorer(
-        args.scorer,
+    scorer_kwargs = dict(
+        scorer=args.scorer,
         model=args.model,
         adapter=args.adapter,
         bank=args.bank,
@@ -48,9 +49,17 @@ def score_cmd(args, progress: bool = True) -> int:
         on_bad_row=args.on_bad_row,
         storage_options=args.storage_options,
     )
-    run_score(config, scorer, progress=progress)
+    if getattr(args, "engine", "local") == "ray":
+        from drift_stream.integrations.ray import RayEngine, score_on_ray
+
+        engine = RayEngine(scorer_kwargs, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                           cpus_per_actor=args.cpus_per_actor, threads=args.threads)
+        score_on_ray(config, scorer_kwargs, engine, address=args.ray_address, progress=progress)
+    else:
+        run_score(config, build_scorer(**scorer_kwargs), progress=progress)
     if not args.quiet:
-        print(summarize_run(args.out, storage_options=args.storage_options))
+        # a shard of an array may finish before the others: summarise what is done so far
+        print(summarize_run(args.out, storage_options=args.storage_options, allow_incomplete=True))
     return 0
 
 
@@ -79,20 +88,31 @@ def bank_build_cmd(args, progress: bool = True) -> int:
     )
     if config.preconditioner != "identity" and not args.fisher_data:
         logger.warning("--preconditioner %s needs --fisher-data (training rows); using identity", args.preconditioner)
-    build_bank(
-        args.model,
-        args.queries,
-        args.out,
-        config,
-        verifier=args.verifier,
-        adapter=args.adapter,
-        fisher_data=args.fisher_data,
-        fisher_adapter=args.fisher_adapter,
-        device=args.device,
-        storage_options=args.storage_options,
-        overwrite=args.overwrite,
-        progress=progress,
-    )
+    import contextlib
+
+    workers = contextlib.nullcontext()
+    if getattr(args, "engine", "local") == "ray":
+        from drift_stream.integrations.ray_bank import RayBankWorkers
+
+        workers = RayBankWorkers(args.model, config.features, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                 cpus_per_actor=args.cpus_per_actor, device=args.device, threads=args.threads,
+                                 address=args.ray_address)
+    with workers as pool:
+        build_bank(
+            args.model,
+            args.queries,
+            args.out,
+            config,
+            verifier=args.verifier,
+            adapter=args.adapter,
+            fisher_data=args.fisher_data,
+            fisher_adapter=args.fisher_adapter,
+            device=args.device,
+            storage_options=args.storage_options,
+            overwrite=args.overwrite,
+            progress=progress,
+            workers=pool,
+        )
     if not args.quiet:
         print(ValidationBank.load(args.out).summary())
     return 0
@@ -120,19 +140,25 @@ def refine_cmd(args, progress: bool = True) -> int:
         prefilters=tuple(tuple(p) for p in (args.prefilter or ())),
         storage_options=args.storage_options,
         progress=progress,
+        allow_incomplete=args.allow_incomplete,
     )
     if not args.quiet:
         print(
             f"refined {manifest['rows_in']} rows with policy {args.policy}: "
             f"{manifest['rows_written']} rows written to {args.out}"
         )
+    fraction = manifest.get("source_fraction_files", 1.0)
+    if fraction < 1.0:  # printed even with --quiet: the output covers only part of the pool
+        print(f"warning: the run is incomplete; refined {100 * fraction:.1f}% of its input files "
+              "(--allow-incomplete)", file=sys.stderr)
     return 0
 
 
 def report_cmd(args) -> int:
     from drift_stream.report import write_report
 
-    path = write_report(args.run_dir, args.out, storage_options=args.storage_options)
+    path = write_report(args.run_dir, args.out, storage_options=args.storage_options,
+                        allow_incomplete=args.allow_incomplete)
     print(f"report written to {path}")
     return 0
 

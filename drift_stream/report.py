@@ -15,7 +15,8 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from drift_stream import __version__
-from drift_stream.refine import list_data_shards, open_fs, read_json, scan_shards, write_bytes_atomic
+from drift_stream.io.run_dir import CompletedShards, RunDirectory, open_path, write_bytes_atomic
+from drift_stream.refine import read_json
 
 from drift_stream.stats import rankdata, spearman  # noqa: F401  (re-exported)
 
@@ -50,6 +51,7 @@ class RunSummary:
     bank: dict | None
     top: list[dict] = field(default_factory=list)
     bottom: list[dict] = field(default_factory=list)
+    completed: Any = None  # the CompletedShards read: complete, fraction_files, describe()
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -90,11 +92,11 @@ def _find_bank(config: Any) -> str | None:
     return None
 
 
-def _reject_counts(fs, root: str) -> dict[str, int]:
-    """Rejected rows by reason kind (the part before ':'; `too_long:300>256` counts as `too_long`)."""
+def _reject_counts(shards: CompletedShards) -> dict[str, int]:
+    """Rejected rows of the finished input files by reason kind (`too_long:300>256` counts as `too_long`)."""
     counts: dict[str, int] = {}
-    for path in sorted(fs.glob(f"{root}/rejects/*.parquet")):
-        with fs.open(path, "rb") as f:
+    for path in shards.rejects_files:
+        with shards.open_data(path) as f:
             reasons = pq.read_table(f, columns=["drift_reject_reason"]).column(0).to_pylist()
         for r in reasons:
             key = str(r).split(":", 1)[0] if r else "unknown"
@@ -107,7 +109,7 @@ def _bank_info(manifest: dict | None, run_fs, run_root: str, storage_options: di
     bank = _find_bank((manifest or {}).get("config"))
     if not bank:
         return None
-    fs, root = open_fs(bank, storage_options)
+    fs, root = open_path(bank, storage_options)
     if not fs.exists(f"{root}/manifest.json") and "://" not in str(bank):
         fs, root = run_fs, f"{run_root}/{bank}"  # a path relative to the run directory
     bm = read_json(fs, f"{root}/manifest.json")
@@ -176,13 +178,18 @@ def _extreme_rows(score: np.ndarray, k: int) -> tuple[list[int], list[int]]:
 
 
 def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: dict | None = None,
-           seed: int = 0) -> RunSummary:
+           seed: int = 0, allow_incomplete: bool = False) -> RunSummary:
     """Read a run directory's scores, manifest, rejects and bank into a RunSummary (numeric columns only, plus
-    the 2 * top_k example rows)."""
-    fs, root = open_fs(run_dir, storage_options)
-    manifest = read_json(fs, f"{root}/manifest.json")
-    shards = list_data_shards(fs, root)
-    lf = scan_shards(fs, shards)
+    the 2 * top_k example rows). Only finished input files are read; an incomplete run raises IncompleteRunError
+    unless `allow_incomplete` (then `RunSummary.completed` says what fraction was seen)."""
+    run = RunDirectory.open(run_dir, storage_options)
+    fs, root = run.fs, run.root
+    completed = run.read_completed_shards(allow_incomplete=allow_incomplete, command="report")
+    manifest = completed.manifest
+    if manifest is None or not completed.complete:  # counts of what is read: recomputed from its markers
+        manifest = run.build_manifest(completed.config, list(completed.input_files), completed.markers)
+    shards = completed.data_files
+    lf = completed.scan()
     names = lf.collect_schema().names()
     cols = [c for c in (SCORE, NORM, TOKENS, RAW) if c in names]
     if SCORE not in cols:
@@ -219,8 +226,8 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     return RunSummary(
         run_dir=str(run_dir), manifest=manifest, rows_scored=n, score_stats=stats, hist_counts=counts,
         hist_edges=edges, spearman=rho, scatter=scatter, debias=_find_debias(manifest),
-        rejects=_reject_counts(fs, root), bank=_bank_info(manifest, fs, root, storage_options),
-        top=[fetched[i] for i in top_rows], bottom=[fetched[i] for i in bottom_rows])
+        rejects=_reject_counts(completed), bank=_bank_info(manifest, fs, root, storage_options),
+        top=[fetched[i] for i in top_rows], bottom=[fetched[i] for i in bottom_rows], completed=completed)
 
 
 # ------------------------------------------------------------------------------------------------------ terminal
@@ -235,11 +242,12 @@ def _rows_line(s: RunSummary) -> str:
     return line
 
 
-def summarize_run(run_dir: str, *, storage_options: dict | None = None) -> str:
-    """A few lines for the terminal: rows, score distribution, correlations, bank."""
-    s = gather(run_dir, top_k=0, storage_options=storage_options)
+def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
+    """A few lines for the terminal: rows, score distribution, correlations, bank (IncompleteRunError: `gather`)."""
+    s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete)
     st = s.score_stats
-    lines = [f"run {run_dir}", _rows_line(s),
+    lines = [f"run {run_dir}" + ("" if s.completed is None or s.completed.complete else
+                                 f"  (INCOMPLETE: {s.completed.describe()})"), _rows_line(s),
              f"drift_score: mean {_fmt(st['mean'])}  std {_fmt(st['std'])}  min {_fmt(st['min'])}  "
              f"p10 {_fmt(st['p10'])}  median {_fmt(st['median'])}  p90 {_fmt(st['p90'])}  max {_fmt(st['max'])}  "
              f"positive {_fmt(100 * st['positive_fraction'], 3)}%"]
@@ -496,6 +504,9 @@ def render_html(s: RunSummary) -> str:
                if s.rejects else "<p>No rejected rows.</p>")
     config = html.escape(json.dumps(m.get("config", {}), indent=2, sort_keys=True, default=str))
     generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    incomplete = ("" if s.completed is None or s.completed.complete else
+                  f'<p class="note"><b>Incomplete run</b> (--allow-incomplete): this page shows '
+                  f"{html.escape(s.completed.describe())}.</p>")
     card_html = "".join(f'<div class="card"><b>{html.escape(_fmt(v))}</b><span>{k}</span></div>' for k, v in cards)
     hist = _plot(f"drift_score over {s.rows_scored:,} rows (dashed: 0)", svg_histogram(s.hist_counts, s.hist_edges))
     return f"""<!DOCTYPE html>
@@ -504,7 +515,7 @@ def render_html(s: RunSummary) -> str:
 <h1>drift-stream report</h1>
 <div class="sub">run <code>{html.escape(s.run_dir)}</code> · generated {generated}
  · drift-stream {html.escape(__version__)}</div>
-<div class="cards">{card_html}</div>
+{incomplete}<div class="cards">{card_html}</div>
 <h2 id="scores">Score distribution</h2>
 <div class="plots">{hist}
 {_table([(k, v) for k, v in st.items()], ("statistic", "value"))}</div>
@@ -524,12 +535,14 @@ examples with huge gradients dominate the ranking.</p>
 
 
 def write_report(run_dir: str, out_html: str | None = None, *, top_k: int = 10,
-                 storage_options: dict | None = None) -> str:
-    """Write the report of `run_dir` to `out_html` (default RUN_DIR/report.html); returns where it was written."""
-    summary = gather(run_dir, top_k=top_k, storage_options=storage_options)
+                 storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
+    """Write the report of `run_dir` to `out_html` (default RUN_DIR/report.html); returns where it was written.
+
+    An incomplete run raises IncompleteRunError unless `allow_incomplete` (the page then says what it covers)."""
+    summary = gather(run_dir, top_k=top_k, storage_options=storage_options, allow_incomplete=allow_incomplete)
     page = render_html(summary)
     out_html = out_html or f"{str(run_dir).rstrip('/')}/report.html"
-    fs, path = open_fs(out_html, storage_options)
+    fs, path = open_path(out_html, storage_options)
     write_bytes_atomic(fs, path, page.encode("utf-8"))
     logger.info("report of %s written to %s", run_dir, out_html)
     return out_html

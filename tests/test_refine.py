@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
+from drift_stream.io.run_dir import ScoreSummary
 from drift_stream.refine import Policy, RefineConfig, refine_run
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "refine_manifest.schema.json"
@@ -69,10 +70,12 @@ def write_run(root: str, sizes=(40, 0, 25, 35), *, seed: int = 0, raw: bool = Fa
     with fs.open(f"{path}/rejects/train-00000-of-{len(sizes):05d}.parquet", "wb") as f:
         pq.write_table(rejects, f)
     full = pa.concat_tables(tables)
+    inputs = mark_complete(root, sizes, rejected={0: 3}, storage_options=storage_options)
     # the shape of schemas/run_manifest.schema.json (the fields the report and refine read)
     manifest = {"kind": "score", "rows_in": full.num_rows + 3, "rows_scored": full.num_rows, "rows_rejected": 3,
-                "rejected_by_reason": {"empty_response": 1, "too_long": 2}, "version": "0.1.0",
-                "config": {"input_files": ["in-0.parquet"], "scorer": {"scorer": "drift", "bank": bank}},
+                "rejected_by_reason": {"empty_response": 1, "too_long": 2}, "version": "0.1.0", "complete": True,
+                "input_files": inputs,
+                "config": {"input_files": inputs, "scorer": {"scorer": "drift", "bank": bank}},
                 "scorer_info": {"beta": 1.0, "beta_mode": "fixed"}}
     if raw:
         manifest["scorer_info"] = {"beta": 0.93, "beta_mode": "auto", "debias": {
@@ -81,6 +84,33 @@ def write_run(root: str, sizes=(40, 0, 25, 35), *, seed: int = 0, raw: bool = Fa
     with fs.open(f"{path}/manifest.json", "w") as f:
         json.dump(manifest, f)
     return full
+
+
+def mark_complete(root: str, sizes, *, rejected: dict[int, int] | None = None, only=None,
+                  storage_options: dict | None = None) -> list[str]:
+    """Completion markers (as io/run_dir.ShardWriter.commit writes them) and config.json for the shards of `root`;
+    `only`: the input indexes that finished (default all). Returns the input file names."""
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    rejected = rejected or {}
+    inputs = [f"in-{i}.parquet" for i in range(len(sizes))]
+    fs.makedirs(f"{path}/completions", exist_ok=True)
+    for i, n in enumerate(sizes):
+        if only is not None and i not in only:
+            continue
+        name = f"train-{i:05d}-of-{len(sizes):05d}.parquet"
+        summary = ScoreSummary()
+        with fs.open(f"{path}/data/{name}", "rb") as f:
+            summary.add(pq.read_table(f, columns=["drift_score"]).column(0).to_numpy(zero_copy_only=False))
+        marker = {"input_index": i, "num_input_files": len(sizes), "input_file": inputs[i],
+                  "data_file": f"data/{name}", "rejects_file": f"rejects/{name}" if rejected.get(i) else None,
+                  "rows_in": n + rejected.get(i, 0), "rows_scored": n, "rows_rejected": rejected.get(i, 0),
+                  "rejected_by_reason": {"too_long": rejected[i]} if rejected.get(i) else {},
+                  "score_summary": summary.to_dict()}
+        with fs.open(f"{path}/completions/{i:05d}.json", "w") as f:
+            json.dump(marker, f)
+    with fs.open(f"{path}/config.json", "w") as f:
+        json.dump({"config": {"input_files": inputs, "scorer": {"scorer": "random", "model": "m"}}}, f)
+    return inputs
 
 
 def read_out(root: str, storage_options: dict | None = None) -> list[pa.Table]:
@@ -139,6 +169,7 @@ def test_top_breaks_ties_on_duplicate_ids_by_position(tmp_path, p, want, last):
     for i, (ids, rows) in enumerate(((["a", "a", "b"], [0, 1, 2]), (["a", "b"], [3, 4]))):
         pq.write_table(pa.table({"id": ids, "row_no": rows, "drift_score": pa.array([1.5] * len(ids), pa.float32())}),
                        tmp_path / "run" / "data" / f"train-{i:05d}-of-00002.parquet")
+    mark_complete(str(tmp_path / "run"), [3, 2])
     m = refine_run(str(tmp_path / "run"), f"top:{p}", str(tmp_path / "o"), progress=False)
     assert sorted(r for t in read_out(str(tmp_path / "o")) for r in t["row_no"].to_pylist()) == want
     assert (m["cut"]["id"], m["cut"]["row"]) == (["a", "a", "b", "a", "b"][last], last)
@@ -331,13 +362,17 @@ def test_policy_parse_round_trip_and_config_errors(run, tmp_path):
 
 
 def test_bad_inputs_are_typed_errors(tmp_path):
-    with pytest.raises(InputError, match="no scored shards"):
+    with pytest.raises(InputError, match="does not exist"):
         refine_run(str(tmp_path / "nothing"), "positive", str(tmp_path / "o"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a run directory"):
+        refine_run(str(tmp_path / "empty"), "positive", str(tmp_path / "o"), progress=False)
     t = make_table(5, 0, np.random.default_rng(0))
     t = t.set_column(t.schema.get_field_index("drift_score"), "drift_score",
                      pa.array([0.1, float("nan"), 0.2, 0.3, 0.4], pa.float32()))
     (tmp_path / "nan" / "data").mkdir(parents=True)
     pq.write_table(t, tmp_path / "nan" / "data" / "train-00000-of-00001.parquet")
+    mark_complete(str(tmp_path / "nan"), [5])
     with pytest.raises(InputError, match="NaN"):
         refine_run(str(tmp_path / "nan"), "top:0.5", str(tmp_path / "o"), progress=False)
     pq.write_table(t.drop_columns(["id"]), tmp_path / "nan" / "data" / "train-00000-of-00001.parquet")
@@ -354,6 +389,7 @@ def test_hf_datasets_reads_refined_shards(tmp_path, policy, column):
             "drift_score": [0.1, 0.5, -0.2, 0.3]}
     src = datasets.Dataset.from_dict(rows).cast_column("drift_score", datasets.Value("float32"))
     src.to_parquet(str(tmp_path / "run" / "data" / "train-00000-of-00001.parquet"))
+    mark_complete(str(tmp_path / "run"), [4])
     refine_run(str(tmp_path / "run"), policy, str(tmp_path / "o"), progress=False)
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "o" / "data" / "*.parquet"), split="train",
                                cache_dir=str(tmp_path / "cache"))
@@ -393,6 +429,7 @@ def test_stratified_top_keeps_each_groups_share(tmp_path, run, p):
         t = t.append_column("task", pa.array([f"t{m['level']}" for m in t["meta"].to_pylist()]))
         Path(tasked, "data").mkdir(parents=True, exist_ok=True)
         pq.write_table(t, Path(tasked, "data", path.name))
+    mark_complete(tasked, [pq.read_metadata(p).num_rows for p in sorted(Path(root, "data").glob("*.parquet"))])
     m = refine_run(tasked, f"top:{p}", str(tmp_path / "o"), stratify_by=["task"], progress=False)
     kept = sorted(r for t in read_out(str(tmp_path / "o")) for r in t["row_no"].to_pylist())
     assert kept == expected_stratified(full, p, [f"t{x}" for x in level])

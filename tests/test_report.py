@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_refine import MESSAGES, write_run
+from test_refine import MESSAGES, mark_complete, write_run
 
 from drift_stream.report import _extreme_rows, rankdata, render_example, spearman, summarize_run, write_report
 
@@ -94,6 +94,7 @@ def test_report_escapes_hostile_text_and_handles_no_bank(tmp_path):
         "drift_score": pa.array([3.0, 1.0, -2.0], pa.float32()),
         "drift_grad_norm": pa.array([1.0, 2.0, 3.0], pa.float32()),
         "drift_num_tokens": pa.array([5, 6, 7], pa.int32())}), root / "data" / "train-00000-of-00001.parquet")
+    mark_complete(str(root), [3])
     write_report(str(root), str(tmp_path / "r.html"), top_k=2)
     page = (tmp_path / "r.html").read_text()
     assert "<script" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
