@@ -1,0 +1,213 @@
+"""WeightedSFTTrainer against real TRL on a tiny model (CPU): plain-SFTTrainer equality, zero weights, explicit loss,
+gradient accumulation, the masks TRL builds, refusals. SGD, not Adam, wherever parameters are compared: Adam divides
+the gradient by its own scale, so a wrongly scaled loss would still give the same Adam step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from drift_stream.errors import ConfigError, InputError  # noqa: E402
+from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
+from drift_stream.testing import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model  # noqa: E402
+
+# The test template with TRL's {% generation %} markers around what the assistant says (assistant_only_loss).
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WEIGHTS = [1.5, 0.0, 0.5, 2.0, 1.0, 0.0, 0.25, 1.75, 1.0, 0.5, 3.0, 0.0]
+
+
+def _rows(n, *, equal_length=False, layout="prompt_completion"):
+    rows = []
+    for i in range(n):
+        q, a = f"Sum {i % 7} + {i % 3}?", f"{i % 7}+{i % 3}={i % 7 + i % 3}"
+        if not equal_length:
+            a = a + " ok" * (i % 4)  # 0-3 extra words: rows differ in loss tokens
+        if layout == "prompt_completion":
+            rows.append({"prompt": [{"role": "user", "content": q}],
+                         "completion": [{"role": "assistant", "content": a}]})
+        else:
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return rows
+
+
+def _dataset(rows, weights=None):
+    if weights is not None:
+        rows = [dict(r, weight=w) for r, w in zip(rows, weights)]
+    return Dataset.from_list(rows)
+
+
+def _tok(generation=False):
+    tok = make_char_tokenizer()
+    tok.chat_template = GENERATION_TEMPLATE if generation else CHAT_TEMPLATE
+    return tok
+
+
+def _config(tmp_path, *, batch=4, accum=1, steps=3, lr=0.5, **kw):
+    return SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accum, max_steps=steps, learning_rate=lr, optim="sgd",
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=3, data_seed=3,
+                     dataloader_num_workers=0, disable_tqdm=True, max_length=None, **kw)
+
+
+def _train(cls, tmp_path, dataset, tok=None, **kw):
+    trainer_kw = {k: kw.pop(k) for k in ("weighting",) if k in kw}
+    model = make_tiny_model("llama", vocab_size=102, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, seed=0)
+    trainer = cls(model=model, args=_config(tmp_path, **kw), train_dataset=dataset,
+                  processing_class=tok or _tok(), **trainer_kw)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_params_close(a, b, rtol=1e-5, atol=1e-7):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_trained(before_seed0, after):  # the comparison is not between two untouched models
+    moved = max(float((after[n] - before_seed0[n]).abs().max()) for n in after)
+    assert moved > 1e-3, moved
+
+
+def _init_params():
+    model = make_tiny_model("llama", vocab_size=102, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, seed=0)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", ["prompt_completion", "messages"])
+def test_all_ones_token_weighting_equals_plain_sft_trainer(tmp_path, layout):
+    # prompt/completion: TRL's completion_only_loss mask; messages: assistant_only_loss with {% generation %}
+    rows = _rows(12, layout=layout)
+    extra = {"assistant_only_loss": True} if layout == "messages" else {}
+    tok = _tok(generation=layout == "messages")
+    plain_losses, plain = _train(SFTTrainer, tmp_path / "a", _dataset(rows), tok, **extra)
+    ours_losses, ours = _train(WeightedSFTTrainer, tmp_path / "b", _dataset(rows, [1.0] * 12), tok,
+                               weighting="token", **extra)
+    assert ours_losses == pytest.approx(plain_losses, rel=1e-5)
+    _assert_params_close(ours, plain)
+    _assert_trained(_init_params(), ours)
+
+
+def test_all_ones_example_weighting_equals_plain_sft_trainer_on_equal_length_rows(tmp_path):
+    # per-example mean == token mean exactly when every row has the same number of loss tokens
+    rows = _rows(12, equal_length=True)
+    rows = [r for r in rows if len(r["completion"][0]["content"]) == 5]  # "a+b=c": 5 characters
+    assert len(rows) >= 8
+    plain_losses, plain = _train(SFTTrainer, tmp_path / "a", _dataset(rows))
+    ours_losses, ours = _train(WeightedSFTTrainer, tmp_path / "b", _dataset(rows, [1.0] * len(rows)))
+    assert ours_losses == pytest.approx(plain_losses, rel=1e-5)
+    _assert_params_close(ours, plain)
+
+
+def test_zero_weight_rows_equal_removing_them(tmp_path):
+    rows = _rows(12)
+    kept = [(r, w) for r, w in zip(rows, WEIGHTS) if w > 0]
+    la, a = _train(WeightedSFTTrainer, tmp_path / "a", _dataset(rows, WEIGHTS))
+    lb, b = _train(WeightedSFTTrainer, tmp_path / "b", _dataset([r for r, _ in kept], [w for _, w in kept]))
+    assert la == lb
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and the weights matter: all-ones training on the same kept rows differs
+    lc, _ = _train(WeightedSFTTrainer, tmp_path / "c", _dataset([r for r, _ in kept], [1.0] * len(kept)))
+    assert lc != la
+
+
+def _explicit_loss(model, tok, rows, weights, weighting):
+    """One unpadded float64 forward per row; the completion tokens by their own tokenization."""
+    num, den = 0.0, 0
+    for row, w in zip(rows, weights):
+        prompt = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+        assert full[: len(prompt)] == prompt
+        ids = torch.tensor([full])
+        logits = model(input_ids=ids).logits[0, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[len(prompt) - 1:]
+        if weighting == "example":
+            num, den = num + w * nll.mean(), den + 1
+        else:
+            num, den = num + w * nll.sum(), den + len(nll)
+    return num / den
+
+
+@pytest.mark.parametrize("weighting", ["example", "token"])
+def test_weighted_loss_and_gradient_equal_explicit_computation(tmp_path, weighting):
+    rows = _rows(8)
+    weights = [0.5, 2.0, 1.0, 0.25, 1.5, 3.0, 0.75, 1.0]
+    tok = _tok()
+    model = make_tiny_model("llama", vocab_size=102, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, seed=1)
+    trainer = WeightedSFTTrainer(model=model, args=_config(tmp_path, batch=8, shuffle_dataset=False),
+                                 train_dataset=_dataset(rows, weights), processing_class=tok, weighting=weighting)
+    batch = next(iter(trainer.get_train_dataloader()))
+    order = [rows.index(r) for r in _rows_of_batch(tok, batch, rows)]  # the sampler shuffles
+    assert sorted(order) == list(range(8))
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    expected = _explicit_loss(model, tok, rows, weights, weighting)
+    exp_grads = torch.autograd.grad(expected, [p for p in model.parameters()])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    for g, e in zip(grads, exp_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def _rows_of_batch(tok, batch, rows):
+    texts = [tok.decode([t for t in ids.tolist() if t != tok.pad_token_id]) for ids in batch["input_ids"]]
+    by_text = {tok.decode(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
+                                                  return_dict=False)): r for r in rows}
+    return [by_text[t] for t in texts]
+
+
+@pytest.mark.parametrize("weighting", ["example", "token"])
+def test_accumulation_1_vs_4_give_one_big_batch(tmp_path, weighting):
+    rows, weights = _rows(12), WEIGHTS
+    la, a = _train(WeightedSFTTrainer, tmp_path / "a", _dataset(rows, weights), batch=8, accum=1,
+                   weighting=weighting)
+    lb, b = _train(WeightedSFTTrainer, tmp_path / "b", _dataset(rows, weights), batch=2, accum=4,
+                   weighting=weighting)
+    assert lb == pytest.approx(la, rel=1e-5)
+    _assert_params_close(a, b)
+    _assert_trained(_init_params(), a)
+
+
+def test_refusals(tmp_path):
+    rows = _rows(4)
+    model = make_tiny_model("llama", vocab_size=102, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, seed=0)
+    with pytest.raises(ConfigError, match="packing"):
+        WeightedSFTTrainer(model=model, args=_packing_config(tmp_path), train_dataset=_dataset(rows, [1.0] * 4),
+                           processing_class=_tok())
+    with pytest.raises(InputError, match="no 'weight' column"):
+        WeightedSFTTrainer(model=model, args=_config(tmp_path), train_dataset=_dataset(rows), processing_class=_tok())
+    with pytest.raises(InputError, match="row 2 .* finite and >= 0"):
+        WeightedSFTTrainer(model=model, args=_config(tmp_path), train_dataset=_dataset(rows, [1, 1, -1.0, 1]),
+                           processing_class=_tok())
+    with pytest.raises(InputError, match="row 1 .* must be a number"):
+        WeightedSFTTrainer(model=model, args=_config(tmp_path), train_dataset=_dataset(rows, [1.0, None, 1, 1]),
+                           processing_class=_tok())
+    with pytest.raises(InputError, match="nothing to train on"):
+        WeightedSFTTrainer(model=model, args=_config(tmp_path), train_dataset=_dataset(rows, [0.0] * 4),
+                           processing_class=_tok())
+    with pytest.raises(ConfigError, match="weighting"):
+        WeightedSFTTrainer(model=model, args=_config(tmp_path), train_dataset=_dataset(rows, [1.0] * 4),
+                           processing_class=_tok(), weighting="sequence")
+
+
+def _packing_config(tmp_path):
+    cfg = _config(tmp_path)
+    cfg.packing = True
+    cfg.max_length = 64
+    return cfg
