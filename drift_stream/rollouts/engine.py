@@ -173,6 +173,8 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
+    from drift_stream.losses import completion_logprobs
+
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -187,7 +189,7 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
     gen_config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_ids, pad_token_id=pad_id, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        output_logits=True, return_dict_in_generate=True,
+        return_dict_in_generate=True,
     )
     device = next(model.parameters()).device
     jobs = [(j, k) for j in range(len(queries)) for k in range(config.num_rollouts)]
@@ -221,7 +223,7 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
                     generation_config=gen_config, logits_processor=LogitsProcessorList([sampler]),
                 )
             new_tokens = out.sequences[:, width:].cpu()  # [B, N]
-            logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1).cpu()
+            finished = []
             for row, (j, k) in enumerate(chunk):
                 tokens = new_tokens[row].tolist()
                 end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
@@ -229,13 +231,16 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
                     completion, reason = tokens, "length"
                 else:
                     completion, reason = tokens[: end + 1], "eos"
-                steps = torch.arange(len(completion))
-                token_lp = logprobs[row, steps, torch.tensor(completion, dtype=torch.long)]
+                finished.append((j, k, completion, reason))
+            # log-probs from the one loss path (drift_stream.losses), not generate()'s [B, N, V] step logits
+            mean_lps = completion_logprobs(model, [prompts[j] for j, _, _, _ in finished],
+                                           [c for _, _, c, _ in finished], pad_id)
+            for (j, k, completion, reason), mean_lp in zip(finished, mean_lps.tolist()):
                 results[(j, k)] = Rollout(
                     query_id=queries[j].id, rollout_index=k, prompt_ids=tuple(prompts[j]),
                     completion_ids=tuple(completion),
                     completion=tokenizer.decode(completion, skip_special_tokens=True),
-                    finish_reason=reason, mean_logprob=float(token_lp.mean()),
+                    finish_reason=reason, mean_logprob=float(mean_lp),
                 )
             if bar is not None:
                 bar.update(len(chunk))
