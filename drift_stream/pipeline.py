@@ -8,9 +8,11 @@ scorer's `drift_*` columns except `drift_reject_reason` (null there); rejects ca
 for undecodable lines, `drift_raw_line`. Afterwards the manifest is recomputed from all
 markers, so the process that finishes last leaves the complete manifest.
 
-What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()`. Not compared,
-because they do not change any output row: `out`, `num_shards`, `shard_index`, `batch_rows`, `prefetch_batches`,
-`on_bad_row`, `allow_all_rejected` and the storage options (credentials are never recorded).
+What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()` (its
+output-changing fields). Not compared, because they do not change any output row: the scorer's execution-only fields
+(`batch_size`, `device`: recorded under "execution", config_fields.py), `out`, `num_shards`, `shard_index`,
+`batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options (never recorded).
+beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
 
 The run's one input schema (union of every input file's columns, io/schema.py) is recorded in `OUT/schema.json` by
 the first process, so every shard, resume and engine writes data shards of one schema. At the end,
@@ -29,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drift_stream.beta import resolve_beta
+from drift_stream.config_fields import execution_only
 from drift_stream.errors import BadRowError, ConfigError, DriftError
 from drift_stream.io.run_dir import (
     RAW_LINE_COLUMN,
@@ -67,9 +71,9 @@ class RunConfig:
     out: str
     num_shards: int = 1
     shard_index: int = 0
-    batch_rows: int = 1024  # rows per chunk handed to the scorer; bounds memory
+    batch_rows: int = execution_only(1024)  # rows per chunk handed to the scorer; bounds memory
     on_bad_row: str = "reject"  # reject: bad rows go to rejects/; error: the first bad row stops the run
-    prefetch_batches: int = 2  # chunks read ahead on the background thread
+    prefetch_batches: int = execution_only(2)  # chunks read ahead on the background thread
     allow_all_rejected: bool = False  # else a run whose every row is rejected raises AllRejectedError (CLI exit 2)
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)  # never recorded
 
@@ -118,12 +122,12 @@ def run_score(
     files = expand_inputs(config.data, config.storage_options)
     run = RunDirectory(config.out, config.storage_options)
     plan = input_plan(files, run, scorer, config)
-    if getattr(scorer, "needs_calibration", False):
-        # beta: auto is fitted on the first rows of the WHOLE input (not of this shard), so every shard process and
-        # every resume fits the same beta.
-        scorer.calibrate(head_rows(files, scorer.config.calibration_rows, config, plan))
     record = recorded_config(files, scorer)
-    run.check_config(record)
+    execution = scorer.execution_config() if hasattr(scorer, "execution_config") else None
+    run.check_config(record, execution)
+    # beta: auto is fitted once per run on the first rows of the WHOLE input and recorded in OUT/beta.json; every
+    # other shard process and every resume reads that record (beta.py).
+    resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, plan), run)
     mine = shard_files(files, config.num_shards, config.shard_index)
     done = run.completed_indexes()
     todo = [f for f in mine if f.index not in done]

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from drift_stream.contrast import weighted_query_mean
+from drift_stream.config_fields import execution_dict, execution_only, output_dict
 from drift_stream.errors import ConfigError
 from drift_stream.stats import spearman
 
@@ -44,18 +45,21 @@ SCORE_COLUMNS = (
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """What a scorer does to each row. Maps one to one onto `drift-stream score` flags."""
+    """What a scorer does to each row. Maps one to one onto `drift-stream score` flags (same defaults: tested).
+
+    Fields made with `execution_only` change speed and memory only; a resume compares the others (config_fields.py).
+    """
 
     scorer: str = "drift"
     adapter: str = "messages"
     max_tokens: int = 2048
     overlong: str = "reject"  # reject | truncate
-    batch_size: int = 8  # examples per forward/backward
+    batch_size: int = execution_only(8)  # examples per forward/backward
     seed: int = 0
     beta: float | str = 1.0  # a number, or "auto"
     calibration_rows: int = 256
     keep_query_scores: bool = False
-    device: str = "auto"
+    device: str = execution_only("auto")
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -88,7 +92,12 @@ def _to_table(batch: Any) -> tuple[pa.Table, str]:
         return batch, "table"
     if isinstance(batch, pa.RecordBatch):
         return pa.Table.from_batches([batch]), "record_batch"
-    if isinstance(batch, Mapping):  # datasets passes a LazyBatch, a Mapping that is not a dict
+    lazy = getattr(batch, "pa_table", None)  # Dataset.map's LazyBatch: its Arrow table has the exact column types
+    if isinstance(batch, Mapping) and isinstance(lazy, pa.Table):
+        keys = list(batch.keys())
+        if lazy.num_rows == len(batch[keys[0]]) if keys else True:
+            return lazy, "table"  # Dataset.map accepts a pa.Table back: the score columns keep their Arrow types
+    if isinstance(batch, Mapping):  # IterableDataset.map passes a dict (types: map(..., features=), hf_datasets)
         return pa.table({key: batch[key] for key in batch.keys()}), "dict"
     try:
         import pandas as pd
@@ -153,11 +162,15 @@ class BatchScorer:
         return {
             "scorer": self.name,
             "model": self.model_path,
-            **asdict(self.config),
+            **output_dict(self.config),
             "adapter_spec": self.adapter.config_dict(),
             "tokenization": self.chat.config_dict(),
             **self._extra_config(),
         }
+
+    def execution_config(self) -> dict:
+        """The execution-only settings (batch size, device, ...): recorded in config.json, not compared on resume."""
+        return execution_dict(self.config)
 
     def manifest_info(self) -> dict:
         """Facts learned while scoring (e.g. the fitted beta) that the run manifest records."""
@@ -434,7 +447,24 @@ class DriftScorer(_ModelScorer):
         )
 
     def calibrate(self, batch: Any) -> float:
-        """Fit beta on a calibration sample of rows (beta: auto). Returns the fitted beta."""
+        """Fit beta on a calibration sample of rows (beta: auto) and score with it. Returns the fitted beta.
+
+        Prefer `drift_stream.beta.resolve_beta`, which fits once per run directory and records the value."""
+        beta, debias = self.fit_beta(batch)
+        self.use_beta(beta, debias)
+        return beta
+
+    def use_beta(self, beta: float, debias: dict | None = None) -> None:
+        """Score with the fitted `beta` from now on (beta: auto only; `debias`: its calibration statistics)."""
+        if self.config.beta != "auto":
+            raise ConfigError(f"this scorer has a fixed beta={self.config.beta}: build it with beta='auto' to fit one")
+        if not math.isfinite(float(beta)):
+            raise ConfigError(f"beta must be a finite number, got {beta!r}")
+        self._beta = float(beta)
+        self._debias = dict(debias or {})
+
+    def fit_beta(self, batch: Any) -> tuple[float, dict]:
+        """(beta, debias statistics) fitted on a calibration sample of rows; changes nothing on the scorer."""
         table, _ = _to_table(batch)
         _, tokenized, _ = self.prepare(table)
         examples = [t for t in tokenized if t is not None]
@@ -445,11 +475,10 @@ class DriftScorer(_ModelScorer):
         weights = self.bank.query_weights
         mean_raw = weighted_query_mean(raw, None if weights is None else weights.double().numpy())
         beta = fit_beta(mean_raw[ok], norm[ok])
-        self._beta = beta
-        self._debias = debias_stats(mean_raw[ok], norm[ok], beta)
-        self._debias["calibration_rows"] = int(ok.sum())
+        debias = debias_stats(mean_raw[ok], norm[ok], beta)
+        debias["calibration_rows"] = int(ok.sum())
         logger.info("beta: auto fitted beta=%.4f on %d rows", beta, int(ok.sum()))
-        return beta
+        return beta, debias
 
     @property
     def needs_calibration(self) -> bool:

@@ -409,13 +409,21 @@ class RunDirectory:
             self.fs.rm(path)
 
     # ------------------------------------------------------------------ config
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        """Record `config` on first use; refuse (RunDirMismatchError, with a diff) a different one later."""
+    def check_config(self, config: Mapping[str, Any], execution: Mapping[str, Any] | None = None) -> None:
+        """Record `config` on first use; refuse (RunDirMismatchError, with a diff) a different one later.
+
+        `execution`: settings that change no output (batch size, device: config_fields.execution_only); recorded by
+        the first writer beside `config` and never compared, so a rerun with a smaller batch size is accepted.
+        """
         recorded = self._read_json(CONFIG_FILE)
         config = json.loads(json.dumps(config))  # normalise tuples etc. to JSON values
         if recorded is None:
-            self._write_json(CONFIG_FILE, {"config": config, "version": __version__})
+            self._write_json(CONFIG_FILE, {"config": config, "execution": json.loads(json.dumps(execution or {})),
+                                           "version": __version__})
             return
+        if execution is not None and recorded.get("execution") not in (None, json.loads(json.dumps(execution))):
+            logger.info("execution settings differ from the first run's (they change no score):\n%s",
+                        "\n".join(config_diff(recorded["execution"], json.loads(json.dumps(execution)))))
         if recorded.get("config") != config:
             diff = "\n".join(config_diff(recorded.get("config", {}), config))
             raise RunDirMismatchError(
@@ -424,6 +432,35 @@ class RunDirectory:
                 f"this run's config:\n{json.dumps(config, indent=2, sort_keys=True)}\n"
                 "use a new --out directory, or rerun with the recorded settings"
             )
+
+    def write_json_once(self, rel: str, value: Any) -> dict:
+        """Write `rel` unless it exists; return what the directory holds afterwards (first writer wins).
+
+        Local: the file is created by a hard link of a complete temp file, which fails if the name exists, so of
+        concurrent writers exactly one wins. Object stores have no create-if-absent here: the file is read just
+        before the PUT and again after it, so processes that race inside those milliseconds read the last PUT.
+        """
+        path = self._path(rel)
+        if self.is_local:
+            directory, name = os.path.split(path)
+            os.makedirs(directory, exist_ok=True)
+            temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+            with open(temp, "wb") as handle:
+                handle.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.remove(temp)
+        elif self._read_json(rel) is None:
+            self._write_json(rel, value)
+        stored = self._read_json(rel)
+        if stored is None:  # pragma: no cover - removed between the write and the read
+            raise InputError(f"{self.url}/{rel} vanished right after it was written")
+        return stored
 
     # ------------------------------------------------------------------ markers and shards
     def _marker_names(self) -> list[str]:
