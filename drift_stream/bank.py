@@ -210,9 +210,9 @@ class _Targets:
     """Features of a list of sequences, addressed by an owner key (a rollout or query index)."""
 
     def __init__(self, featurizer, examples: dict, pad_id: int, batch_size: int, desc: str, progress: bool,
-                 loss_only: bool = False):
+                 loss_only: bool = False, featurize_all=None):
         self.owners = list(examples)
-        self.features, self.loss, self.num_tokens, self.bad = _featurize_all(
+        self.features, self.loss, self.num_tokens, self.bad = (featurize_all or _featurize_all)(
             featurizer, [examples[o] for o in self.owners], pad_id, batch_size, desc, progress, loss_only)
         self.row = {owner: i for i, owner in enumerate(self.owners)}
 
@@ -350,12 +350,15 @@ def build_bank(
     storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    workers=None,
 ) -> "ValidationBank":
     """Build a bank directory at `out_dir` and return it, loaded.
 
     model: HF model directory (or a loaded model, with `tokenizer=`). queries: URL(s) of parquet / jsonl read with
     `adapter`, or rows / Examples / Queries. verifier: a `load_verifier` spec or a Verifier. fisher_data: URL(s),
-    rows (read with `fisher_adapter`), Examples or TokenizedExamples of the training pool.
+    rows (read with `fisher_adapter`), Examples or TokenizedExamples of the training pool. workers: where HF
+    rollouts and rollout / reference features are computed (`integrations.ray_bank.RayBankWorkers`: a Ray actor
+    pool; its `generate_rollouts` and `featurize_all` have the signatures of this module's); default this process.
     """
     import torch
 
@@ -393,9 +396,11 @@ def build_bank(
         timings["generation"] = time.perf_counter() - t0
     if model_path is not None:
         model = load_model(model_path, device=device, dtype=dtype)
+    generate = workers.generate_rollouts if workers is not None and backend != "vllm" else generate_rollouts
+    featurize_all = workers.featurize_all if workers is not None else None
     if on_policy and backend != "vllm":
         t0 = time.perf_counter()
-        rollouts = generate_rollouts(model, tokenizer, chat_tok, query_list, config.rollouts, progress)
+        rollouts = generate(model, tokenizer, chat_tok, query_list, config.rollouts, progress)
         timings["generation"] = time.perf_counter() - t0
     results: list[VerifyResult] = []
     if on_policy:
@@ -411,7 +416,7 @@ def build_bank(
         t0 = time.perf_counter()
         gen_model = model_path if backend == "vllm" else model
         rollouts, results, adaptive = top_up_rollouts(
-            lambda qs, seed: generate_rollouts(gen_model, tokenizer, chat_tok, qs,
+            lambda qs, seed: generate(gen_model, tokenizer, chat_tok, qs,
                                                dataclasses.replace(config.rollouts, seed=seed), progress),
             lambda rs: verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rs],
                                        config.verifier_timeout_s, progress),
@@ -428,13 +433,13 @@ def build_bank(
          for j, q in enumerate(query_list) if q.reference_response is not None}, chat_tok.encode)
     ref_errors.update({j: "no_reference" for j, q in enumerate(query_list) if q.reference_response is None})
     refs = _Targets(featurizer, refs, *batch_args, "reference", progress,
-                    loss_only=on_policy and config.no_contrast != "reference")
+                    loss_only=on_policy and config.no_contrast != "reference", featurize_all=featurize_all)
     ref_loss = {j: float(refs.loss[refs.row[j]]) for j in refs.owners if refs.ok(j)}
     if on_policy:
         # Each rollout's own tokens: prompt + completion, loss on the completion.
         encoded, encode_errors = _encode_all(
             {i: (r.prompt_ids, r.completion_ids, r.query_id) for i, r in enumerate(rollouts)}, chat_tok.encode_rollout)
-        feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress)
+        feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress, featurize_all=featurize_all)
         rows, vectors, table, rollout_vectors, target_pass = _on_policy(
             query_list, rollouts, results, feats, encode_errors, ref_loss, ref_errors, config, tokenizer,
             refs if config.no_contrast == "reference" else None)
