@@ -78,31 +78,39 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def _convert(action: argparse.Action, value: Any, key: str, path: str) -> Any:
+    """`value` from the file, converted and checked as argparse would convert and check the flag's text."""
     where = f"--config {path}: {key}"
-    if isinstance(value, (dict, list)) and action.type is not None and getattr(action.type, "__name__", "") != "_json_arg":
-        raise ConfigError(f"{where} takes one value, got {value!r}")
     kind = {int: "an integer", float: "a number"}.get(action.type)
-    if isinstance(value, str) and kind is not None:
-        try:
-            value = action.type(value)
-        except ValueError:
-            raise ConfigError(f"{where} must be {kind}, got {value!r}") from None
-    elif isinstance(value, str) and action.type is not None:
-        try:
-            value = action.type(value)
-        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    elif action.type in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (action.type is int and value != int(value)):
+    if getattr(action.type, "__name__", "") == "_json_arg":  # --storage-options: a mapping, or its JSON text
+        if isinstance(value, str):
+            value = _call_type(action, value, where)
+        elif not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    elif isinstance(value, (dict, list)):
+        raise ConfigError(f"{where} takes one value, got {value!r}")
+    elif kind is not None:
+        if isinstance(value, str):
+            try:
+                value = action.type(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be {kind}, got {value!r}") from None
+        elif isinstance(value, bool) or (action.type is int and not isinstance(value, int)):
             raise ConfigError(f"{where} must be {kind}, got {value!r}")
         value = action.type(value)
-    elif getattr(action.type, "__name__", "") == "_json_arg" and not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a mapping, got {value!r}")
-    elif action.type is None and not isinstance(value, str):
+    elif action.type is not None:  # e.g. --beta: a number or 'auto'
+        value = _call_type(action, str(value), where)
+    elif not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value
+
+
+def _call_type(action: argparse.Action, text: str, where: str) -> Any:
+    try:
+        return action.type(text)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:

@@ -68,7 +68,9 @@ def test_command_line_wins_and_file_supplies_required_and_positional_values(tmp_
     ("keep-query-scores: yes please\n", "is a switch"),
     ("beta: high\n", "number or 'auto'"),
     ("- just\n- a list\n", "must hold a mapping"),
-    ("data: {a: 1}\n", "must be a string"),
+    ("data: {a: 1}\n", "takes one value"),
+    ("model: 3\n", "must be a string"),
+    ("storage-options: [1]\n", "must be a mapping"),
 ])
 def test_bad_values_are_errors_naming_the_file(tmp_path, text, match):
     path = write(tmp_path, text)
