@@ -156,6 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=_json_arg, default=None)
     _add_common(p)
 
+    p = sub.add_parser("export", help="write a refined run in the layout a trainer loads (TRL, LLaMA-Factory, repeat)")
+    p.add_argument("run_dir", help="the --out of `drift-stream refine`")
+    p.add_argument("--format", required=True, choices=("trl", "llamafactory", "repeat"),
+                   help="trl: prompt/completion (or messages) + weight; llamafactory: v1 messages with loss_weight "
+                   "+ dataset_info.yaml; repeat: integer copies for trainers without weights")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--layout", default="prompt_completion", choices=("prompt_completion", "messages"),
+                   help="trl/repeat rows: prompt/completion (last answer trained) or messages (multi-turn; train "
+                   "with assistant_only_loss=True)")
+    p.add_argument("--seed", type=int, default=0, help="repeat: seed of the copy draws")
+    p.add_argument("--dataset-name", default="drift_refined", help="llamafactory: the name in dataset_info.yaml")
+    p.add_argument("--allow-incomplete", action="store_true", help="export an unfinished refine, or a refine of an "
+                   "incomplete run (refused by default)")
+    p.add_argument("--storage-options", type=_json_arg, default=None)
+    _add_common(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and demo data")
     p.add_argument("--out", default="drift-demo", help="output directory (default ./drift-demo)")
     p.add_argument("--policy", default="top:0.25")
@@ -225,6 +241,8 @@ def _dispatch(args) -> int:
         return commands.refine_cmd(args, progress=progress)
     if args.command == "report":
         return commands.report_cmd(args)
+    if args.command == "export":
+        return commands.export_cmd(args)
     if args.command == "demo":
         return commands.demo_cmd(args, progress=progress)
     raise AssertionError(args.command)  # argparse guarantees one of the above

@@ -163,6 +163,18 @@ def report_cmd(args) -> int:
     return 0
 
 
+def export_cmd(args) -> int:
+    from drift_stream.export import export_run
+
+    manifest = export_run(args.run_dir, args.format, args.out, layout=args.layout, seed=args.seed,
+                          dataset_name=args.dataset_name, allow_incomplete=args.allow_incomplete,
+                          storage_options=args.storage_options)
+    if not args.quiet:
+        print(f"exported {manifest['rows_in']} rows as {args.format}: {manifest['rows_written']} rows written to "
+              f"{args.out} ({manifest['rows_zero_weight']} of weight 0 left out)")
+    return 0
+
+
 def demo_cmd(args, progress: bool = True) -> int:
     from drift_stream.demo import run_demo
 
