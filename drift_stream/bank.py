@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from drift_stream.batching import plan_batches, validate_max_batch_tokens
 from drift_stream.bank_store import (
     BANK_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -48,6 +49,7 @@ from drift_stream.contrast import (
     query_weights,
     top_up_rollouts,
 )
+from drift_stream.config_fields import execution_only
 from drift_stream.errors import BankError, ConfigError
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.rollouts.engine import (
@@ -80,17 +82,18 @@ class BankConfig:
     damping: float = 0.1  # --damping: lambda = damping x mean eigenvalue
     normalize: bool = True  # unit-norm b_j
     correct_threshold: float = 1.0  # a rollout is correct when reward >= this
-    beta: float | str = 1.0  # default debiasing exponent recorded for the scorer (auto under-corrected: docs/benchmark.md)
     fisher_examples: int = 1000  # --fisher-examples: rows of fisher_data used
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)  # --rollouts K -> rollouts.num_rollouts
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    feature_batch_size: int = 8
+    feature_batch_size: int = execution_only(8)  # examples per featurize call: speed and memory only
     max_tokens: int = 2048  # prompt + completion tokens per featurized sequence
     verifier_timeout_s: float | None = 10.0
     save_rollout_vectors: bool = False
     no_contrast: str = "keep"  # --no-contrast keep | drop | reference (contrast.py)
     max_rollouts: int | None = None  # --max-rollouts: adaptive K budget per query (None: off)
     query_weighting: str = "uniform"  # --query-weighting uniform | learnability
+    # --max-batch-tokens: padded tokens per featurize call (rows sorted by length) instead of feature_batch_size rows
+    max_batch_tokens: int | None = execution_only(None)
 
     def __post_init__(self):
         for name, value, allowed in (("signing", self.signing, SIGNINGS), ("targets", self.targets, TARGETS),
@@ -101,11 +104,10 @@ class BankConfig:
             raise ConfigError(f"damping must be a number >= 0, got {self.damping!r}")
         if not 0.0 < self.correct_threshold <= 1.0:
             raise ConfigError(f"correct_threshold must be in (0, 1], got {self.correct_threshold}")
-        if not (self.beta == "auto" or (isinstance(self.beta, (int, float)) and math.isfinite(self.beta))):
-            raise ConfigError(f"beta must be a number or 'auto', got {self.beta!r}")
         for name in ("fisher_examples", "feature_batch_size", "max_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        validate_max_batch_tokens(self.max_batch_tokens)
         if self.verifier_timeout_s is not None and not self.verifier_timeout_s > 0:
             raise ConfigError(f"verifier_timeout_s must be > 0 or None, got {self.verifier_timeout_s}")
         for name, value, allowed in (("no_contrast", self.no_contrast, NO_CONTRAST),
@@ -173,20 +175,25 @@ def _fisher_examples(fisher_data, adapter, chat_tokenizer, limit: int, storage_o
     return out, rejected
 
 
-def _featurize_all(featurizer, examples, pad_id: int, batch_size: int, desc: str, progress: bool, loss_only=False):
-    """(features [N, D] float32 | None, loss [N] float64, num_tokens [N], bad [N]) over tokenized examples."""
+def _featurize_all(featurizer, examples, pad_id: int, batch_size: int, desc: str, progress: bool, loss_only=False,
+                   max_batch_tokens: int | None = None):
+    """(features [N, D] float32 | None, loss [N] float64, num_tokens [N], bad [N]) over tokenized examples, in order.
+
+    Batches of batch_size rows, or (max_batch_tokens) rows sorted by length and cut by padded tokens (batching.py).
+    """
     import torch
 
     from drift_stream.formats import collate
 
-    feats, losses, counts, bad = [], [], [], []
+    feats, losses, counts, bad, order = [], [], [], [], []
     bar = None
     if progress and examples:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc=desc, unit="seq")
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id, padding_side="right")
+    lengths = [len(ex.input_ids) for ex in examples]
+    for idx in plan_batches(lengths, batch_size=batch_size, max_batch_tokens=max_batch_tokens):
+        batch = collate([examples[i] for i in idx], pad_id, padding_side="right")
         if loss_only:
             loss, num = featurizer.loss_only(batch)
             row_bad = [None if n > 0 and math.isfinite(x) else "no_loss" for x, n in zip(loss.tolist(), num.tolist())]
@@ -197,23 +204,29 @@ def _featurize_all(featurizer, examples, pad_id: int, batch_size: int, desc: str
         losses.append(loss.double())
         counts.append(num)
         bad.extend(row_bad)
+        order.extend(idx)
         if bar is not None:
             bar.update(len(row_bad))
     if bar is not None:
         bar.close()
     if not examples:
         return None, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long), []
-    return (None if loss_only else torch.cat(feats)), torch.cat(losses), torch.cat(counts), bad
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))  # row i of the output is batch row inverse[i]
+    bad = [bad[j] for j in inverse.tolist()]
+    return ((None if loss_only else torch.cat(feats)[inverse]), torch.cat(losses)[inverse], torch.cat(counts)[inverse],
+            bad)
 
 
 class _Targets:
     """Features of a list of sequences, addressed by an owner key (a rollout or query index)."""
 
     def __init__(self, featurizer, examples: dict, pad_id: int, batch_size: int, desc: str, progress: bool,
-                 loss_only: bool = False, featurize_all=None):
+                 loss_only: bool = False, featurize_all=None, max_batch_tokens: int | None = None):
         self.owners = list(examples)
+        budget = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         self.features, self.loss, self.num_tokens, self.bad = (featurize_all or _featurize_all)(
-            featurizer, [examples[o] for o in self.owners], pad_id, batch_size, desc, progress, loss_only)
+            featurizer, [examples[o] for o in self.owners], pad_id, batch_size, desc, progress, loss_only, **budget)
         self.row = {owner: i for i, owner in enumerate(self.owners)}
 
     def ok(self, owner) -> bool:
@@ -327,9 +340,10 @@ def _fit_preconditioner(kind, config: BankConfig, featurizer, fisher_data, fishe
                                           storage_options)
     if not examples:
         raise ConfigError(f"--fisher-data gave no usable training rows (rejected by reason: {rejected})")
-    for s in range(0, len(examples), config.feature_batch_size):
-        out = featurizer.featurize(collate(examples[s : s + config.feature_batch_size], chat_tok.pad_token_id))
-        pre.update(out.features, out.bad)
+    lengths = [len(ex.input_ids) for ex in examples]
+    for idx in plan_batches(lengths, batch_size=config.feature_batch_size, max_batch_tokens=config.max_batch_tokens):
+        out = featurizer.featurize(collate([examples[i] for i in idx], chat_tok.pad_token_id))
+        pre.update(out.features, out.bad)  # a sum over rows: the order does not matter
     pre.finalize()
     return pre, {"examples_used": pre.count, "skipped": pre.skipped, "rejected": rejected}
 
@@ -433,13 +447,15 @@ def build_bank(
          for j, q in enumerate(query_list) if q.reference_response is not None}, chat_tok.encode)
     ref_errors.update({j: "no_reference" for j, q in enumerate(query_list) if q.reference_response is None})
     refs = _Targets(featurizer, refs, *batch_args, "reference", progress,
-                    loss_only=on_policy and config.no_contrast != "reference", featurize_all=featurize_all)
+                    loss_only=on_policy and config.no_contrast != "reference", featurize_all=featurize_all,
+                    max_batch_tokens=config.max_batch_tokens)
     ref_loss = {j: float(refs.loss[refs.row[j]]) for j in refs.owners if refs.ok(j)}
     if on_policy:
         # Each rollout's own tokens: prompt + completion, loss on the completion.
         encoded, encode_errors = _encode_all(
             {i: (r.prompt_ids, r.completion_ids, r.query_id) for i, r in enumerate(rollouts)}, chat_tok.encode_rollout)
-        feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress, featurize_all=featurize_all)
+        feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress, featurize_all=featurize_all,
+                         max_batch_tokens=config.max_batch_tokens)
         rows, vectors, table, rollout_vectors, target_pass = _on_policy(
             query_list, rollouts, results, feats, encode_errors, ref_loss, ref_errors, config, tokenizer,
             refs if config.no_contrast == "reference" else None)
@@ -488,7 +504,7 @@ def build_bank(
         "modules": [m["name"] for m in spec["modules"]], "dim": featurizer.dim,
         "signing": config.signing, "targets": config.targets, "verifier": verifier and verifier.spec(),
         "preconditioner": {"kind": kind, "damping": config.damping, **fisher_info},
-        "normalize": config.normalize, "beta": config.beta, "config": config.to_dict(),
+        "normalize": config.normalize, "config": config.to_dict(),
         "num_queries": len(kept_ids), "query_ids": kept_ids, "queries": rows, "rejected_queries": rejected,
         "pass_rate": sum(r["correct"] for r in rows) / judged if judged else None,
         "proximity_gap": {"gap": _mean([r["proximity_gap"] for r in gap_rows]), "num_queries": len(gap_rows),

@@ -125,7 +125,6 @@ class ValidationBank:
         self.preconditioner_state = {k: v for k, v in tensors.items() if k.startswith("preconditioner.")}
         self.query_ids: list[str] = list(manifest["query_ids"])
         self.dim: int = manifest["dim"]
-        self.beta = manifest["beta"]
         self.mismatches: list[str] = []
 
     @classmethod
@@ -220,7 +219,7 @@ class ValidationBank:
             f"({m['model']['num_parameters']:,} parameters)",
             f"  tokenizer  {m['tokenizer']['fingerprint'][:16]}  (vocab {m['tokenizer']['vocab_size']})",
             f"  projector  {m['projector']['fingerprint'][:16]}  dim {m['dim']} over {len(m['modules'])} modules",
-            f"  targets    {m['targets']}  signing {m['signing']}  verifier {m['verifier']}  beta {m['beta']}",
+            f"  targets    {m['targets']}  signing {m['signing']}  verifier {m['verifier']}",
             f"  precond.   {pre['kind']} (damping {pre['damping']}, {pre['examples_used']} fisher rows)  "
             f"normalize {m['normalize']}",
             f"  queries    {m['num_queries']} in the bank, {len(m['queries']) - m['num_queries']} excluded, "

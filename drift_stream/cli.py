@@ -76,10 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-rows", type=int, default=256, help="rows used to fit --beta auto")
     p.add_argument("--keep-query-scores", action="store_true", help="add drift_query_scores (one per query)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward")
+    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="padded tokens per forward/backward instead of --batch-size rows: rows of each --batch-rows "
+                        "batch sorted by length and cut at N (speed and memory only; scores are the same)")
     p.add_argument("--batch-rows", type=int, default=1024, help="rows read and written per batch")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--overlong", choices=("reject", "truncate"), default="reject")
     p.add_argument("--on-bad-row", choices=("reject", "error"), default="reject")
+    p.add_argument("--allow-all-rejected", action="store_true",
+                   help="exit 0 even when every row is rejected (default: exit 2 with the top reasons)")
     p.add_argument("--num-shards", type=int, default=1, help="split input files over N processes")
     p.add_argument("--shard-index", type=int, default=0, help="which of the N shards this process runs")
     p.add_argument("--storage-options", type=_json_arg, default=None, help="fsspec options as JSON")
@@ -112,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--proj-dim", type=int, default=16, help="projection size per side per module")
     b.add_argument("--last-n-blocks", type=int, default=None, help="track only the last N blocks")
+    b.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="padded tokens per featurize call instead of 8 rows, rows sorted by length (speed and "
+                        "memory only)")
+    b.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="model dtype (auto: the checkpoint's; float32 on CPU); projections accumulate in float32")
     b.add_argument("--no-contrast", default="keep", choices=("keep", "drop", "reference"),
                    help="queries whose rollouts are all correct or all wrong: keep; drop; reference (its reference "
                         "solution as a correct target when no rollout is correct)")
@@ -204,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args)
 
+    if args.quiet:
+        _quiet_progress_bars()
     try:
         return _dispatch(args)
     except DriftError as err:
@@ -212,6 +224,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("drift-stream: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback (--verbose shows it)
+        logger.debug("traceback", exc_info=True)
+        where = f" ({err.filename})" if isinstance(err, OSError) and getattr(err, "filename", None) else ""
+        print(f"drift-stream: error: {type(err).__name__}{where}: {str(err).splitlines()[0] if str(err) else ''}"
+              f"{'' if args.verbose else ' (rerun with --verbose for the traceback)'}", file=sys.stderr)
+        return 1
+
+
+def _quiet_progress_bars() -> None:
+    """--quiet: no progress bar from transformers ("Loading weights"), huggingface_hub or datasets either."""
+    import os
+
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ[var] = "1"  # read when those packages are imported
+    if "transformers" in sys.modules:  # already imported (main() called in-process): switch it off directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def _dispatch(args) -> int:

@@ -303,7 +303,7 @@ def test_queries_file_with_reasoning_gym(model_dir, tmp_path):
 
 def test_config_validation():
     for bad in ({"signing": "signed"}, {"targets": "offpolicy"}, {"preconditioner": "kfac"}, {"damping": -1.0},
-                {"correct_threshold": 0.0}, {"beta": "fit"}, {"fisher_examples": 0}, {"verifier_timeout_s": 0}):
+                {"correct_threshold": 0.0}, {"fisher_examples": 0}, {"verifier_timeout_s": 0}):
         with pytest.raises(ConfigError):
             BankConfig(**bad)
     assert BankConfig().to_dict()["rollouts"]["num_rollouts"] == 8

@@ -1,0 +1,203 @@
+"""One config: CLI defaults equal the library's; execution-only fields are not compared on resume; beta `auto` is
+resolved once per run (OUT/beta.json) and every resume reads it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_stream.bank import BankConfig, build_bank
+from drift_stream.cli import build_parser, main
+from drift_stream.config_fields import execution_dict, output_dict
+from drift_stream.grads.projection import FeatureConfig
+from drift_stream.io.run_dir import RunDirectory
+from drift_stream.pipeline import RunConfig
+from drift_stream.rollouts.engine import RolloutConfig
+from drift_stream.rollouts.verifiers import FunctionVerifier
+from drift_stream.scoring import ScoreConfig, build_scorer
+from drift_stream.testing import save_tiny_model
+
+CLI_ONLY = {"config", "threads", "quiet", "verbose", "engine", "version", "help"}  # no library counterpart
+
+
+def _field_default(cls, name):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _param_default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+
+def library_defaults() -> dict[tuple[str, str], object]:
+    """(subcommand, argparse dest) -> the default of the library object the flag feeds."""
+    from drift_stream.bank import build_bank
+    from drift_stream.demo import run_demo
+    from drift_stream.integrations.ray import RayEngine, score_on_ray
+    from drift_stream.refine import refine_run
+    from drift_stream.report import write_report
+    from drift_stream.scoring import build_scorer as build
+
+    out: dict[tuple[str, str], object] = {}
+    for f in dataclasses.fields(ScoreConfig):
+        out[("score", f.name)] = _field_default(ScoreConfig, f.name)
+    for name in ("batch_rows", "on_bad_row", "num_shards", "shard_index", "storage_options", "allow_all_rejected"):
+        out[("score", name)] = _field_default(RunConfig, name)
+    out[("score", "allow_mismatch")] = _param_default(build, "allow_mismatch")
+    out[("score", "bank")] = _param_default(build, "bank")
+    for name in ("actors", "gpus_per_actor", "cpus_per_actor"):
+        out[("score", name)] = out[("bank build", name)] = _field_default(RayEngine, name)
+    out[("score", "ray_address")] = out[("bank build", "ray_address")] = _param_default(score_on_ray, "address")
+    for f in dataclasses.fields(BankConfig):
+        if f.name not in ("rollouts", "features"):
+            out[("bank build", f.name)] = _field_default(BankConfig, f.name)
+    out[("bank build", "rollouts")] = _field_default(RolloutConfig, "num_rollouts")
+    for name in ("temperature", "top_p", "max_new_tokens", "seed"):
+        out[("bank build", name)] = _field_default(RolloutConfig, name)
+    assert _field_default(FeatureConfig, "proj_dim_in") == _field_default(FeatureConfig, "proj_dim_out")
+    out[("bank build", "proj_dim")] = _field_default(FeatureConfig, "proj_dim_in")
+    out[("bank build", "last_n_blocks")] = _field_default(FeatureConfig, "last_n_blocks")
+    for name in ("adapter", "verifier", "fisher_data", "fisher_adapter", "device", "storage_options", "overwrite"):
+        out[("bank build", name)] = _param_default(build_bank, name)
+    for name in ("seed", "temperature", "keep_all", "length_buckets", "storage_options", "allow_incomplete"):
+        out[("refine", name)] = _param_default(refine_run, name)
+    out[("refine", "stratify_by")] = None if _param_default(refine_run, "stratify_by") == () else "differs"
+    out[("refine", "prefilter")] = None if _param_default(refine_run, "prefilters") == () else "differs"
+    out[("report", "out")] = _param_default(write_report, "out_html")
+    for name in ("storage_options", "allow_incomplete"):
+        out[("report", name)] = _param_default(write_report, name)
+    out[("demo", "policy")] = _param_default(run_demo, "policy")
+    out[("bank build", "dtype")] = _param_default(build_bank, "dtype")
+    from drift_stream.export import export_run
+
+    for name in ("layout", "seed", "dataset_name", "allow_incomplete", "storage_options"):
+        out[("export", name)] = _param_default(export_run, name)
+    return out
+
+
+def cli_defaults() -> dict[tuple[str, str], object]:
+    """(subcommand, dest) -> default of every optional flag of every subcommand."""
+    found = {}
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    walk(p, f"{name} {sub}".strip())
+            elif action.option_strings and action.dest not in CLI_ONLY:
+                found[(name, action.dest)] = action.default
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_every_cli_default_equals_the_library_default():
+    lib, cli = library_defaults(), cli_defaults()
+    unmapped = sorted(k for k in cli if k not in lib and k[1] not in ("out",) and cli[k] is not None
+                      and k != ("demo", "out"))
+    assert not unmapped, f"flags with a default but no library counterpart in this test: {unmapped}"
+    differ = {k: (cli[k], lib[k]) for k in cli if k in lib and cli[k] != lib[k]}
+    assert not differ, f"CLI default != library default (cli, library): {differ}"
+    # the two that disagreed in issue 17
+    assert cli[("bank build", "fisher_examples")] == BankConfig().fisher_examples
+    assert cli[("bank build", "max_new_tokens")] == BankConfig().rollouts.max_new_tokens
+
+
+def test_fields_are_marked_output_changing_or_execution_only():
+    assert set(execution_dict(ScoreConfig())) >= {"batch_size", "device"}
+    assert "batch_size" not in output_dict(ScoreConfig()) and "beta" in output_dict(ScoreConfig())
+    assert "feature_batch_size" in execution_dict(BankConfig()) and "signing" in output_dict(BankConfig())
+    assert not any(f.name == "beta" for f in dataclasses.fields(BankConfig))  # it was stored and never read
+
+
+# ------------------------------------------------------------------------------------------ resume and beta record
+
+QUESTIONS = [{"id": f"q{i}", "question": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)} for i in range(3)]
+
+
+def parity(completion, query):
+    return float(sum(map(ord, completion)) % 2 == 0)
+
+
+@pytest.fixture(scope="module")
+def model_and_bank(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cfg")
+    model_dir = save_tiny_model(root / "model", arch="llama", seed=2)
+    config = BankConfig(features=FeatureConfig(proj_dim_in=8, proj_dim_out=8), preconditioner="identity",
+                        rollouts=RolloutConfig(num_rollouts=8, max_new_tokens=16, seed=5))
+    build_bank(model_dir, QUESTIONS, str(root / "bank"), config, verifier=FunctionVerifier(parity, "test:parity"),
+               progress=False)
+    return model_dir, str(root / "bank")
+
+
+def write_pool(tmp_path) -> list[str]:
+    rng = np.random.default_rng(7)
+    files = []
+    for f in range(2):
+        rows = [{"id": f"f{f}-{i}", "messages": [
+            {"role": "user", "content": f"What is {i} + 3?"},
+            {"role": "assistant", "content": "".join(rng.choice(list("0123456789+= abc"), int(rng.integers(1, 40))))}]}
+            for i in range(12)]
+        path = tmp_path / f"pool-{f}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        files.append(str(path))
+    return files
+
+
+def score(files, out, model, bank, *extra):
+    return main(["score", "--data", *files, "--model", model, "--bank", bank, "--out", str(out), "--beta", "auto",
+                 "--calibration-rows", "16", "--quiet", *extra])
+
+
+def test_resume_with_another_batch_size_is_accepted_and_identical(tmp_path, model_and_bank):
+    model, bank = model_and_bank
+    files = write_pool(tmp_path)
+    assert score(files, tmp_path / "a", model, bank, "--batch-size", "8") == 0
+    # "OOM" after input file 0: rerun the whole input with a smaller batch size
+    assert score(files, tmp_path / "b", model, bank, "--batch-size", "8", "--num-shards", "2", "--shard-index",
+                 "0") == 0
+    assert score(files, tmp_path / "b", model, bank, "--batch-size", "3") == 0
+    recorded = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert recorded["execution"]["batch_size"] == 8 and "batch_size" not in json.dumps(
+        recorded["config"])
+    a, b = pq.read_table(tmp_path / "a" / "data"), pq.read_table(tmp_path / "b" / "data")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    # Equal up to float32 rounding: other batches pad differently, which moves the last bit or two (2.5e-7
+    # relative measured), never more.
+    np.testing.assert_allclose(b.column("drift_score").to_numpy(), a.column("drift_score").to_numpy(), rtol=1e-6,
+                               atol=0)
+    # an output-changing field is still refused
+    assert score(files, tmp_path / "b", model, bank, "--max-tokens", "64") == 2
+
+
+def test_beta_auto_is_fitted_once_and_read_by_a_resume(tmp_path, model_and_bank):
+    model, bank = model_and_bank
+    files = write_pool(tmp_path)
+    out = tmp_path / "run"
+    assert score(files, out, model, bank, "--num-shards", "2", "--shard-index", "0") == 0
+    record = json.loads((out / "beta.json").read_text())
+    assert record["calibration_rows"] == 16 and np.isfinite(record["beta"])
+    # Plant another value: a resume (or the other shard, on other hardware) must score with the record, not refit.
+    record["beta"] = 0.25
+    (out / "beta.json").write_text(json.dumps(record))
+    assert score(files, out, model, bank) == 0
+    resumed = pq.read_table(out / "data" / "train-00001-of-00002.parquet")
+    fixed = build_scorer("drift", model=model, bank=bank, beta=0.25)(pq.read_table(files[1]))
+    scored = fixed.filter(pa.compute.is_null(fixed.column("drift_reject_reason")))
+    np.testing.assert_array_equal(resumed.column("drift_score").to_numpy(), scored.column("drift_score").to_numpy())
+    marker = json.loads((out / "completions" / "00001.json").read_text())
+    assert marker["scorer_info"]["beta"] == 0.25 and marker["scorer_info"]["beta_mode"] == "auto"
+
+
+def test_first_writer_of_a_record_wins(tmp_path):
+    run = RunDirectory(str(tmp_path / "r"))
+    assert run.write_json_once("beta.json", {"beta": 1.5})["beta"] == 1.5
+    assert run.write_json_once("beta.json", {"beta": 0.5})["beta"] == 1.5
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
