@@ -34,6 +34,7 @@ def score_cmd(args, progress: bool = True) -> int:
         calibration_rows=args.calibration_rows,
         keep_query_scores=args.keep_query_scores,
         batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
         max_tokens=args.max_tokens,
         overlong=args.overlong,
         seed=args.seed,
@@ -47,6 +48,7 @@ def score_cmd(args, progress: bool = True) -> int:
         shard_index=args.shard_index,
         batch_rows=args.batch_rows,
         on_bad_row=args.on_bad_row,
+        allow_all_rejected=getattr(args, "allow_all_rejected", False),
         storage_options=args.storage_options,
     )
     if getattr(args, "engine", "local") == "ray":
@@ -85,6 +87,7 @@ def bank_build_cmd(args, progress: bool = True) -> int:
         no_contrast=args.no_contrast,
         max_rollouts=args.max_rollouts,
         query_weighting=args.query_weighting,
+        max_batch_tokens=args.max_batch_tokens,
     )
     if config.preconditioner != "identity" and not args.fisher_data:
         logger.warning("--preconditioner %s needs --fisher-data (training rows); using identity", args.preconditioner)
@@ -108,6 +111,7 @@ def bank_build_cmd(args, progress: bool = True) -> int:
             fisher_data=args.fisher_data,
             fisher_adapter=args.fisher_adapter,
             device=args.device,
+            dtype=args.dtype,
             storage_options=args.storage_options,
             overwrite=args.overwrite,
             progress=progress,

@@ -160,6 +160,21 @@ def _as_list(value: Any) -> list | None:
     return None
 
 
+def _columnar_turns(value: Mapping[str, Any], col: str) -> list[dict] | None:
+    """`datasets`' Sequence({...}) layout, a struct of lists {"role": [...], "content": [...]}, as its list of turns.
+
+    Every value must be a list of one length (else RowError `ragged_turns:COL`); a mapping holding no list is not
+    this layout (None: the caller rejects it as `wrong_type`).
+    """
+    lists = {key: _as_list(item) for key, item in value.items()}
+    if not lists or any(v is None for v in lists.values()):
+        return None
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) != 1:
+        raise RowError(f"ragged_turns:{col}")
+    return [{key: v[i] for key, v in lists.items()} for i in range(lengths.pop())]
+
+
 class Adapter:
     """A validated adapter spec; `to_example(row)` maps one row (a dict) to an Example."""
 
@@ -269,6 +284,8 @@ class Adapter:
         if isinstance(value, str) and string_role is not None:
             return [{"role": string_role, "content": value}]
         items = _as_list(value)
+        if items is None and isinstance(value, Mapping):
+            items = _columnar_turns(value, col)
         if items is None:
             raise RowError(f"wrong_type:{col}")
         turns = []
@@ -288,7 +305,8 @@ class Adapter:
                     turn[key] = _plain_json(item[key])
             if content is None and not (turn["role"] == "assistant" and turn.get("tool_calls")):
                 raise RowError(f"missing_field:{col}.{self.content_key}")
-            turn["content"] = "" if content is None else _content_text(content, f"{col}.{self.content_key}")
+            # an assistant turn holding only tool calls keeps content None: templates test for it (DeepSeek-R1)
+            turn["content"] = None if content is None else _content_text(content, f"{col}.{self.content_key}")
             if turn.get("tool_calls") is not None:
                 _check_tool_calls(turn["tool_calls"], col)
             turns.append(turn)
@@ -374,6 +392,6 @@ def _check_conversation(messages: Sequence[Message]) -> None:
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise RowError("no_assistant_turn")
-    if any(not m["content"].strip() and not m.get("tool_calls") and not (m.get("reasoning_content") or "").strip()
-           for m in assistant):
+    if any(not (m["content"] or "").strip() and not m.get("tool_calls")
+           and not (m.get("reasoning_content") or "").strip() for m in assistant):
         raise RowError("empty_response")

@@ -128,6 +128,8 @@ def run_score(
     # beta: auto is fitted once per run on the first rows of the WHOLE input and recorded in OUT/beta.json; every
     # other shard process and every resume reads that record (beta.py).
     resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, plan), run)
+    if hasattr(scorer, "pop_padding_stats"):
+        scorer.pop_padding_stats()  # calibration batches are no input file's: markers count only their own
     mine = shard_files(files, config.num_shards, config.shard_index)
     done = run.completed_indexes()
     todo = [f for f in mine if f.index not in done]
@@ -219,7 +221,8 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
     try:
         for kind, file, payload in events:
             if kind == "start":
-                current = _FileScoring(run.shard_writer(file, payload.schema), config.on_bad_row, out_schema)
+                current = _FileScoring(run.shard_writer(file, payload.schema), config.on_bad_row, out_schema,
+                                       payload.json_columns)
             elif kind == "chunk":
                 bar.update(current.score(payload, scorer))
             else:
@@ -240,7 +243,8 @@ def score_file(file: InputFile, run: RunDirectory, scorer, config: RunConfig) ->
     What a Ray actor runs per file: a failure anywhere leaves no marker, so the file is scored again from its start.
     """
     plan = _run_plan(run, [file], config)
-    current = _FileScoring(run.shard_writer(file, plan.schema), config.on_bad_row, data_schema(plan, scorer))
+    current = _FileScoring(run.shard_writer(file, plan.schema), config.on_bad_row, data_schema(plan, scorer),
+                           plan.json_columns)
     chunks = prefetch(iter_chunks(file, plan, config.batch_rows, config.storage_options), config.prefetch_batches)
     try:
         for chunk in chunks:
@@ -262,8 +266,10 @@ def _run_plan(run: RunDirectory, files: list[InputFile], config: RunConfig) -> S
 class _FileScoring:
     """Scores the chunks of one input file into its ShardWriter and keeps its counts."""
 
-    def __init__(self, writer: ShardWriter, on_bad_row: str, out_schema: pa.Schema | None = None) -> None:
+    def __init__(self, writer: ShardWriter, on_bad_row: str, out_schema: pa.Schema | None = None,
+                 json_columns: tuple[str, ...] = ()) -> None:
         self.writer, self.on_bad_row, self.out_schema = writer, on_bad_row, out_schema
+        self.json_columns = json_columns
         self.rows_in = self.rows_scored = self.rows_rejected = 0
         self.by_reason: dict[str, int] = {}
         self.scores = ScoreSummary()
@@ -328,6 +334,9 @@ class _FileScoring:
             "rows_scored": self.rows_scored,
             "rows_rejected": self.rows_rejected,
             "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            "json_text_columns": list(self.json_columns),
             "scorer_info": info,
         }
+        if hasattr(scorer, "pop_padding_stats"):  # real vs padded tokens of this file's batches (batching.py)
+            counts["padding"] = scorer.pop_padding_stats()
         return self.writer.commit(counts, self.scores)

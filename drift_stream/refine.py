@@ -38,6 +38,7 @@ from drift_stream import __version__
 from drift_stream.chain import Prefilter, mask_scores, survivor_mask
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
 from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, git_sha, open_path, write_bytes_atomic
+from drift_stream.io.schema import conform_table, one_output_schema
 from drift_stream.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,9 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         if absent:
             raise ConfigError(f"shard {path} has no column {', '.join(absent)} to stratify by; columns: "
                               f"{', '.join(schema.names)}")
+    # One schema out: shards written by other tools or older versions may differ (column sets, string / list
+    # flavours); every refined shard gets their union (io/schema.py), nulls where a shard lacked a column.
+    schemas = one_output_schema(schemas)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     lf = completed.scan().select(ID, SCORE)
@@ -430,7 +434,7 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
                 table = pa.Table.from_batches([batch]).append_column("weight", pa.array(weight, pa.float32()))
                 if survive is not None:  # rows the prefilters drop are not written
                     table = table.filter(pa.array(alive))
-            writer.write(table.cast(out_schema))
+            writer.write(conform_table(table, out_schema))
             written += table.num_rows
             first_row += batch.num_rows
             bar.update(batch.num_rows)
@@ -441,11 +445,7 @@ def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], 
                   log_norm: float, config: RefineConfig, bar, acc, survive: np.ndarray | None = None) -> list[int]:
     """Two-pass external shuffle: copies go to random buckets on local disk, then each bucket is permuted."""
     num_out = len(names)
-    schema = schemas[0]
-    for path, other in zip(shards, schemas):
-        if not other.equals(schema, check_metadata=False):
-            raise InputError(f"shard {path} has schema {other} but {shards[0]} has {schema}: repeat shuffles rows "
-                             "across shards and needs one schema")
+    schema = schemas[0]  # one_output_schema: the same for every shard
     with tempfile.TemporaryDirectory(prefix="drift-repeat-") as tmp:
         parts: list[list[str]] = [[] for _ in range(num_out)]
         first_row = 0
@@ -471,7 +471,7 @@ def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], 
                         part = os.path.join(tmp, f"bucket-{b:05d}-part-{i:05d}.parquet")
                         parts[b].append(part)
                         writers[b] = pq.ParquetWriter(part, schema)
-                    writers[b].write_table(table.filter(pa.array(bucket == b)).cast(schema))
+                    writers[b].write_table(conform_table(table.filter(pa.array(bucket == b)), schema))
                 bar.update(batch.num_rows)
             for w in writers.values():
                 w.close()

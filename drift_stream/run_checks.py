@@ -17,18 +17,17 @@ logger = logging.getLogger(__name__)
 MOST_REJECTED = 0.5  # warn when more than this fraction of the rows in was rejected
 
 _CAUSES = {
-    "missing_field": "the rows lack the column(s) the adapter reads: wrong --adapter for this data?",
-    "wrong_type": "a column the adapter reads has another shape than it expects: wrong --adapter for this data?",
+    "missing_field": "the rows lack the column(s) the adapter reads: wrong --adapter for this data",
+    "wrong_type": "a column the adapter reads has another shape than it expects: wrong --adapter for this data",
     "invalid_role": "the turns use roles the adapter does not map: wrong --adapter (e.g. sharegpt data read as "
-                    "messages)?",
-    "missing_role": "the turns use roles the adapter does not map: wrong --adapter?",
+                    "messages)",
     "invalid_json": "the file is not JSON Lines (one object per line): check the file format",
     "not_a_json_object": "the records are not JSON objects: check the file format",
     "invalid_utf8": "the file is not UTF-8 text: check its encoding",
     "too_long": "the rows are longer than --max-tokens: raise it or pass --overlong truncate",
     "no_loss_tokens": "no assistant tokens to score: check the chat template (--chat-template) and the adapter",
     "empty_response": "the assistant turns are empty",
-    "no_assistant_turn": "no assistant turn in the rows: wrong --adapter, or prompts without responses?",
+    "no_assistant_turn": "no assistant turn in the rows: wrong --adapter, or prompts without responses",
 }
 
 

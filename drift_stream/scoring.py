@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from drift_stream.contrast import weighted_query_mean
 from drift_stream.config_fields import execution_dict, execution_only, output_dict
+from drift_stream.batching import PaddingStats, plan_batches, validate_max_batch_tokens
 from drift_stream.errors import ConfigError
 from drift_stream.stats import spearman
 
@@ -61,6 +62,9 @@ class ScoreConfig:
     keep_query_scores: bool = False
     device: str = execution_only("auto")
     dtype: str = "auto"
+    # padded tokens per forward/backward (rows sorted by length within each batch of rows, cut by tokens; then
+    # batch_size is not used): speed and memory only (batching.py)
+    max_batch_tokens: int | None = execution_only(None)
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -71,6 +75,7 @@ class ScoreConfig:
             raise ConfigError(f"max_tokens must be >= 2, got {self.max_tokens}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        validate_max_batch_tokens(self.max_batch_tokens)
         if self.calibration_rows < 8:
             raise ConfigError(f"calibration_rows must be >= 8, got {self.calibration_rows}")
         if isinstance(self.beta, str):
@@ -151,6 +156,7 @@ class BatchScorer:
         self.chat = chat_tokenizer
         self.config = config
         self.model_path = model_path
+        self.padding = PaddingStats()  # real vs padded tokens of the batches run since the last pop_padding_stats()
 
     # -- the contract ------------------------------------------------------------------------------------------
     def __call__(self, batch: Any) -> Any:
@@ -171,6 +177,11 @@ class BatchScorer:
     def execution_config(self) -> dict:
         """The execution-only settings (batch size, device, ...): recorded in config.json, not compared on resume."""
         return execution_dict(self.config)
+
+    def pop_padding_stats(self) -> dict:
+        """Token counts of the model batches run since the last call ({real_tokens, padded_tokens, batches, ...})."""
+        stats, self.padding = self.padding.to_dict(), PaddingStats()
+        return stats
 
     def manifest_info(self) -> dict:
         """Facts learned while scoring (e.g. the fitted beta) that the run manifest records."""
@@ -246,11 +257,6 @@ def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in values]
 
 
-def _batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 class RandomScorer(BatchScorer):
     name = "random"
 
@@ -290,14 +296,21 @@ class _ModelScorer(BatchScorer):
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
+    def _planned(self, examples):
+        """(indices into examples, collated batch) per batch: batch_size rows, or max_batch_tokens padded tokens."""
+        lengths = [len(ex.input_ids) for ex in examples]
+        for idx in plan_batches(lengths, batch_size=self.config.batch_size,
+                                max_batch_tokens=self.config.max_batch_tokens):
+            self.padding.add([lengths[i] for i in idx])
+            yield idx, self._collate([examples[i] for i in idx])
+
     def _losses(self, examples) -> tuple[np.ndarray, list[str | None]]:
         from drift_stream.models import sequence_losses
 
-        losses: list[float] = []
-        for chunk in _batches(examples, self.config.batch_size):
-            loss, _ = sequence_losses(self.model, self._collate(chunk))
-            losses.extend(loss.double().cpu().tolist())
-        arr = np.array(losses, dtype=np.float64)
+        arr = np.full(len(examples), np.nan)
+        for idx, batch in self._planned(examples):
+            loss, _ = sequence_losses(self.model, batch)
+            arr[idx] = loss.double().cpu().numpy()
         bad = [None if math.isfinite(v) else "nonfinite_loss" for v in arr]
         return arr, bad
 
@@ -431,20 +444,18 @@ class DriftScorer(_ModelScorer):
 
         featurizer = self.featurizer
         vectors = self.bank.query_vectors  # [m, D] float32
-        raws, norms, losses, bad = [], [], [], []
-        for chunk in _batches(examples, self.config.batch_size):
-            out = featurizer.featurize(self._collate(chunk))
+        n = len(examples)
+        raws = np.zeros((n, vectors.shape[0]))
+        norms, losses, bad = np.zeros(n), np.zeros(n), [None] * n
+        for idx, batch in self._planned(examples):
+            out = featurizer.featurize(batch)
             feats = out.features.to(torch.float64).cpu()  # [B, D]
-            raws.append(feats @ vectors.to(torch.float64).T)  # [B, m]
-            norms.append(out.grad_norm.double().cpu())
-            losses.append(out.loss.double().cpu())
-            bad.extend(out.bad)
-        return (
-            torch.cat(raws).numpy(),
-            torch.cat(norms).numpy(),
-            torch.cat(losses).numpy(),
-            bad,
-        )
+            raws[idx] = (feats @ vectors.to(torch.float64).T).numpy()  # [B, m]
+            norms[idx] = out.grad_norm.double().cpu().numpy()
+            losses[idx] = out.loss.double().cpu().numpy()
+            for i, reason in zip(idx, out.bad):
+                bad[i] = reason
+        return raws, norms, losses, bad
 
     def calibrate(self, batch: Any) -> float:
         """Fit beta on a calibration sample of rows (beta: auto) and score with it. Returns the fitted beta.
@@ -470,7 +481,9 @@ class DriftScorer(_ModelScorer):
         examples = [t for t in tokenized if t is not None]
         if not examples:
             raise ConfigError("beta: auto found no scorable row in the calibration sample")
+        before = PaddingStats(**vars(self.padding))
         raw, norm, _, bad = self._raw(examples)
+        self.padding = before  # calibration batches are not the run's: keep the per-file counts engine-independent
         ok = np.array([b is None for b in bad])
         weights = self.bank.query_weights
         mean_raw = weighted_query_mean(raw, None if weights is None else weights.double().numpy())

@@ -518,6 +518,7 @@ class RunDirectory:
             "json_text_columns": sorted({c for m in ordered for c in m.get("json_text_columns", [])}),
             "score_stats": merge_score_summaries([m["score_summary"] for m in ordered]),
             "scorer_info": ordered[0].get("scorer_info", {}) if ordered else {},
+            "padding": _sum_padding(ordered),
             "data_files": [m["data_file"] for m in ordered],
             "rejects_files": [m["rejects_file"] for m in ordered if m["rejects_file"]],
             "config": json.loads(json.dumps(config)),
@@ -659,7 +660,7 @@ class CompletedShards:
         if not self.data_files:
             raise InputError(f"{self.url} has no finished input file: nothing to read")
         if self.run.is_local:
-            return pl.scan_parquet(self.data_files)
+            return pl.scan_parquet(self.data_files, glob=False)  # paths may hold glob characters: "runs/pool[v2]"
         import pyarrow.dataset as pads
 
         return pl.scan_pyarrow_dataset(pads.dataset(self.data_files, filesystem=self.fs, format="parquet"))
@@ -697,3 +698,12 @@ def resume_command(url: str, config: Mapping[str, Any]) -> str:
     except ImportError:  # pragma: no cover - scoring needs torch; the message still names the main flags
         pass
     return " ".join(parts) + " [the other flags of the first run]"
+
+
+def _sum_padding(markers: list[dict]) -> dict[str, Any]:
+    """Real and padded tokens over the completed files' batches; padding_efficiency = real / padded (batching.py)."""
+    real = sum(m.get("padding", {}).get("real_tokens", 0) for m in markers)
+    padded = sum(m.get("padding", {}).get("padded_tokens", 0) for m in markers)
+    batches = sum(m.get("padding", {}).get("batches", 0) for m in markers)
+    return {"real_tokens": real, "padded_tokens": padded, "batches": batches,
+            "padding_efficiency": real / padded if padded else None}

@@ -222,3 +222,14 @@ def union_schema(schemas: Iterable[pa.Schema]) -> SchemaPlan:
 
 def with_metadata(schema: pa.Schema, metadata: Mapping[bytes, bytes] | None) -> pa.Schema:
     return schema.with_metadata(dict(metadata)) if metadata else schema
+
+
+def one_output_schema(schemas: Iterable[pa.Schema]) -> list[pa.Schema]:
+    """The union schema (`union_schema`) once per input schema: what each output shard is written with.
+
+    Schema metadata is kept only when every input has the same (e.g. `datasets` features of one writer)."""
+    schemas = list(schemas)
+    plan = union_schema(schemas)
+    metas = {tuple(sorted((s.metadata or {}).items())) for s in schemas}
+    out = plan.schema.with_metadata(schemas[0].metadata) if len(metas) == 1 and schemas[0].metadata else plan.schema
+    return [out] * len(schemas)

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -313,7 +314,7 @@ def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str
         # name that does not exist is read as a pattern.
         literal = _exists(fs, path) if any(c in path for c in _GLOB_CHARS) else None
         if literal is None and any(c in path for c in _GLOB_CHARS):
-            matches = fs.glob(path, detail=True)  # one listing, no HEAD per match
+            matches = fs.glob(_escape_literal_prefix(fs, path), detail=True)  # one listing, no HEAD per match
             paths = sorted(p for p, info in matches.items() if info.get("type") != "directory" and _is_supported(p))
         elif literal == "file":
             paths = [path]
@@ -332,6 +333,18 @@ def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str
     if local:
         paths = [os.path.abspath(p) for p in paths]
     return [to_url(p) for p in paths]
+
+
+def _escape_literal_prefix(fs, pattern: str) -> str:
+    """`pattern` with the glob characters of its deepest existing folder escaped ("runs [2024]/*.jsonl" -> "runs
+    [[]2024]/*.jsonl"): a folder that exists is that folder; only the rest is a pattern."""
+    parts = pattern.split("/")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = "/".join(parts[:k])
+        if any(c in prefix for c in _GLOB_CHARS) and _exists(fs, prefix) == "directory":
+            escaped = re.sub(r"([*?\[])", r"[\1]", prefix)
+            return "/".join([escaped, *parts[k:]])
+    return pattern
 
 
 def _exists(fs, path: str) -> str | None:
