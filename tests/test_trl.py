@@ -15,10 +15,12 @@ from drift_stream.errors import ConfigError, InputError  # noqa: E402
 from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
 from drift_stream.testing import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model  # noqa: E402
 
-# The test template with TRL's {% generation %} markers around what the assistant says (assistant_only_loss).
+# The shipped template plus TRL's {% generation %} markers around what the assistant says (assistant_only_loss); the
+# newline is an expression because the template engine trims the first newline after a block tag.
 GENERATION_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}"
+    "{{ '\\n' }}"
     "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -211,3 +213,42 @@ def _packing_config(tmp_path):
     cfg.packing = True
     cfg.max_length = 64
     return cfg
+
+
+def test_train_sft_and_weighted_trainer_share_one_loss(tmp_path):
+    """The benchmark's SFT (`train_sft`) and the TRL trainer: same tokens, same mask, same loss, same gradients."""
+    from drift_stream.formats import collate
+    from drift_stream.integrations import trainers as TR
+
+    rows = _rows(6, layout="messages")
+    rows[2]["messages"] = rows[2]["messages"] + [{"role": "user", "content": "Twice?"},
+                                                 {"role": "assistant", "content": "#### 4"}]  # two assistant turns
+    weights = [0.5, 2.0, 1.0, 0.0, 1.5, 3.0]
+    model = make_tiny_model("llama", vocab_size=102, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, seed=2)
+    trainer = WeightedSFTTrainer(model=model, args=_config(tmp_path, batch=8, assistant_only_loss=True,
+                                                           shuffle_dataset=False),
+                                 train_dataset=_dataset(rows, weights), processing_class=_tok(generation=True))
+    batch = next(iter(trainer.get_train_dataloader()))
+    kept = [i for i, w in enumerate(weights) if w > 0]
+    examples = TR.encode_rows(make_char_tokenizer(), [rows[i] for i in kept])  # drift's own template render + mask
+    by_ids = {tuple(e.input_ids): (e, weights[i]) for e, i in zip(examples, kept)}
+    order = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        n = int((ids != 0).sum())
+        ex, w = by_ids[tuple(ids[:n].tolist())]  # TRL tokenized exactly drift's tokens
+        assert [int(x != -100) for x in labels[:n]] == list(ex.loss_mask)  # and masked exactly drift's targets
+        order.append((ex, w))
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ours = collate([ex for ex, _ in order], pad_token_id=0)
+    ref = TR.weighted_example_loss(model, ours, [w for _, w in order], denominator=len(order))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-8)
+    # train_sft's first step reports the same loss (before its AdamW update), over the same rows
+    result = TR.train_sft(model, make_char_tokenizer(), [rows[i] for i in kept], weights=[weights[i] for i in kept],
+                          steps=1, batch_size=len(kept), lr=1e-3, seed=0)
+    assert result.losses[0] == pytest.approx(float(loss), rel=1e-6)
