@@ -9,6 +9,8 @@ conversation given as a pool row put the same tokens in the loss.
 Found in one forward pass over the text (cost linear in its length and the number of turns):
 - user and tool turns move a cursor past their content (system turns are skipped: templates move them, Mistral into
   the last user turn, Gemma into the first);
+- (a template without a generation prompt, e.g. Mistral's: the turn starts after the special token that closes the
+  previous message, so what the model must write itself, such as [TOOL_CALLS], is in the loss);
 - for an assistant turn, its answer (or first tool-call name) is found after the cursor; the header is the last
   occurrence, before it, of the generation prompt `gen_suffix` or of its longest prefix ending at a cut point (an
   earlier turn of Qwen3.6 renders "<|im_start|>assistant\\n" without the "<think>\\n" prefill);
@@ -18,6 +20,7 @@ Found in one forward pass over the text (cost linear in its length and the numbe
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -73,10 +76,13 @@ def cut_points(gen_suffix: str, special_texts: Sequence[str]) -> list[int]:
 
 
 def locate_assistant_turns(
-    text: str, messages: Sequence[Mapping[str, Any]], gen_suffix: str, cuts: Sequence[int], stop_texts: Sequence[str]
+    text: str, messages: Sequence[Mapping[str, Any]], gen_suffix: str, cuts: Sequence[int], stop_texts: Sequence[str],
+    special_ends: Sequence[int] = (),
 ) -> TurnSpans:
     """Character spans of the assistant turns of `messages` in `text` (their rendering). Raises RowError naming the
-    turn when one cannot be located."""
+    turn when one cannot be located. Without a generation prompt (Mistral) a turn starts after the first special
+    token that follows the previous message's text (`special_ends`: sorted character ends of the special tokens,
+    e.g. "[/INST]"): what the model is given before it writes the turn; else at its text."""
     spans: list[tuple[int, int]] = []
     dropped = 0
     cursor = 0
@@ -101,7 +107,7 @@ def locate_assistant_turns(
         if at < 0:
             raise RowError(f"template_span:assistant turn {turn} (message {index}): its text is not in the "
                            "rendered conversation")
-        start = _header_end(text, cursor, at, gen_suffix, cuts)
+        start = _header_end(text, cursor, at, gen_suffix, cuts, special_ends)
         if start is None:
             raise RowError(f"template_span:assistant turn {turn} (message {index}): no assistant header "
                            f"{gen_suffix!r} before it in the rendered conversation")
@@ -118,16 +124,32 @@ def locate_assistant_turns(
                 raise RowError(f"template_span:assistant turn {turn} (message {index}): {needle[:40]!r} is not in "
                                "the rendered conversation after its header")
             pos = found + len(needle)
-        stop = _first_stop(text, pos, stop_texts)
+        # the end-of-turn token must come before the next message's text (R1 writes none after a single tool call)
+        limit = _next_text(text, messages, index + 1, pos)
+        stop = _first_stop(text, pos, stop_texts, limit=limit)
         end = pos if stop is None else stop[1]
         spans.append((start, end))
         cursor = end
     return TurnSpans(spans=spans, reasoning_dropped=dropped)
 
 
-def _header_end(text: str, lo: int, hi: int, gen_suffix: str, cuts: Sequence[int]) -> int | None:
-    if not gen_suffix:
-        return hi  # the template has no generation prompt (Mistral): the turn starts with its own text
+def _next_text(text: str, messages: Sequence[Mapping[str, Any]], start: int, pos: int) -> int | None:
+    """Where the next user/tool/assistant message's text begins (after pos), or None."""
+    for message in messages[start:]:
+        if message.get("role") == "system":
+            continue
+        needle = split_reasoning(message)[1].strip() if message.get("role") == "assistant" else \
+            (message.get("content") or "").strip()
+        found = text.find(needle, pos) if needle else -1
+        return found if found >= 0 else None
+    return None
+
+
+def _header_end(text: str, lo: int, hi: int, gen_suffix: str, cuts: Sequence[int],
+                special_ends: Sequence[int]) -> int | None:
+    if not gen_suffix:  # no generation prompt (Mistral): after the last special token before the turn's text
+        k = bisect.bisect_left(special_ends, lo + 1)
+        return special_ends[k] if k < len(special_ends) and special_ends[k] <= hi else hi
     for k in cuts:
         found = text.rfind(gen_suffix[:k], lo, hi)
         if found >= 0:

@@ -133,6 +133,7 @@ class ChatTokenizer:
             specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
             specials += [t for t in getattr(tokenizer, "added_tokens_encoder", {})]
             self._cuts = cut_points(self._gen_suffix, specials)
+            self._special_ids = frozenset(int(i) for i in tokenizer.convert_tokens_to_ids(specials))
 
     @property
     def pad_token_id(self) -> int:
@@ -300,7 +301,10 @@ class ChatTokenizer:
             text = self._render(messages, False, None)
         except RowError as exc:
             raise RowError(exc.reason.replace("conversation", self._failing_turn(messages), 1)) from exc.__cause__
-        located = locate_assistant_turns(text, messages, self._gen_suffix, self._cuts, self._stop_texts)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        special_ends = [] if self._gen_suffix else [e for t, (_, e) in zip(ids, offsets) if t in self._special_ids]
+        located = locate_assistant_turns(text, messages, self._gen_suffix, self._cuts, self._stop_texts, special_ends)
         if located.reasoning_dropped:
             self.reasoning_dropped += located.reasoning_dropped
             if not self._warned_reasoning:
@@ -310,9 +314,7 @@ class ChatTokenizer:
                     "keep it only after the last user turn): those turns are scored as rendered, without it; the "
                     "run counts them as reasoning_dropped. Pass a template that keeps it (--chat-template, e.g. "
                     "TRL's *_training.jinja) to score the reasoning", (self._template_sha1 or "")[:12])
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        return ids, token_mask(enc["offset_mapping"], located.spans)
+        return ids, token_mask(offsets, located.spans)
 
     def _plain(self, messages: list[dict], generation_prompt: bool) -> tuple[list[int], list[int]]:
         # (text, loss) pieces in order; "\n\n" separates turns; tokenized in one call

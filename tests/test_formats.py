@@ -566,14 +566,17 @@ def test_template_exception_and_token_merge(bpe_tok):
 
 
 def test_template_ignoring_generation_prompt_masks_content_without_warning(caplog):
-    """Mistral-like: no generation prompt, so each turn starts at its own text; nothing is wrong, nothing warns."""
+    """No generation prompt: a turn starts after the token closing the previous message, so the model writes its own
+    header (<|assistant|>) and it is in the loss, as in a rollout from the same prompt; nothing warns."""
     tok = make_char_tokenizer()
     tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     with caplog.at_level(logging.WARNING):
         ct = ChatTokenizer(tok)
         te = ct.encode(Example(id="a", messages=({"role": "user", "content": "Hi"},
                                                  {"role": "assistant", "content": "Yo"})))
-    assert masked_spans(tok, te) == ["Yo<|end|>"]
+    assert masked_spans(tok, te) == ["<|assistant|>Yo<|end|>"]
+    assert ct.encode_prompt(te_messages := [{"role": "user", "content": "Hi"}]) == te.input_ids[:4]
+    assert tok.decode(ct.encode_prompt(te_messages)) == "<|user|>Hi<|end|>"
     assert caplog.text == ""
 
 

@@ -1,0 +1,171 @@
+"""Real vocabularies and official chat templates: masks from one render against an independent oracle.
+
+Tokenizers are built once per machine (drift_stream.testing_vocabs, cached under the temp dir) and once per
+session in memory. `python tests/test_templates.py` prints the families x shapes table.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from template_oracle import SHAPES, expected_mask, hf_generation_mask, render  # noqa: E402
+
+from drift_stream.example_types import Example, RowError  # noqa: E402
+from drift_stream.testing_vocabs import FAMILIES, build_tokenizer  # noqa: E402
+from drift_stream.tokenization import ChatTokenizer  # noqa: E402
+
+_CACHE: dict = {}
+VOCAB_DIR = Path(os.environ.get("DRIFT_VOCAB_CACHE", Path(tempfile.gettempdir()) / "drift-stream-vocabs-v1"))
+
+
+def tokenizer(family: str, training: bool = False):
+    key = (family, training)
+    if key not in _CACHE:
+        _CACHE[key] = build_tokenizer(family, VOCAB_DIR, training=training)
+    return _CACHE[key]
+
+
+def outcome(tok, messages, family, oracle):
+    """("ok", detail) when our mask equals the oracle's; ("reject", reason) when we reject and the template does
+    not render the turn either; ("FAIL", detail) otherwise."""
+    ct = ChatTokenizer(tok, max_tokens=100_000)
+    try:
+        te = ct.encode(Example(id="x", messages=tuple(copy.deepcopy(messages))))
+    except RowError as exc:
+        return ("reject", exc.reason) if _template_cannot(tok, messages, exc.reason) else ("FAIL", exc.reason)
+    ids, mask = oracle(tok, messages, family)
+    mask[0] = 0
+    if te.input_ids != ids:
+        return "FAIL", "input ids differ from one render of the template"
+    if te.loss_mask != mask:
+        diff = [i for i, (a, b) in enumerate(zip(te.loss_mask, mask)) if a != b]
+        return "FAIL", f"mask differs at {diff[:5]}: ours {te.loss_mask[diff[0]]} token {tok.decode(ids[diff[0]])!r}"
+    notes = [f"{ct.reasoning_dropped} reasoning dropped"] if ct.reasoning_dropped else []
+    if not _prompt_prefix_ok(ct, tok, messages, te):
+        notes.append("prompt not a token prefix")
+    return "ok", "; ".join(notes)
+
+
+def _template_cannot(tok, messages, reason):
+    if reason.startswith("template_error:"):
+        try:
+            render(tok, messages, False)
+        except Exception:
+            return True
+        return False
+    if reason.startswith("template_span:"):  # the template rendered the row without this turn's text
+        text = render(tok, messages, False)
+        turn = int(reason.split("assistant turn ")[1].split()[0])
+        m = [m for m in messages if m["role"] == "assistant"][turn]
+        needles = [m["content"].split("</think>")[-1].strip()] + [c["function"]["name"] for c in
+                                                                   m.get("tool_calls", [])]
+        return any(n and n not in text for n in needles)
+    return False
+
+
+def _prompt_prefix_ok(ct, tok, messages, te):
+    """encode_prompt(messages[:i]) is a token prefix of the row for each assistant turn i exactly when its text is a
+    character prefix of the rendered row and no token straddles its end; returns whether it is a prefix for all."""
+    text = render(tok, messages, False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    all_ok = True
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt_text = render(tok, messages[:i], True)
+        ids = ct.encode_prompt(messages[:i])
+        is_prefix = te.input_ids[: len(ids)] == ids
+        clean = text.startswith(prompt_text) and any(s == len(prompt_text) for s, _ in enc["offset_mapping"])
+        assert is_prefix == clean, (i, is_prefix, clean)
+        all_ok &= is_prefix
+    return all_ok
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_official_template_masks(family, shape):
+    status, detail = outcome(tokenizer(family), SHAPES[shape], family, expected_mask)
+    assert status != "FAIL", detail
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if spec.training_template])
+def test_training_template_masks_match_hf_generation_mask(family, shape):
+    tok = tokenizer(family, training=True)
+    status, detail = outcome(tok, SHAPES[shape], family, hf_generation_mask)
+    assert status != "FAIL", detail
+    if status == "ok":  # and the prefix-render oracle agrees on the training template too
+        assert outcome(tok, SHAPES[shape], family, expected_mask)[0] == "ok"
+
+
+def test_reasoning_dropped_is_counted_and_warned_once(caplog):
+    ct = ChatTokenizer(tokenizer("qwen3"), max_tokens=100_000)
+    row = Example(id="r", messages=tuple(SHAPES["reasoning every"]))
+    with caplog.at_level(logging.WARNING, logger="drift_stream.tokenization"):
+        ct.encode(row)
+        ct.encode(row)
+    assert ct.stats() == {"reasoning_dropped": 2}  # the first turn's, each time; the last turn keeps its own
+    assert caplog.text.count("drops the reasoning") == 1
+
+
+def test_stop_tokens_come_from_the_template():
+    tok = tokenizer("qwen3")  # base-model EOS <|endoftext|>; the template ends turns with <|im_end|>
+    ct = ChatTokenizer(tok, stop_tokens=["<|fim_pad|>"])
+    ids = {tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>")}
+    assert ids <= ct.stop_ids
+    gptoss = ChatTokenizer(tokenizer("gptoss"))
+    # <|end|> closes the analysis message inside one GPT-OSS turn: it must not stop a rollout
+    assert tokenizer("gptoss").convert_tokens_to_ids("<|end|>") not in gptoss.stop_ids
+    with pytest.raises(Exception, match="not one"):
+        ChatTokenizer(tok, stop_tokens=["two words"])
+
+
+def test_prefill_rollout_and_pool_row_give_identical_tokens():
+    """Qwen3.6's generation prompt ends with a "<think>\\n" prefill: a rollout (prompt + completion) and the same
+    conversation as a pool row put the same tokens in the loss."""
+    tok = tokenizer("qwen3_6")
+    ct = ChatTokenizer(tok, max_tokens=100_000)
+    query = [{"role": "user", "content": "What is 6*7?"}]
+    prompt = ct.encode_prompt(query)
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n<think>\n")
+    completion = tok("Six sevens.\n</think>\n\n42<|im_end|>", add_special_tokens=False)["input_ids"]
+    rollout = ct.encode_rollout(prompt, completion)
+    row = ct.encode(Example(id="p", messages=(*query, {"role": "assistant",
+                                                       "content": "<think>\nSix sevens.\n</think>\n\n42"})))
+    assert row.input_ids[: len(rollout.input_ids)] == rollout.input_ids
+    assert row.loss_mask[: len(rollout.input_ids)] == rollout.loss_mask
+    assert sum(row.loss_mask) == sum(rollout.loss_mask)
+
+
+def test_template_error_names_the_message_and_quotes_the_template():
+    tok = tokenizer("gemma3")  # Gemma 3 requires alternating user/assistant turns
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    with pytest.raises(RowError) as err:
+        ChatTokenizer(tok).encode(Example(id="x", messages=tuple(messages)))
+    assert err.value.reason.startswith("template_error:message 1 (user): TemplateError: Conversation roles must")
+
+
+def results_table() -> str:
+    rows = ["| family | " + " | ".join(SHAPES) + " |", "|---" * (len(SHAPES) + 1) + "|"]
+    for family, spec in FAMILIES.items():
+        for training in (False, True) if spec.training_template else (False,):
+            oracle = hf_generation_mask if training else expected_mask
+            cells = []
+            for shape, messages in SHAPES.items():
+                status, detail = outcome(tokenizer(family, training), messages, family, oracle)
+                cells.append(status + (f" ({detail[:70]})" if detail else ""))
+            name = family + (" training (HF mask)" if training else "") + ("" if spec.real_vocab else " [stand-in vocab]")
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(results_table())
