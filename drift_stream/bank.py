@@ -70,6 +70,7 @@ __all__ = [  # bank_store's names are re-exported: they were defined here before
 ]
 
 SIGNINGS = ("sign", "advantage", "advantage_std", "positive")
+TRUNCATED = ("negative", "exclude")  # what a rollout cut by max_new_tokens counts as
 TARGETS = ("on-policy", "off-policy")
 PRECONDITIONERS = ("identity", "diagonal", "block")
 
@@ -92,6 +93,12 @@ class BankConfig:
     no_contrast: str = "keep"  # --no-contrast keep | drop | reference (contrast.py)
     max_rollouts: int | None = None  # --max-rollouts: adaptive K budget per query (None: off)
     query_weighting: str = "uniform"  # --query-weighting uniform | learnability
+    # --truncated: a rollout cut by max_new_tokens is signed like a finished wrong answer (negative: what an
+    # evaluation at the same budget counts, and today's behaviour) or left out of the query's vector (exclude)
+    truncated: str = "negative"
+    chat_template: str | None = None  # --chat-template FILE: a Jinja template replacing the tokenizer's
+    use_chat_template: bool = True  # --no-chat-template: the documented plain format
+    stop_tokens: tuple[str, ...] = ()  # --stop-token (repeatable): more tokens that end rollouts
     # --max-batch-tokens: padded tokens per featurize call (rows sorted by length) instead of feature_batch_size rows
     max_batch_tokens: int | None = execution_only(None)
 
@@ -110,6 +117,11 @@ class BankConfig:
         validate_max_batch_tokens(self.max_batch_tokens)
         if self.verifier_timeout_s is not None and not self.verifier_timeout_s > 0:
             raise ConfigError(f"verifier_timeout_s must be > 0 or None, got {self.verifier_timeout_s}")
+        if self.truncated not in TRUNCATED:
+            raise ConfigError(f"truncated must be one of {TRUNCATED}, got {self.truncated!r}")
+        if not all(isinstance(t, str) and t for t in self.stop_tokens):
+            raise ConfigError(f"stop_tokens must be non-empty strings, got {self.stop_tokens!r}")
+        object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
         for name, value, allowed in (("no_contrast", self.no_contrast, NO_CONTRAST),
                                      ("query_weighting", self.query_weighting, QUERY_WEIGHTINGS)):
             if value not in allowed:
@@ -271,11 +283,14 @@ def _on_policy(queries, rollouts, results, feats: _Targets, encode_errors, ref_l
         groups[r.query_id].append(i)
     for j, q in enumerate(queries):
         idx = groups[q.id]
-        failures = {i: results[i].failure or encode_errors.get(i) or feats.reason(i) for i in idx}
+        failures = {i: results[i].failure or encode_errors.get(i) or feats.reason(i)
+                    or ("truncated" if config.truncated == "exclude" and rollouts[i].finish_reason == "length" else None)
+                    for i in idx}
         valid = [i for i in idx if failures[i] is None]
         correct = {i: results[i].reward >= config.correct_threshold - 1e-12 for i in valid}
         counts = {"correct": sum(correct.values()), "incorrect": len(valid) - sum(correct.values()),
-                  "failed": len(idx) - len(valid)}
+                  "failed": len(idx) - len(valid),
+                  "truncated": sum(rollouts[i].finish_reason == "length" for i in idx)}
         target_rewards, why, use_ref = contrast_plan([results[i].reward for i in valid], config.correct_threshold,
                                                      config.no_contrast, refs is not None and refs.ok(j))
         weights = None
@@ -393,7 +408,8 @@ def build_bank(
         tokenizer = tokenizer or load_tokenizer(model_path)
     elif tokenizer is None:
         raise ConfigError("build_bank got a loaded model: pass its tokenizer= too")
-    chat_tok = ChatTokenizer(tokenizer, max_tokens=config.max_tokens)
+    chat_tok = ChatTokenizer.from_options(tokenizer, max_tokens=config.max_tokens, chat_template=config.chat_template,
+                                          use_chat_template=config.use_chat_template, stop_tokens=config.stop_tokens)
     loaded, rejected = load_queries(queries, adapter, storage_options)
     prompt_errors = _encode_all({q.id: (q.messages,) for q in loaded}, chat_tok.encode_prompt)[1]
     rejected += [{"index": None, "id": qid, "reason": reason} for qid, reason in prompt_errors.items()]

@@ -62,6 +62,9 @@ class _WithInfo:
     def manifest_info(self) -> dict:
         return dict(self.info)
 
+    def pop_padding_stats(self) -> dict:
+        return self.scorer.pop_padding_stats()
+
 
 class ScoreWorker:
     """One actor: builds the scorer once from plain arguments, then scores whole input files into the run directory."""
