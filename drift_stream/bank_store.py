@@ -29,31 +29,84 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def fingerprint_model(model) -> dict:
-    """{"fingerprint", "config_sha256", "params_sha256", "num_parameters", "method"} of a loaded model.
+# Precisions a fingerprint is taken at. Two loads of one checkpoint agree at the less precise of their two dtypes:
+# a bf16 checkpoint loaded as float32 holds the same values; a float32 checkpoint loaded as bf16 holds bf16(x).
+_PRECISIONS = ("float32", "bfloat16", "float16")
+_RANK = {"float64": 3, "float32": 2, "bfloat16": 1, "float16": 1}
+_DTYPE_CONFIG_KEYS = ("torch_dtype", "dtype")  # how the model was loaded, not what it is
 
-    config: its to_dict() without private / version keys. params: every parameter's name, dtype, shape and up to
-    65536 evenly strided elements (raw bytes), so two checkpoints differing anywhere a fine-tune touches differ."""
+
+def _sample_index(numel: int):
+    """Up to 65536 evenly strided positions, computed exactly in int64 on the CPU (no float linspace): [S]."""
+    import torch
+
+    if numel <= _FINGERPRINT_SAMPLE:
+        return None
+    return torch.arange(_FINGERPRINT_SAMPLE, dtype=torch.int64) * (numel - 1) // (_FINGERPRINT_SAMPLE - 1)
+
+
+def fingerprint_model(model) -> dict:
+    """Fingerprint of a loaded model's checkpoint, independent of the dtype and device it was loaded in.
+
+    Returns {"fingerprint", "config_sha256", "params_sha256", "params_sha256_by_dtype", "dtype", "device",
+    "num_parameters", "method"}. config: its to_dict() without private, version and dtype keys. params: every
+    parameter's name, shape and up to 65536 evenly strided values, rounded to each precision of `_PRECISIONS` and
+    hashed as float32 bytes (`params_sha256_by_dtype`); `params_sha256` (and so `fingerprint`) is the bfloat16 one,
+    equal for float32 and bfloat16 loads of one checkpoint. dtype: the least precise parameter dtype; device: the
+    first parameter's device (both recorded, not hashed).
+    """
     import torch
 
     config = {k: v for k, v in model.config.to_dict().items()
-              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path", *_DTYPE_CONFIG_KEYS)}
     config_sha = _sha256_json(config)
-    h = hashlib.sha256()
-    total = 0
+    hashes = {p: hashlib.sha256() for p in _PRECISIONS}
+    total, dtype, device = 0, None, None
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            flat = p.detach().reshape(-1)
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = param.detach().reshape(-1)
             total += flat.numel()
-            h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
-            if flat.numel() > _FINGERPRINT_SAMPLE:
-                idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_SAMPLE, device=flat.device).long()
-                flat = flat[idx]
-            h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    params_sha = h.hexdigest()
+            here = str(param.dtype).replace("torch.", "")
+            if dtype is None or _RANK.get(here, 2) < _RANK.get(dtype, 2):
+                dtype = here
+            device = device or str(param.device)
+            index = _sample_index(flat.numel())
+            values = (flat if index is None else flat[index.to(flat.device)]).cpu()
+            for precision, h in hashes.items():
+                h.update(f"{name}|{tuple(param.shape)}|".encode())
+                rounded = values.to(getattr(torch, precision)).to(torch.float32).contiguous()
+                h.update(rounded.view(torch.uint8).numpy().tobytes())
+    by_dtype = {p: h.hexdigest() for p, h in hashes.items()}
+    params_sha = by_dtype["bfloat16"]
     return {"fingerprint": hashlib.sha256(f"{config_sha}:{params_sha}".encode()).hexdigest(),
-            "config_sha256": config_sha, "params_sha256": params_sha, "num_parameters": total,
-            "method": f"sampled-{_FINGERPRINT_SAMPLE}-v1"}
+            "config_sha256": config_sha, "params_sha256": params_sha, "params_sha256_by_dtype": by_dtype,
+            "dtype": dtype, "device": device, "num_parameters": total,
+            "method": f"values-{_FINGERPRINT_SAMPLE}-by-precision-v2"}
+
+
+def compare_model_fingerprints(built: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """(same checkpoint?, note) for a bank's recorded model fingerprint and `fingerprint_model` of a loaded model.
+
+    Compared at the less precise of the two dtypes (float32 vs bfloat16: at bfloat16). The note says when the
+    precisions differ (scores then differ in their last digits). bfloat16 vs float16 loads cannot be matched (neither
+    rounds to the other): they compare unequal. Banks from before v2 have one dtype-dependent fingerprint.
+    """
+    if "params_sha256_by_dtype" not in built:  # v1: hashed the runtime dtype's raw bytes
+        return built["fingerprint"] == given["fingerprint"], None
+    if built["config_sha256"] != given["config_sha256"]:
+        return False, None
+    a, b = built.get("dtype") or "float32", given.get("dtype") or "float32"
+    low = a if _RANK.get(a, 2) <= _RANK.get(b, 2) else b
+    precision = low if low in _PRECISIONS else "float32"  # float64 on both sides: compare at float32
+    if _RANK.get(a, 2) == _RANK.get(b, 2) == 1 and a != b:
+        precision = "bfloat16"
+    same = built["params_sha256_by_dtype"].get(precision) == given["params_sha256_by_dtype"].get(precision)
+    note = None
+    if same and a != b:
+        note = (f"the bank was built with the model in {a} on {built.get('device')}, this model is {b} on "
+                f"{given.get('device')}: the same checkpoint at {precision} precision; scores differ from a "
+                f"same-precision run in their last digits")
+    return same, note
 
 
 def fingerprint_tokenizer(tokenizer) -> dict:
@@ -165,7 +218,14 @@ class ValidationBank:
         """Refuse a model / tokenizer / projector other than the one the bank was built for (BankMismatchError)."""
         manifest, checks = self.manifest, []
         if model is not None:
-            checks.append(("model", manifest["model"]["fingerprint"], fingerprint_model(model)["fingerprint"]))
+            given = fingerprint_model(model)
+            same, note = compare_model_fingerprints(manifest["model"], given)
+            if note:
+                logger.warning("%s", note)
+            shown = manifest["model"]["fingerprint"] if same else given["fingerprint"]
+            if not same and shown == manifest["model"]["fingerprint"]:  # equal at bf16, unequal at float32
+                shown = given["params_sha256_by_dtype"]["float32"]
+            checks.append(("model", manifest["model"]["fingerprint"], shown))
         if tokenizer is not None:
             checks.append(("tokenizer", manifest["tokenizer"]["fingerprint"], fingerprint_tokenizer(tokenizer)["fingerprint"]))
         if featurizer is not None:
@@ -232,6 +292,13 @@ class ValidationBank:
             f"  proximity gap {_fmt(gap['gap'])} over {gap['num_queries']} queries "
             f"(reference loss {_fmt(gap['reference_loss'])} - rollout loss {_fmt(gap['rollout_loss'])})",
         ]
+        trunc = m.get("truncation")
+        if trunc and trunc["rollouts"]:
+            from drift_stream.bank import TRUNCATION_WARN_SHARE, truncated_share, truncation_warning
+
+            lines.append(f"  truncated  {trunc['truncated']} of {trunc['rollouts']} rollouts (policy {trunc['policy']})")
+            if truncated_share(trunc) >= TRUNCATION_WARN_SHARE:
+                lines.append("  warning    " + truncation_warning(trunc))
         if isinstance(gap.get("gap"), (int, float)):
             lines.append("    " + (
                 "> 0: the references are farther from the model than its own rollouts; off-policy targets "
