@@ -252,3 +252,19 @@ def test_train_sft_and_weighted_trainer_share_one_loss(tmp_path):
     result = TR.train_sft(model, make_char_tokenizer(), [rows[i] for i in kept], weights=[weights[i] for i in kept],
                           steps=1, batch_size=len(kept), lr=1e-3, seed=0)
     assert result.losses[0] == pytest.approx(float(loss), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_example_quick_runs(tmp_path):
+    """examples/train_weighted_trl.py --quick: bank -> score -> refine weights -> export trl -> 8 weighted steps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_weighted_trl.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "ex"), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 8, proc.stdout[-2000:]
+    assert "96 rows, weights mean 1.000" in proc.stdout
