@@ -1,7 +1,7 @@
 """Ray: `score --engine ray` on a real local Ray cluster writes the same run directory as the local engine.
 
 One local Ray (4 logical CPUs: two scoring actors, a replacement and Ray's own tasks) for the module, the shipped
-tiny model, a small on-policy bank built once, six input files (five parquet on S3, one jsonl with an undecodable line
+tiny model, a small on-policy bank built once, five input files (four parquet on S3, one jsonl with an undecodable line
 and a row the scorer rejects). The local engine's run is the reference every Ray run is compared against.
 """
 
@@ -24,8 +24,8 @@ ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray]
 
-NUM_FILES = 6
-ROWS_PER_FILE = 16
+NUM_FILES = 5
+ROWS_PER_FILE = 10
 FLOAT_COLUMNS = ("drift_score", "drift_grad_norm", "drift_loss")
 
 
@@ -65,7 +65,7 @@ def bank_dir(tmp_path_factory, assets):
 
 @pytest.fixture(scope="module")
 def pool(s3_server, assets):
-    """S3 URL of a prefix holding the input files (5 parquet + 1 jsonl with 2 bad rows)."""
+    """S3 URL of a prefix holding the input files (parquet files + 1 jsonl with 2 bad rows)."""
     rows = pq.read_table(assets.pool).slice(0, NUM_FILES * ROWS_PER_FILE).to_pylist()
     bucket = s3_server.new_bucket("raypool")
     fs = s3_server.filesystem()
@@ -77,7 +77,7 @@ def pool(s3_server, assets):
     last[3] = {**last[3], "messages": [{"role": "user", "content": "a prompt with no reply"}]}
     lines = [json.dumps(r) for r in last]
     lines.insert(5, '{"id": "broken", "messages": [')
-    fs.pipe_file(f"{bucket}/pool/part-5.jsonl", ("\n".join(lines) + "\n").encode())
+    fs.pipe_file(f"{bucket}/pool/part-{NUM_FILES - 1}.jsonl", ("\n".join(lines) + "\n").encode())
     return f"s3://{bucket}/pool/*"
 
 
