@@ -3,12 +3,16 @@
 Prints, per model size, examples/s and tokens/s of
   (a) plain forward+backward of the summed per-example losses (weights trainable, no optimizer step),
   (b) feature extraction (GradientFeaturizer.featurize, 16 x 16 per module),
-  (c) forward+backward with frozen weights and no hooks (gradients w.r.t. the input embeddings only: the floor),
+  (c) forward+backward with frozen weights and no hooks, LM head only at loss positions (gradients w.r.t. the input
+      embeddings only: the floor),
 with medians over interleaved repeats, the ratios b/a and b/c from the same run, and the process's peak RSS.
 With --bergson-python, also runs EleutherAI bergson's collection (its own venv, offline, CPU) on the same model,
 projection size and batch, and prints its throughput and our ratio to it.
 
     python benchmarks/throughput.py [--repeats 7] [--threads 1] [--bergson-python /work/venv-bergson/bin/python]
+
+With --real, runs benchmarks/throughput_shapes.py instead: Llama/Qwen-shaped models with the Qwen vocabulary
+(151,936), features vs plain forward+backward vs the floor, each with its own peak RSS (see that file).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import torch
 
 from drift_stream.grads import FeatureConfig, GradientFeaturizer
 from drift_stream.testing import make_tiny_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput_shapes import floor_step  # noqa: E402
 
 # name -> make_tiny_model kwargs (vocab 102: the project's character tokenizer)
 SIZES = {
@@ -66,10 +73,9 @@ def plain_step(model, batch):
 
 
 def frozen_step(model, batch):
-    """(c) forward + backward with frozen weights and no hooks: only input gradients are computed."""
-    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-    loss = summed_loss(model, batch, inputs_embeds=embeds)
-    torch.autograd.grad(loss, embeds)
+    """(c) the frozen floor, computed the cheap way: frozen weights, no hooks, LM head and cross-entropy at the loss
+    positions only, gradients w.r.t. the input embeddings only (throughput_shapes.floor_step)."""
+    floor_step(model, batch)
 
 
 def _sync(device):
@@ -226,7 +232,15 @@ def main(argv=None) -> int:
                         help="dataset sizes in batches for the two timed bergson runs")
     parser.add_argument("--bergson-repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--real", action="store_true", help="real shapes at the Qwen vocabulary: every other "
+                        "argument goes to benchmarks/throughput_shapes.py")
+    args, rest = parser.parse_known_args(argv)
+    if args.real:
+        import throughput_shapes
+
+        return throughput_shapes.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     from transformers import AutoModelForCausalLM
 
