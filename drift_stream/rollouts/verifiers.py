@@ -1,8 +1,8 @@
 """Verifiers: a reward in [0, 1] for one rollout of one query, or a failure reason.
 
 A verifier is an object with `score(completion, query) -> float | bool`; it may raise. `verify_rollouts` runs it
-with a timeout per rollout and turns anything that goes wrong into a `VerifyResult.failure`, so one bad rollout
-never stops a bank build. Specs (`load_verifier`): `exact`, `numeric`, `math`, `regex:PATTERN`, `reasoning_gym`,
+in worker processes with a hard timeout per rollout (verifier_pool.py) and turns anything that goes wrong into a
+`VerifyResult.failure`, so one bad rollout never stops a bank build. Specs (`load_verifier`): `exact`, `numeric`, `math`, `regex:PATTERN`, `reasoning_gym`,
 or `module:function` / `path/to/file.py:function` for a user function `fn(completion: str, query: Query)`.
 """
 
@@ -13,11 +13,11 @@ import importlib.util
 import logging
 import math
 import re
-import threading
+import threading  # ReasoningGymVerifier's cache lock
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from drift_stream.errors import ConfigError
 from drift_stream.rollouts.engine import Query
@@ -211,7 +211,7 @@ class MathVerifier(Verifier):
     """Mathematical equivalence by the `math-verify` package (LaTeX or plain expressions).
 
     math-verify's own timeouts use SIGALRM, which only works in the main thread; they are switched off here and
-    `verify_rollouts` bounds the time instead, so this verifier is safe in any thread."""
+    `verify_rollouts` bounds the time instead (it kills the worker process at the deadline)."""
 
     name = "math"
 
@@ -392,32 +392,22 @@ def _error_reason(exc: BaseException) -> str:
     return f"error:{type(exc).__name__}: {exc}"[:_MAX_REASON_CHARS]
 
 
+def _score_one(verifier: Verifier, completion: str, query: Query) -> VerifyResult:
+    """One verification in the calling process: an exception becomes a failure reason (no time limit)."""
+    try:
+        return _check_reward(verifier.score(completion, query))
+    except Exception as exc:  # a user's verifier may raise anything; it must not stop the build
+        return VerifyResult(None, _error_reason(exc))
+
+
 def run_verifier(verifier: Verifier, completion: str, query: Query, timeout_s: float | None = 10.0) -> VerifyResult:
     """One verification, contained: an exception or a run past `timeout_s` becomes a failure reason.
 
-    With a timeout the call runs in a daemon thread; a call that times out is abandoned (Python cannot kill a
-    thread) and keeps its CPU until it returns, which is logged."""
+    With a timeout the call runs in a worker process that is killed at the deadline (verifier_pool.py); without one,
+    in this process."""
     if not timeout_s:
-        try:
-            return _check_reward(verifier.score(completion, query))
-        except Exception as exc:  # a user's verifier may raise anything; it must not stop the build
-            return VerifyResult(None, _error_reason(exc))
-    box: list = []
-
-    def target() -> None:
-        try:
-            box.append(("ok", verifier.score(completion, query)))
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller as a failure reason
-            box.append(("error", exc))
-
-    thread = threading.Thread(target=target, name=f"verify-{query.id}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        logger.warning("verifier %s timed out after %ss on query %r; abandoning that call", verifier, timeout_s, query.id)
-        return VerifyResult(None, f"timeout:{timeout_s:g}s")
-    kind, value = box[0]
-    return _check_reward(value) if kind == "ok" else VerifyResult(None, _error_reason(value))
+        return _score_one(verifier, completion, query)
+    return verify_rollouts(verifier, [(completion, query)], timeout_s, workers=1)[0]
 
 
 def verify_rollouts(
@@ -425,18 +415,48 @@ def verify_rollouts(
     items: Iterable[tuple[str, Query]],
     timeout_s: float | None = 10.0,
     progress: bool = False,
+    workers: int | None = None,
 ) -> list[VerifyResult]:
-    """Verify (completion, query) pairs in order; failures are counted and logged, never raised."""
+    """Verify (completion, query) pairs; results in input order. Failures are counted and logged, never raised.
+
+    The calls run on `workers` processes (default min(4, CPUs, items)); one running past `timeout_s` seconds is
+    stopped (its process killed) and answered `timeout:Xs`, so a catastrophic regex costs at most its timeout.
+    With timeout_s None and one worker, they run in this process.
+    """
+    from drift_stream.rollouts.verifier_pool import default_workers, run_in_processes
+
     items = list(items)
-    iterator: Sequence | Iterable = items
+    if not items:
+        return []
+    workers = default_workers(len(items)) if workers is None else max(1, int(workers))
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(items, desc="verify", unit="rollout")
-    results = [run_verifier(verifier, completion, query, timeout_s) for completion, query in iterator]
+        bar = tqdm(total=len(items), desc="verify", unit="rollout")
+    try:
+        if not timeout_s and workers == 1:
+            results = []
+            for completion, query in items:
+                results.append(_score_one(verifier, completion, query))
+                if bar is not None:
+                    bar.update(1)
+        else:
+            results = run_in_processes(
+                _score_one, verifier, items, timeout_s, workers,
+                on_timeout=lambda i: VerifyResult(None, f"timeout:{timeout_s:g}s"),
+                on_death=lambda i, code: VerifyResult(None, f"error:verifier process died (exit code {code})"),
+                progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
     failed = [r.failure for r in results if r.failure is not None]
     if failed:
         logger.warning(
             "verifier %s failed on %d of %d rollouts (first reason: %s)", verifier, len(failed), len(results), failed[0]
         )
+    timeouts = sum(1 for r in failed if r.startswith("timeout:"))
+    if timeouts:
+        logger.warning("verifier %s ran past its %gs timeout on %d rollouts: those processes were stopped",
+                       verifier, timeout_s, timeouts)
     return results
