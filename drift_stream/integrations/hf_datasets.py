@@ -8,8 +8,9 @@ Column types. The score columns always carry their Arrow types (`drift_score`, `
 float32, `drift_num_tokens` int32, `drift_reject_reason` string, `drift_query_scores` list<float32>), whatever the
 batch order (a batch of only scored or only rejected rows holds a column of nulls, which `datasets` cannot type):
 `Dataset.map(scorer, batched=True)` gets an Arrow table back (the scorer reads the batch's own Arrow table);
-`IterableDataset.map` passes plain dicts, so `score_dataset` hands it `features=scored_features(...)`; a direct
-`it.map(scorer, batched=True)` should do the same.
+`IterableDataset.map` passes plain dicts, so `score_dataset` maps it in Arrow format with
+`features=scored_features(...)`; a direct `it.map(scorer, batched=True, features=scored_features(it.features,
+scorer))` types the python path (to materialise it: `Dataset.from_generator(..., features=out.features)`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def score_dataset(dataset, scorer, *, batch_size: int = 64, calibration_rows: in
 
     resolve_beta(scorer, head)  # beta: auto is fitted here (no run directory); a fixed or already fitted beta stays
     if isinstance(dataset, datasets.IterableDataset):
-        features = dataset.features or dataset._resolve_features().features
-        return dataset.map(scorer, batched=True, batch_size=batch_size, features=scored_features(features, scorer))
+        features = scored_features(dataset.features or dataset._resolve_features().features, scorer)
+        # Arrow batches in and out: the scorer's typed table reaches python and Arrow iteration (to_parquet) alike;
+        # a python-format map with features= is not cast on the Arrow path (datasets 5.2).
+        arrow = dataset.with_format("arrow").map(scorer, batched=True, batch_size=batch_size, features=features)
+        return arrow.with_format(None)
     return dataset.map(scorer, batched=True, batch_size=batch_size)
