@@ -20,9 +20,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from drift_stream import answers
 from drift_stream.errors import ConfigError
 
-ANSWER_MARKER = "####"
+ANSWER_MARKER = answers.HASHES
 
 TARGET_TASKS = ("basic_arithmetic", "chain_sum")
 NONTARGET_TASKS = ("gcd", "products", "leg_counting")
@@ -89,11 +90,10 @@ def format_response(steps: Sequence[str], answer: str) -> str:
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The text after the last `####`, stripped; None when there is none (or it is empty)."""
-    if not text or ANSWER_MARKER not in text:
-        return None
-    answer = text.rsplit(ANSWER_MARKER, 1)[1].strip()
-    return answer or None
+    """The rest of the line after the last `####`, stripped; None when there is none (or it is empty).
+
+    The one extractor (answers.py) restricted to the `####` form this pool writes."""
+    return answers.extract_answer(text, forms=("hashes",))
 
 
 def _rg():

@@ -19,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable
 
+from drift_stream.answers import extract_answer  # the one extractor (re-exported: rollouts.extract_answer)
 from drift_stream.errors import ConfigError
 from drift_stream.rollouts.engine import Query
 
@@ -59,46 +60,6 @@ _NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _FRACTION_RE = re.compile(rf"^\s*({_NUMBER})\s*/\s*({_NUMBER})\s*$")
 _LATEX_FRAC_RE = re.compile(r"^\s*(-?)\s*\\d?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}\s*$")
-_ANSWER_TAG_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL | re.IGNORECASE)
-_HASHES_RE = re.compile(r"####\s*([^\n]*)")
-_ANSWER_IS_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*([^\n]*)", re.IGNORECASE)
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[brace + 1 : i].strip()
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The marked answer of a completion: `<answer>x</answer>`, `\\boxed{x}`, `#### x`, `Answer: x` (last wins
-    within each form, forms tried in that order). None when the text marks no answer."""
-    tags = _ANSWER_TAG_RE.findall(text)
-    if tags:
-        return tags[-1].strip()
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    hashes = _HASHES_RE.findall(text)
-    if hashes:
-        return hashes[-1].strip()
-    answer_is = _ANSWER_IS_RE.findall(text)
-    if answer_is:
-        return answer_is[-1].strip().rstrip(".").strip()
-    return None
 
 
 def parse_number(text: str) -> Fraction | float | None:
