@@ -479,6 +479,10 @@ def build_bank(
         (rows, vectors), table, rollout_vectors, target_pass = _off_policy(query_list, refs, ref_errors), [], None, {}
     timings["gradients"] = time.perf_counter() - t0
 
+    truncation = {"rollouts": len(rollouts), "truncated": sum(r.finish_reason == "length" for r in rollouts),
+                  "policy": config.truncated, "max_new_tokens": config.rollouts.max_new_tokens}
+    if on_policy and truncated_share(truncation) >= TRUNCATION_WARN_SHARE:
+        logger.warning(truncation_warning(truncation))
     excluded = [row for row in rows if row["excluded"]]
     if excluded:
         logger.warning("%d of %d queries carry no signal under signing %r and are left out of the bank (first: "
@@ -527,6 +531,9 @@ def build_bank(
                           "rollout_loss": _mean([r["rollout_loss"] for r in gap_rows]),
                           "reference_loss": _mean([r["reference_loss"] for r in gap_rows])},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "truncation": truncation,
+        "tokenization": {**{k: v for k, v in chat_tok.config_dict().items()
+                            if k in ("template", "chat_template_sha1", "stop_token_ids")}, **chat_tok.stats()},
         "contrast": {"no_contrast": config.no_contrast, "query_weighting": config.query_weighting,
                      "adaptive": adaptive, "queries": contrast_counts(rows) if on_policy else None,
                      "reference_targets": sum(bool(r["reference_target"]) for r in rows)},
@@ -541,6 +548,22 @@ def build_bank(
     logger.info("bank written to %s: %d queries, dim %d, pass rate %s, proximity gap %s", out_dir, len(kept_ids),
                 featurizer.dim, manifest["pass_rate"], manifest["proximity_gap"]["gap"])
     return ValidationBank.load(out_dir)
+
+
+TRUNCATION_WARN_SHARE = 0.2  # warn when at least this share of rollouts was cut by max_new_tokens
+
+
+def truncated_share(truncation: Mapping[str, Any] | None) -> float:
+    return truncation["truncated"] / truncation["rollouts"] if truncation and truncation["rollouts"] else 0.0
+
+
+def truncation_warning(truncation: Mapping[str, Any]) -> str:
+    """The `bank build` / `bank info` warning when many rollouts were cut by max_new_tokens."""
+    return (f"{truncation['truncated']} of {truncation['rollouts']} rollouts ({100 * truncated_share(truncation):.0f}%) "
+            f"were cut by --max-new-tokens {truncation['max_new_tokens']} before their end-of-turn token and count "
+            f"as {'wrong answers' if truncation['policy'] == 'negative' else 'left out (--truncated exclude)'}: "
+            "reasoning models need thousands of tokens; raise --max-new-tokens"
+            + (" or pass --truncated exclude" if truncation["policy"] == "negative" else ""))
 
 
 def _token_mean(losses, counts) -> float | None:

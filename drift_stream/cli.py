@@ -40,6 +40,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def _add_template(p: argparse.ArgumentParser) -> None:
+    """--chat-template / --no-chat-template / --stop-token (score and bank build alike)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--chat-template", metavar="FILE", default=None,
+                       help="a Jinja chat template replacing the tokenizer's (e.g. a *_training.jinja variant)")
+    group.add_argument("--no-chat-template", dest="use_chat_template", action="store_false",
+                       help="use the documented plain format even when the tokenizer has a chat template")
+    p.add_argument("--stop-token", dest="stop_tokens", action="append", default=[], metavar="TOKEN",
+                   help="another token that ends a turn (repeatable); the template's end-of-turn tokens "
+                        "(<|im_end|>, <|eot_id|>, ...) and generation_config's EOS are used already")
+
+
 def _add_engine(p: argparse.ArgumentParser, work: str) -> None:
     p.add_argument("--engine", default="local", choices=("local", "ray"),
                    help=f"local: this process; ray: {work} on a pool of Ray actors (same output)")
@@ -82,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=1024, help="rows read and written per batch")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--overlong", choices=("reject", "truncate"), default="reject")
+    _add_template(p)
     p.add_argument("--on-bad-row", choices=("reject", "error"), default="reject")
     p.add_argument("--allow-all-rejected", action="store_true",
                    help="exit 0 even when every row is rejected (default: exit 2 with the top reasons)")
@@ -115,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--temperature", type=float, default=1.0)
     b.add_argument("--top-p", type=float, default=1.0)
     b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--truncated", default="negative", choices=("negative", "exclude"),
+                   help="a rollout cut by --max-new-tokens: signed as a wrong answer (negative, default: what an "
+                        "evaluation at the same budget counts) or left out of its query's vector (exclude)")
+    _add_template(b)
     b.add_argument("--proj-dim", type=int, default=16, help="projection size per side per module")
     b.add_argument("--last-n-blocks", type=int, default=None, help="track only the last N blocks")
     b.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
@@ -230,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"drift-stream: error: {type(err).__name__}{where}: {str(err).splitlines()[0] if str(err) else ''}"
               f"{'' if args.verbose else ' (rerun with --verbose for the traceback)'}", file=sys.stderr)
         return 1
+    finally:
+        from drift_stream.io.background import close_filesystems
+
+        close_filesystems()  # S3 sessions closed, fsspec's loop thread joined: no thread left for shutdown to kill
 
 
 def _quiet_progress_bars() -> None:

@@ -37,6 +37,9 @@ def score_cmd(args, progress: bool = True) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_tokens=args.max_tokens,
         overlong=args.overlong,
+        chat_template=args.chat_template,
+        use_chat_template=args.use_chat_template,
+        stop_tokens=tuple(args.stop_tokens),
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
@@ -88,6 +91,10 @@ def bank_build_cmd(args, progress: bool = True) -> int:
         max_rollouts=args.max_rollouts,
         query_weighting=args.query_weighting,
         max_batch_tokens=args.max_batch_tokens,
+        truncated=args.truncated,
+        chat_template=args.chat_template,
+        use_chat_template=args.use_chat_template,
+        stop_tokens=tuple(args.stop_tokens),
     )
     if config.preconditioner != "identity" and not args.fisher_data:
         logger.warning("--preconditioner %s needs --fisher-data (training rows); using identity", args.preconditioner)

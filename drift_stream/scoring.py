@@ -65,8 +65,14 @@ class ScoreConfig:
     # padded tokens per forward/backward (rows sorted by length within each batch of rows, cut by tokens; then
     # batch_size is not used): speed and memory only (batching.py)
     max_batch_tokens: int | None = execution_only(None)
+    chat_template: str | None = None  # --chat-template FILE: a Jinja template replacing the tokenizer's
+    use_chat_template: bool = True  # --no-chat-template: the documented plain format
+    stop_tokens: tuple[str, ...] = ()  # --stop-token: more end-of-turn tokens
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+        if self.chat_template and not self.use_chat_template:
+            raise ConfigError("chat_template and use_chat_template=False exclude each other: choose one")
         if self.scorer not in SCORERS:
             raise ConfigError(f"unknown scorer {self.scorer!r}: choose one of {', '.join(SCORERS)}")
         if self.overlong not in ("reject", "truncate"):
@@ -323,27 +329,12 @@ class LossScorer(_ModelScorer):
         return ExampleScores(score=-loss, grad_norm=np.full(len(loss), np.nan), loss=loss, bad=bad)
 
 
-def response_only(example, start_token_id: int):
-    """loss(y) without x: the example's loss-masked tokens alone, after one start token (all of them targets)."""
-    from drift_stream.formats import TokenizedExample
-
-    response = [t for t, m in zip(example.input_ids, example.loss_mask) if m]
-    return TokenizedExample(id=example.id, input_ids=[start_token_id, *response], loss_mask=[0] + [1] * len(response))
-
-
 class IFDScorer(_ModelScorer):
     name = "ifd"
 
-    def _start_token_id(self) -> int:
-        tok = self.chat.tokenizer
-        for candidate in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
-
     def _score_examples(self, examples):
         loss_cond, bad = self._losses(examples)
-        alone = [response_only(ex, self._start_token_id()) for ex in examples]
+        alone = [self.chat.response_only(ex) for ex in examples]  # the one response-only builder
         loss_alone, bad_alone = self._losses(alone)
         ifd = loss_cond / np.maximum(loss_alone, 1e-12)
         score = np.where(ifd > 1.0, -ifd, ifd)
@@ -413,12 +404,12 @@ class DriftScorer(_ModelScorer):
     ) -> "DriftScorer":
         """Build a scorer from paths: `DriftScorer.from_pretrained("model_dir", bank="bank_dir", adapter="messages")`."""
         from drift_stream.bank import ValidationBank
-        from drift_stream.formats import ChatTokenizer, load_adapter
+        from drift_stream.formats import load_adapter
         from drift_stream.models import load_tokenizer
 
         cfg = ScoreConfig(scorer=config.pop("scorer", "drift"), adapter=adapter, **config)
         tokenizer = load_tokenizer(model_path)
-        chat = ChatTokenizer(tokenizer, max_tokens=cfg.max_tokens, overlong=cfg.overlong)
+        chat = chat_tokenizer_for(tokenizer, cfg)
         vb = ValidationBank.load(bank)
         return cls(load_adapter(adapter), chat, cfg, vb, model_path=model_path, allow_mismatch=allow_mismatch)
 
@@ -543,6 +534,15 @@ def _replace(config: ScoreConfig, **changes: Any) -> ScoreConfig:
     return replace(config, **changes)
 
 
+def chat_tokenizer_for(tokenizer: Any, cfg: ScoreConfig):
+    """The ChatTokenizer a ScoreConfig describes (max_tokens, overlong, chat template choice, stop tokens)."""
+    from drift_stream.formats import ChatTokenizer
+
+    return ChatTokenizer.from_options(tokenizer, max_tokens=cfg.max_tokens, overlong=cfg.overlong,
+                                      chat_template=cfg.chat_template, use_chat_template=cfg.use_chat_template,
+                                      stop_tokens=cfg.stop_tokens)
+
+
 def build_scorer(
     scorer: str,
     *,
@@ -555,7 +555,7 @@ def build_scorer(
     **config: Any,
 ) -> BatchScorer:
     """Build any scorer by name from paths (what the CLI calls). `model_obj`/`tokenizer` reuse loaded objects."""
-    from drift_stream.formats import ChatTokenizer, load_adapter
+    from drift_stream.formats import load_adapter
     from drift_stream.models import load_tokenizer
 
     cfg = ScoreConfig(scorer=scorer, adapter=adapter, **config)
@@ -564,7 +564,7 @@ def build_scorer(
     if model is None and tokenizer is None:
         raise ConfigError("--model is required: the tokenizer decides tokens, loss masks and over-long rejects")
     tok = tokenizer if tokenizer is not None else load_tokenizer(model)
-    chat = ChatTokenizer(tok, max_tokens=cfg.max_tokens, overlong=cfg.overlong)
+    chat = chat_tokenizer_for(tok, cfg)
     adapter_obj = load_adapter(adapter)
     if scorer == "random":
         return RandomScorer(adapter_obj, chat, cfg, model_path=model)

@@ -61,8 +61,9 @@ def tool_call_names(message: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def cut_points(gen_suffix: str, special_texts: Sequence[str]) -> list[int]:
-    """Lengths k at which gen_suffix[:k] may end a header: after a special token, after a newline, or the whole."""
+def cut_points(gen_suffix: str, special_texts: Sequence[str], user_header: str = "") -> list[int]:
+    """Lengths k at which gen_suffix[:k] may end a header: after a special token, after a newline, or the whole;
+    not where gen_suffix[:k] also occurs in a user turn's header (Qwen's bare "<|im_start|>")."""
     cuts = {len(gen_suffix)}
     for i, ch in enumerate(gen_suffix):
         if ch == "\n":
@@ -72,7 +73,9 @@ def cut_points(gen_suffix: str, special_texts: Sequence[str]) -> list[int]:
         while start >= 0:
             cuts.add(start + len(special))
             start = gen_suffix.find(special, start + 1)
-    return sorted((k for k in cuts if k > 0), reverse=True)
+    kept = sorted((k for k in cuts if k > 0 and (k == len(gen_suffix) or gen_suffix[:k] not in user_header)),
+                  reverse=True)
+    return kept
 
 
 def locate_assistant_turns(
@@ -103,11 +106,15 @@ def locate_assistant_turns(
         first = answer or (names[0] if names else "")
         if not first:
             raise RowError(f"template_span:assistant turn {turn} (message {index}) has no text and no tool call")
-        at = text.find(first, cursor)
+        start, at = None, text.find(first, cursor)
         if at < 0:
             raise RowError(f"template_span:assistant turn {turn} (message {index}): its text is not in the "
                            "rendered conversation")
-        start = _header_end(text, cursor, at, gen_suffix, cuts, special_ends)
+        for _ in range(16):  # an occurrence inside the header itself ("ant" in "assistant") is skipped
+            start = _header_end(text, cursor, at, gen_suffix, cuts, special_ends)
+            if start is not None or at < 0:
+                break
+            at = text.find(first, at + 1)
         if start is None:
             raise RowError(f"template_span:assistant turn {turn} (message {index}): no assistant header "
                            f"{gen_suffix!r} before it in the rendered conversation")
@@ -150,10 +157,14 @@ def _header_end(text: str, lo: int, hi: int, gen_suffix: str, cuts: Sequence[int
     if not gen_suffix:  # no generation prompt (Mistral): after the last special token before the turn's text
         k = bisect.bisect_left(special_ends, lo + 1)
         return special_ends[k] if k < len(special_ends) and special_ends[k] <= hi else hi
+    if hi < 0:
+        return None
     for k in cuts:
         found = text.rfind(gen_suffix[:k], lo, hi)
         if found >= 0:
-            return found + k
+            # the longest cut of gen_suffix matching here must also end by hi, else hi lies inside the header
+            longest = next(c for c in cuts if text.startswith(gen_suffix[:c], found))
+            return found + longest if found + longest <= hi else None
     return None
 
 

@@ -120,7 +120,8 @@ class ChatTokenizer:
         extra = [int(t) for t in stop_token_ids] + [_single_token_id(tokenizer, t) for t in stop_tokens]
         self.stop_ids = frozenset(extra) | {self.eos_token_id} | frozenset(self._template_stop_ids())
         self._lead = self._leading_special_ids()
-        self._start = self._lead or [self.eos_token_id]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self._start = self._lead or ([bos] if bos is not None else [self.eos_token_id])  # response_only's start
         self.reasoning_dropped = 0
         self._warned_reasoning = False
         if self.uses_chat_template:
@@ -132,8 +133,19 @@ class ChatTokenizer:
             self._gen_suffix = self._generation_suffix()
             specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
             specials += [t for t in getattr(tokenizer, "added_tokens_encoder", {})]
-            self._cuts = cut_points(self._gen_suffix, specials)
+            self._cuts = cut_points(self._gen_suffix, specials, self._user_header())
             self._special_ids = frozenset(int(i) for i in tokenizer.convert_tokens_to_ids(specials))
+
+    @classmethod
+    def from_options(cls, tokenizer: Any, *, chat_template: str | None = None, use_chat_template: bool = True,
+                     stop_tokens: Sequence[str] = (), **kwargs: Any) -> "ChatTokenizer":
+        """What ScoreConfig / BankConfig carry: `chat_template` is a Jinja FILE path (--chat-template),
+        use_chat_template=False the plain format (--no-chat-template), stop_tokens extra end-of-turn tokens."""
+        if chat_template and not use_chat_template:
+            raise ConfigError("--chat-template and --no-chat-template exclude each other: choose one")
+        text = read_chat_template(chat_template) if chat_template else None
+        return cls(tokenizer, chat_template=text, use_chat_template=None if use_chat_template else False,
+                   stop_tokens=tuple(stop_tokens), **kwargs)
 
     @property
     def pad_token_id(self) -> int:
@@ -188,8 +200,8 @@ class ChatTokenizer:
         return self._finish(id, ids, mask)
 
     def response_only(self, example: TokenizedExample) -> TokenizedExample:
-        """The loss tokens of a tokenized example alone, after the start token(s) (BOS, else EOS): loss(y) without
-        x, as IFD needs. The one response-only builder."""
+        """The loss tokens of a tokenized example alone, after the start token(s) (what the tokenizer puts before
+        text, else BOS, else EOS): loss(y) without x, as IFD needs. The one response-only builder."""
         body = [t for t, m in zip(example.input_ids, example.loss_mask) if m]
         ids = self._start + body
         return TokenizedExample(id=example.id, input_ids=ids, loss_mask=[0] * len(self._start) + [1] * len(body))
@@ -270,6 +282,14 @@ class ChatTokenizer:
             except RowError:
                 return f"message {n - 1} ({messages[n - 1].get('role')})"
         return "conversation"
+
+    def _user_header(self) -> str:
+        """What the template writes before a lone user turn's text (BOS, default system prompt, user header)."""
+        try:
+            text = self._render([{"role": "user", "content": "Hi"}], False, None)
+        except RowError:
+            return ""
+        return text[: max(text.find("Hi"), 0)]
 
     def _generation_suffix(self) -> str:
         """The text the generation prompt adds after a one-user-turn chat (header + prefill), cut back to a token

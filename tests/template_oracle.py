@@ -46,6 +46,7 @@ SHAPES = {
                         _u("And 6*8?"), _a("<think>\nAdd six to the last.\n</think>\n\nForty-eight.")],
     "content starts \\n": [_u("List two."), _a("\nOne\nTwo"), _u("More?"), _a("\n\nThree")],
     "unicode": [_u("Grüße! Was ist 数学? ∑"), _a("Mathematik 👋 — ça va ∑ x²"), _u("Ελληνικά;"), _a("Ναι, ευχαριστώ.")],
+    "texts inside headers": [_u("user"), _a("assistant"), _u("a"), _a("a")],
     "tool call+result": [_u("Weather in Paris?"), _a(None, tool_calls=[_CALL]),
                          {"role": "tool", "content": "18 C and sunny", "tool_call_id": "call00001", "name": "get_weather"},
                          _a("It is 18 C and sunny in Paris.")],

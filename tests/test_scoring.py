@@ -81,14 +81,18 @@ def test_loss_scorer_equals_explicit_nll(model_dir):
 
 
 def test_ifd_is_conditional_over_unconditional_loss(model_dir):
-    from drift_stream.scoring import response_only
+    from drift_stream.formats import TokenizedExample
 
     scorer = build_scorer("ifd", model=model_dir, adapter="messages")
     table = pa.Table.from_pylist([ROWS[0], ROWS[2]])
     out = scorer(table)
     _, tokenized, _ = scorer.prepare(table)
     cond = explicit_losses(model_dir, tokenized)
-    alone = explicit_losses(model_dir, [response_only(t, scorer._start_token_id()) for t in tokenized])
+    tok = scorer.chat.tokenizer
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    alone = explicit_losses(model_dir, [TokenizedExample(
+        id=t.id, input_ids=[start] + [i for i, m in zip(t.input_ids, t.loss_mask) if m],
+        loss_mask=[0] + [1] * sum(t.loss_mask)) for t in tokenized])
     ifd = cond / alone
     expected = np.where(ifd > 1, -ifd, ifd)
     np.testing.assert_allclose(np.array(out.column("drift_score").to_pylist()), expected, rtol=1e-5)

@@ -79,9 +79,9 @@ class Rollout:
     query_id: str
     rollout_index: int
     prompt_ids: tuple[int, ...]  # [P]
-    completion_ids: tuple[int, ...]  # [N]; ends with the EOS token when finish_reason == "eos"
+    completion_ids: tuple[int, ...]  # [N]; ends with a stop token (EOS, end of turn) when finish_reason == "eos"
     completion: str  # decoded completion, special tokens skipped
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" (cut by max_new_tokens: truncated)
     mean_logprob: float  # mean over completion tokens of log pi(token | prefix), raw logits (temperature 1)
 
 
@@ -136,12 +136,14 @@ def generate_rollouts(
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ConfigError(f"query ids must be unique; repeated: {dup}")
     prompts = [list(chat_tokenizer.encode_prompt(q.messages)) for q in queries]  # each [P_j]
+    # end-of-turn tokens of the template (<|im_end|>, <|eot_id|>, ...) and --stop-token end rollouts too
+    stops = sorted(getattr(chat_tokenizer, "stop_ids", ()))
     backend = resolve_backend(config.backend, model)
     if backend == "vllm":
-        return _generate_vllm(model, tokenizer, queries, prompts, config, progress)
+        return _generate_vllm(model, tokenizer, queries, prompts, config, progress, stops)
     if isinstance(model, str):
         raise ConfigError("the hf rollout backend needs a loaded model, not a path: load it with drift_stream.models")
-    return _generate_hf(model, tokenizer, queries, prompts, config, progress)
+    return _generate_hf(model, tokenizer, queries, prompts, config, progress, stops)
 
 
 class _SeededSampler:
@@ -169,13 +171,14 @@ class _SeededSampler:
         return out
 
 
-def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, progress: bool) -> list[Rollout]:
+def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, progress: bool,
+                 stop_ids=()) -> list[Rollout]:
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
     from drift_stream.losses import completion_logprobs
 
-    eos_ids = eos_token_ids(model, tokenizer)
+    eos_ids = sorted(set(eos_token_ids(model, tokenizer)) | set(stop_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     longest = max(len(p) for p in prompts)
@@ -251,7 +254,8 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
     return [results[(j, k)] for j in range(len(queries)) for k in range(config.num_rollouts)]
 
 
-def _generate_vllm(model, tokenizer, queries, prompts, config: RolloutConfig, progress: bool) -> list[Rollout]:
+def _generate_vllm(model, tokenizer, queries, prompts, config: RolloutConfig, progress: bool,
+                   stop_ids=()) -> list[Rollout]:
     """vLLM: one request per rollout with its own seed, so rollouts are reproducible per (seed, query, k)."""
     try:
         from vllm import LLM, SamplingParams
@@ -261,6 +265,7 @@ def _generate_vllm(model, tokenizer, queries, prompts, config: RolloutConfig, pr
     if not path:
         raise ConfigError("the vllm rollout backend needs the model directory path")
     eos_ids = eos_token_ids(model, tokenizer) if not isinstance(model, str) else [tokenizer.eos_token_id]
+    eos_ids = sorted(set(eos_ids) | set(stop_ids))
     llm = LLM(model=path, tokenizer=path, seed=config.seed, trust_remote_code=False)
     requests, params, keys = [], [], []
     for j, query in enumerate(queries):
