@@ -182,9 +182,10 @@ def _score_actors():
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_two_actors_s3_in_and_out_equal_the_local_engine(local_ray, pool, reference, scorer_kwargs, s3_server,
-                                                         tmp_path):
+def test_two_actors_s3_in_and_out_equal_the_local_engine_and_refine_report_export_read_it(
+        local_ray, pool, reference, scorer_kwargs, s3_server, tmp_path):
     from drift_stream.cli import main
+    from drift_stream.export import export_run
     from drift_stream.refine import refine_run
     from drift_stream.report import write_report
 
@@ -204,6 +205,17 @@ def test_two_actors_s3_in_and_out_equal_the_local_engine(local_ray, pool, refere
     assert got.num_rows == want.num_rows > 0 and got.column("id").equals(want.column("id"))
     html = write_report(out, str(tmp_path / "report.html"), storage_options=s3_server.storage_options)
     assert "drift_score" in open(html).read()
+    # export reads a refine of the Ray run as it reads one of the local run
+    exported = {}
+    for name, run, options in (("ray", out, s3_server.storage_options), ("local", reference, None)):
+        refine_run(run, "weights", str(tmp_path / f"weighted_{name}"), storage_options=options, progress=False)
+        export_run(str(tmp_path / f"weighted_{name}"), "trl", str(tmp_path / f"export_{name}"))
+        exported[name] = pq.read_table(tmp_path / f"export_{name}" / "data").sort_by("id")
+    assert exported["ray"].num_rows == exported["local"].num_rows > 0
+    for column in ("id", "prompt", "completion"):
+        assert exported["ray"].column(column).equals(exported["local"].column(column)), column
+    np.testing.assert_allclose(exported["ray"].column("weight").to_numpy(),
+                               exported["local"].column("weight").to_numpy(), rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -220,8 +232,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_its_file_redone(local_ray, pool
     try:
         _wait_for(lambda: len(_markers(out)) >= 1, 240, "the first finished file")
         assert len(_markers(out)) < NUM_FILES - 1, "the run finished before an actor could be killed"
-        victim = _score_actors()[0]
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+        ray.kill(ray.get_actor(engine.actor_names[0]))
     finally:
         thread.join(timeout=300)
     assert result["manifest"]["complete"]

@@ -126,6 +126,7 @@ class RayEngine:
         if "scorer" not in self.scorer_kwargs:
             raise ConfigError("scorer_kwargs must name the scorer (scorer='drift', ...)")
         self.stats = {"actors_started": 0, "actors_replaced": 0, "files_redone": 0}
+        self.actor_names: dict[int, str] = {}  # slot -> name of its current actor (ray.get_actor(name))
 
     def __call__(self, todo, run, scorer, config, progress: bool = True) -> None:
         import ray
@@ -143,6 +144,7 @@ class RayEngine:
         def start(slot: int):
             name = f"{ACTOR_NAME_PREFIX}-{run_key}-{slot}-{self.stats['actors_started']}"
             self.stats["actors_started"] += 1
+            self.actor_names[slot] = name
             return actor_class.options(
                 name=name, num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor, max_restarts=0,
             ).remote(kwargs, info, self.threads)
