@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import refine_lib as rl  # noqa: E402
-from refine_report import markdown, variants_markdown, versions, write_outputs  # noqa: E402
+import refine_v3 as v3  # noqa: E402
+from refine_report import markdown, v3_markdown as v3_markdown_diag, variants_markdown, versions, write_outputs  # noqa: E402
 
 logger = logging.getLogger("refine_eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -67,11 +68,15 @@ class BenchConfig:
     seeds: tuple = (0, 1, 2)
     fraction: float = 0.25  # top:P of the baselines, ablations and stratified DRIFT
     methods: tuple = ()  # empty: all of METHODS
+    max_rollouts: int = 12  # adaptive K: rollouts per query without a contrast, at most (3 K)
+    stat_seeds: tuple = (3, 4)  # extra seeds for the chosen setting and its closest comparators (5 in all)
+    second_round: bool = False  # --second-round: two rounds of refine + continued SFT (chosen vs best baseline)
 
     def key(self) -> str:
         """Hash of everything that decides the base, rollouts and features (not the SFT or methods)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("sft_steps", "sft_lr", "seeds", "fraction",
-                                                                     "methods", "eval_max_new_tokens")}
+        fields = {k: v for k, v in asdict(self).items() if k not in (
+            "sft_steps", "sft_lr", "seeds", "fraction", "methods", "eval_max_new_tokens", "max_rollouts",
+            "stat_seeds", "second_round")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -79,7 +84,12 @@ QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, 
                     dev_target_per_task=6, dev_nontarget_per_task=2,
                     hidden_size=32, num_layers=2, intermediate_size=64, base_steps=40, base_warmup=4, batch_size=16,
                     num_rollouts=2, rollout_max_new_tokens=32, fisher_rows=100, sft_steps=5,
-                    eval_max_new_tokens=32, seeds=(0,), fraction=0.25)
+                    eval_max_new_tokens=32, seeds=(0,), fraction=0.25, max_rollouts=4, stat_seeds=(1,))
+# --small: dev-scale experiments on a shared machine (a 2,000-row pool, a base trained half as long, 512 queries,
+# a 320-item dev split; about 4 minutes of cache): for choosing what to run in full, never the benchmark's result
+SMALL = replace(BenchConfig(), pool_size=2000, queries_per_task=256, test_target_per_task=20,
+                test_nontarget_per_task=10, dev_target_per_task=120, dev_nontarget_per_task=40, base_steps=700,
+                seeds=(0,), stat_seeds=())
 
 # name -> (scorer, selection, group). Selections: "all"; "top:P"; "weights"; stratified top:P (the kept set keeps the
 # pool's mix of strata): "strat_task:P" (by task), "strat_len:P" (task x response-length quartile of the pool),
@@ -89,39 +99,51 @@ QUICK = BenchConfig(pool_size=300, queries_per_task=8, test_target_per_task=10, 
 # NONTARGET_SLACK of the full pool's (choose_best); then the three ablations of *that* setting run on every seed.
 MAIN = rl.DriftVariant(preconditioner="block")  # the library defaults: BankConfig + ScoreConfig
 NONTARGET_SLACK = 0.02
-METHODS = {
+METHODS = {  # v3 (issue 16); v2 candidates that the v2 run settled are in EXTRA_METHODS
     "full": ("none", "all", "baseline"),
     "random": ("random", "top:{f}", "baseline"),
     "loss": ("loss", "top:{f}", "baseline"),
     "ifd": ("ifd", "top:{f}", "baseline"),
+    # off-policy baselines, one row per reference style (tasks.DataRecipe.reference_styles): the main ones have
+    # references written by another author (`prose`, as a validation set's own solutions are); `less` / `if` keep
+    # references in the pool's own template (on the model's manifold) and `answer-refs` the bare answers: the two ends
+    "less prose-refs": ("less_prose", "top:{f}", "baseline"),
+    "if prose-refs": ("if_prose", "top:{f}", "baseline"),
     "less": ("less", "top:{f}", "baseline"),
     "if": ("if", "top:{f}", "baseline"),
-    # off-policy baselines with the dataset's bare answers as references (the paper's premise: references that are
-    # off the model's distribution); the plain less/if above get worked references in the pool's own template
     "less answer-refs": ("less_answer", "top:{f}", "baseline"),
-    "if answer-refs": ("if_answer", "top:{f}", "baseline"),
-    # the baselines under DRIFT's stratified selection too, so that a DRIFT win is not the selection policy's alone
-    "loss strat_len:{f}": ("loss", "strat_len:{f}", "baseline"),
-    "less strat_len:{f}": ("less", "strat_len:{f}", "baseline"),
-    "drift top:0.1": ("drift", "top:0.1", "drift"),
     "drift top:0.25": ("drift", "top:0.25", "drift"),
     "drift weights": ("drift", "weights", "drift"),
     "drift strat_len:{f}": ("drift", "strat_len:{f}", "drift"),
-    "drift beta=1.5 top:{f}": ("drift_beta1.5", "top:{f}", "drift"),
-    "drift beta=1.5 strat_len:{f}": ("drift_beta1.5", "strat_len:{f}", "drift"),
-    "drift tc strat_len:{f}": ("drift_tc", "strat_len:{f}", "drift"),
-    "drift tc beta=1.5 strat_len:{f}": ("drift_tc_beta1.5", "strat_len:{f}", "drift"),
-    # advantage signing (r - mean_j r): the shared part of a query's rollouts cancels, leaving correct minus incorrect
-    "drift advantage top:{f}": ("drift_advantage", "top:{f}", "drift"),
-    "drift advantage strat_len:{f}": ("drift_advantage", "strat_len:{f}", "drift"),
+    # query weighting by learnability p(1-p) (LearnAlign): all-right / all-wrong queries weigh 0
+    "drift learnability weights": ("drift_learn", "weights", "drift"),
+    "drift learnability top:{f}": ("drift_learn", "top:{f}", "drift"),
+    # queries without a contrast: dropped; the prose reference as a correct target (a hybrid: its own row); adaptive K
+    "drift drop-no-contrast weights": ("drift_drop", "weights", "drift"),
+    "drift hybrid prose-ref weights": ("drift_hybrid", "weights", "drift"),
+    "drift adaptive-K weights": ("drift_adaptive", "weights", "drift"),
+    "drift adaptive-K learnability weights": ("drift_adaptive_learn", "weights", "drift"),
+    # filters in sequence (refine --prefilter): drop the worst 20% by loss, then DRIFT
+    "drift after loss-prefilter 0.2, weights": ("drift", "pre:loss:0.2|weights", "drift"),
+    "drift after loss-prefilter 0.2, top:{f}": ("drift", "pre:loss:0.2|top:{f}", "drift"),
     "oracle clean": ("oracle", "top:{f}", "reference"),
     # the ceiling of filtering toward the target tasks: clean target-task rows at random (reads the hidden label)
     "oracle clean target-tasks": ("oracle_target", "top:{f}", "reference"),
 }
-# Not in the default run (--methods NAME ...): does the score matter once the composition is held fixed? Each keeps
-# round(P*n) rows of the target tasks only, top P inside each target task x response-length quartile, which is the
-# composition of "oracle clean target-tasks".
+# Not in the default run (--methods NAME ...). v2 rows whose question the v2 run answered (docs/benchmark.md), and:
+# does the score matter once the composition is held fixed? Each "target-only" method keeps round(P*n) rows of the
+# target tasks only, top P inside each target task x response-length quartile ("oracle clean target-tasks"' mix).
 EXTRA_METHODS = {
+    "if answer-refs": ("if_answer", "top:{f}", "baseline"),
+    "loss strat_len:{f}": ("loss", "strat_len:{f}", "baseline"),
+    "less strat_len:{f}": ("less", "strat_len:{f}", "baseline"),
+    "drift top:0.1": ("drift", "top:0.1", "drift"),
+    "drift beta=1.5 top:{f}": ("drift_beta1.5", "top:{f}", "drift"),
+    "drift beta=1.5 strat_len:{f}": ("drift_beta1.5", "strat_len:{f}", "drift"),
+    "drift tc strat_len:{f}": ("drift_tc", "strat_len:{f}", "drift"),
+    "drift tc beta=1.5 strat_len:{f}": ("drift_tc_beta1.5", "strat_len:{f}", "drift"),
+    "drift advantage top:{f}": ("drift_advantage", "top:{f}", "drift"),
+    "drift advantage strat_len:{f}": ("drift_advantage", "strat_len:{f}", "drift"),
     "drift target-only strat_len:{f}": ("drift", "strat_len_target:{f}", "composition"),
     "loss target-only strat_len:{f}": ("loss", "strat_len_target:{f}", "composition"),
     "less target-only strat_len:{f}": ("less", "strat_len_target:{f}", "composition"),
@@ -137,9 +159,20 @@ DRIFT_SCORERS = {
     "drift_tc": replace(MAIN, task_conditional=True),
     "drift_advantage": replace(MAIN, signing="advantage"),
     "drift_tc_beta1.5": replace(MAIN, beta=1.5, task_conditional=True),
+    "less_prose": replace(MAIN, targets="off-policy", beta=1.0, references="prose"),
+    "if_prose": replace(MAIN, targets="off-policy", beta=0.0, references="prose"),
+    "drift_learn": replace(MAIN, query_weighting="learnability"),
+    "drift_drop": replace(MAIN, no_contrast="drop"),
+    "drift_hybrid": replace(MAIN, no_contrast="reference", hybrid_references="prose"),
+    "drift_adaptive": replace(MAIN, max_rollouts=BenchConfig.max_rollouts),
+    "drift_adaptive_learn": replace(MAIN, max_rollouts=BenchConfig.max_rollouts, query_weighting="learnability"),
 }
+# the chosen setting's closest comparators, run on the extra seeds too (and the ablations)
+STAT_COMPARATORS = ("full", "loss", "less prose-refs", "less", "less answer-refs", "if prose-refs")
 ABLATIONS = {  # of the chosen setting: name -> change to its DriftVariant (its selection is kept)
-    "ablation off-policy": {"targets": "off-policy"},
+    # off-policy targets (the validation set's own, prose, references): the contrast options need rollouts
+    "ablation off-policy": {"targets": "off-policy", "references": "prose", "query_weighting": "uniform",
+                            "no_contrast": "keep", "max_rollouts": None},
     "ablation unsigned": {"signing": "positive"},
     "ablation beta=0": {"beta": 0.0},
 }
@@ -176,17 +209,12 @@ def make_data(cfg: BenchConfig):
         queries={t: cfg.queries_per_task for t in TARGET},
         test={**{t: cfg.test_target_per_task for t in TARGET}, **{t: cfg.test_nontarget_per_task for t in NONTARGET}},
         dev={**{t: cfg.dev_target_per_task for t in TARGET}, **{t: cfg.dev_nontarget_per_task for t in NONTARGET}})
+    # every test / dev / query row carries its reference solution in each style (pool template, another author's
+    # prose, the bare answer): docs/demo_data.md
+    recipe = replace(recipe, reference_styles=("pool", "prose", "answer"))
     splits = tasks.make_splits(recipe)
-    # The reference worked response of each query (off-policy targets): the same draw make_queries made.
-    exclude = {row["question"] for row in splits.test + splits.dev}
-    refs = {}
-    for task in TARGET:
-        for item in tasks.generate_items(task, count=cfg.queries_per_task, seed=cfg.data_seed, split="queries",
-                                         exclude=exclude):
-            exclude.add(item.question)
-            refs[item.question] = item.response
     for q in splits.queries:
-        q["reference"] = refs[q["question"]]
+        q["reference"] = q["reference_pool"]  # the Query reference of the library check (pool style, as in v2)
     return splits
 
 
@@ -291,27 +319,17 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     built = cache / "build_wall_s.json"  # stage times of the run that built the cache (reruns only load it)
     if not built.exists():
         built.write_text(json.dumps({k: timer.stages.get(k) for k in ("base", "rollouts", "features")}))
-    return {"cfg": cfg, "cache": cache, "splits": splits, "scorers": dict(DRIFT_SCORERS), "tok": tok, "model": model,
-            "chat": chat, "fc": fc,
-            "pool_ex": pool_ex, "rollouts": rollouts, "feats": feats, "base_eval": base_eval}
+    ctx = {"cfg": cfg, "cache": cache, "splits": splits, "scorers": dict(DRIFT_SCORERS), "tok": tok, "model": model,
+           "chat": chat, "fc": fc,
+           "pool_ex": pool_ex, "rollouts": rollouts, "feats": feats, "base_eval": base_eval}
+    with timer("features_v3"):
+        v3.extend_cache(ctx, fc)  # prose references, losses for the proximity gaps, adaptive-K rollouts
+    return ctx
 
 
 def drift_from_cache(ctx, variant: rl.DriftVariant):
-    f, r = ctx["feats"], ctx["rollouts"]
-    refs = f["ref_answer"] if variant.references == "answer" else f["ref"]
-    g, kept = rl.query_vectors(variant, f["roll"], np.array([x["query"] for x in r]),
-                               np.array([x["index"] for x in r]), np.array([x["reward"] for x in r]), refs,
-                               query_task=[q["task"] for q in ctx["splits"].queries])
-    fisher = f["pool"][: ctx["cfg"].fisher_rows]
-    if len(g) == 0:  # e.g. unsigned targets when no rollout is correct: no signal, every row ties
-        logger.warning("%s: no validation query has a signal; all scores are 0", variant)
-        return np.zeros(len(f["pool"]))
-    pre = rl.fit_preconditioner(variant.preconditioner, fisher, [int(b) for b in f["block_sizes"]], variant.damping)
-    score, per_query = rl.drift_scores(variant, f["pool"], f["pool_norm"], g, pre)
-    if variant.task_conditional:
-        query_task = [ctx["splits"].queries[i]["task"] for i in kept]
-        score = rl.task_conditional_mean(per_query, query_task, [row["task"] for row in ctx["splits"].pool])
-    return score
+    """S(z) [n] of a DRIFT variant from the cached features (refine_v3.variant_scores)."""
+    return v3.variant_scores(ctx, variant)[0]
 
 
 def library_scores(ctx, name: str, seed: int):
@@ -352,14 +370,16 @@ def method_scores(ctx, scorer: str, seed: int, cached: dict):
     return s
 
 
-def select(ctx, scores, selection: str):
-    """Per-row training weights [n] (0 = dropped) for a selection spec."""
+def select(ctx, scores, selection: str, seed: int = 0, cached: dict | None = None):
+    """Per-row training weights [n] (0 = dropped) for a selection spec (seed / cached: for a prefilter's scorer)."""
     pool = ctx["splits"].pool
     ids = [r["id"] for r in pool]
     if selection == "all":
         return np.ones(len(pool))
     if selection == "weights":
         return rl.softmax_weights(scores)
+    if selection.startswith("pre:"):  # filters in sequence: pre:SCORER:X|SELECTION (refine --prefilter)
+        return v3.chained_select(ctx, select, scores, selection, method_scores, seed, {} if cached is None else cached)
     kind, frac = selection.split(":")
     frac = float(frac)
     if kind == "top":
@@ -384,8 +404,9 @@ def select(ctx, scores, selection: str):
     raise ValueError(f"unknown selection {selection!r}")
 
 
-def continue_sft(ctx, weights, seed: int) -> dict:
-    """Continued SFT from the base on weighted rows; greedy accuracy on target and non-target tasks, test and dev."""
+def continue_sft(ctx, weights, seed: int, return_model: bool = False):
+    """Continued SFT from ctx's model on weighted rows; greedy accuracy on target and non-target tasks, test and
+    dev (and the trained model when return_model)."""
     from drift_stream.integrations.trainers import greedy_accuracy, train_sft
 
     cfg = ctx["cfg"]
@@ -405,14 +426,14 @@ def continue_sft(ctx, weights, seed: int) -> dict:
         out[f"{prefix}target_acc"] = float(np.mean([r["correct"] for r in acc.records if r["task"] in TARGET]))
         out[f"{prefix}nontarget_acc"] = float(np.mean([r["correct"] for r in acc.records if r["task"] not in TARGET]))
         out[f"{prefix}per_task"] = acc.per_task
-    return out
+    return (out, model) if return_model else out
 
 
 def choose_best(rows: list[dict], methods: dict) -> dict:
     """DRIFT's best setting, chosen on dev only: the best mean dev target accuracy among the DRIFT candidates whose
     mean dev non-target accuracy is within NONTARGET_SLACK of the full pool's (all candidates if none is)."""
-    def dev_mean(name, key):
-        vals = [r[key] for r in rows if r["method"] == name and key in r]
+    def dev_mean(name, key):  # over the main seeds (rows of the extra seeds are for statistics only)
+        vals = [r[key] for r in rows if r["method"] == name and key in r and not r.get("extra_seed")]
         return float(np.mean(vals)) if vals else float("nan")
 
     candidates = {n: {"dev_target": dev_mean(n, "dev_target_acc"), "dev_nontarget": dev_mean(n, "dev_nontarget_acc")}
@@ -571,6 +592,8 @@ def diagnostics(ctx, methods, cached, out: dict | None = None) -> dict:
         for kind in sorted(set(labels) - {"clean"}):
             sel = clean | (labels == kind)
             out[scorer][f"auc_{kind}"] = rl.roc_auc(s[sel], clean[sel])
+        if scorer in ctx["scorers"]:  # AUC of the contributions of all-wrong / all-right / mixed queries
+            out[scorer].update(v3.contribution_aucs(ctx, ctx["scorers"][scorer]))
     return out
 
 
@@ -616,17 +639,21 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
                        f"(shared with other jobs), {platform.platform()}",
             "versions": versions(),
             "drift_main_variant": asdict(MAIN), "drift_variants": {k: asdict(v) for k, v in ctx["scorers"].items()},
+            "statistics": statistics, "proximity_gaps": v3.proximity_gaps(ctx),
+            "adaptive_k": ctx["adaptive"]["info"], "query_outcomes": {
+                k: int(v) for k, v in zip(*np.unique(v3.query_outcomes(ctx), return_counts=True))},
         }
 
     total = len(cfg.seeds) * (len(methods) + (len(ABLATIONS) if run_ablations else 0))
+    statistics: dict = {}
 
-    def run_methods(batch: dict) -> None:
-        for seed in cfg.seeds:
+    def run_methods(batch: dict, seeds=cfg.seeds, extra: dict | None = None) -> None:
+        for seed in seeds:
             for name, (scorer, selection, group) in batch.items():
-                weights = select(ctx, method_scores(ctx, scorer, seed, cached), selection)
+                weights = select(ctx, method_scores(ctx, scorer, seed, cached), selection, seed, cached)
                 t = time.perf_counter()
                 acc = continue_sft(ctx, weights, seed)
-                rows.append({"method": name, "seed": seed, **acc, "rows_kept": int((weights > 0).sum()),
+                rows.append({"method": name, "seed": seed, **acc, **(extra or {}), "rows_kept": int((weights > 0).sum()),
                              "corrupted_share": 1.0 - rl.kept_shares(weights, labels, ["clean"])["clean"],
                              "kept_shares": rl.kept_shares(weights, labels, kinds), "wall_s": time.perf_counter() - t})
                 logger.info("%-32s seed %d: target %.3f non-target %.3f | dev %.3f / %.3f (%.0fs)", name, seed,
@@ -651,6 +678,22 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
             with timer("scores"):
                 diagnostics(ctx, ablations, cached, diag)
             run_methods(ablations)
+            # 5 seeds for the chosen setting and its closest comparators: paired differences with their SE
+            comparators = [m for m in STAT_COMPARATORS if m in methods] + list(ablations)
+            if cfg.stat_seeds:
+                run_methods({m: methods[m] for m in [chosen["chosen"]] + comparators}, seeds=cfg.stat_seeds,
+                            extra={"extra_seed": True})
+            statistics.update({"seeds": sorted(set(cfg.seeds) | set(cfg.stat_seeds)), "chosen": chosen["chosen"],
+                               "target": v3.paired_stats(rows, chosen["chosen"], comparators, "target_acc"),
+                               "nontarget": v3.paired_stats(rows, chosen["chosen"], comparators, "nontarget_acc")})
+    if cfg.second_round and choice.get("chosen"):
+        with timer("second_round"):  # two rounds: the chosen setting against the best baseline on dev
+            base_names = [m for m, (_, _, g) in methods.items() if g == "baseline" and m != "full"]
+            best = max(base_names, key=lambda m: np.mean([r["dev_target_acc"] for r in rows if r["method"] == m]))
+            for r in v3.second_round(ctx, methods, [choice["chosen"], best], cfg.seeds, select, method_scores,
+                                     continue_sft):
+                rows.append(r)
+                methods[r["method"]] = (methods[r["method"].removesuffix(", 2 rounds")][0], "2 rounds", "round2")
     timer.stages["total"] = time.perf_counter() - t0
     return assemble(mode)
 
@@ -658,6 +701,10 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed")
+    parser.add_argument("--small", action="store_true", help="dev-scale experiment sizes (SMALL), one seed")
+    parser.add_argument("--diagnostics-only", action="store_true",
+                        help="only the score diagnostics of every DRIFT variant, loss and the off-policy baselines "
+                             "(AUCs incl. all-wrong / all-right / mixed query contributions, proximity gaps); no SFT")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/refine_eval_cache"),
                         help="cache of base model, rollouts and features (reused when the config matches)")
@@ -667,18 +714,26 @@ def main(argv=None) -> int:
                              "ablations of the setting chosen on dev among the DRIFT methods given (default: every "
                              "method and the ablations)")
     parser.add_argument("--no-library-check", action="store_true")
+    parser.add_argument("--stat-seeds", type=int, nargs="*", default=None,
+                        help="extra seeds for the chosen setting and its closest comparators (default 3 4)")
+    parser.add_argument("--second-round", action="store_true",
+                        help="also two rounds of refine + continued SFT: the chosen setting vs the best baseline")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only re-render results.md / results.png from a results.json into --out")
     parser.add_argument("--variants", action="store_true",
                         help="only the DRIFT variant diagnostics (no SFT): writes variants.json / variants.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = QUICK if args.quick else BenchConfig()
+    cfg = QUICK if args.quick else SMALL if args.small else BenchConfig()
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
-    out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    if args.stat_seeds is not None:
+        cfg = replace(cfg, stat_seeds=tuple(args.stat_seeds))
+    if args.second_round:
+        cfg = replace(cfg, second_round=True)
+    out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else "small" if args.small else ""))
     if args.render is not None:
         write_outputs(out, json.loads(args.render.read_text()))
         return 0
@@ -692,8 +747,27 @@ def main(argv=None) -> int:
         (out / "variants.md").write_text(variants_markdown(rows))
         print(variants_markdown(rows))
         return 0
-    result = run(cfg, args.workdir, "quick" if args.quick else "full", library_check=not args.no_library_check,
-                 out=out)
+    if args.diagnostics_only:
+        import torch
+
+        torch.set_num_threads(1)
+        timer = Timer()
+        ctx = build_cache(cfg, args.workdir, timer)
+        scorers = sorted(set(DRIFT_SCORERS) | {"loss"})
+        with timer("scores"):
+            diag = diagnostics(ctx, {k: (k, "", "") for k in scorers}, {})
+        info = {"mode": "diagnostics", "config": asdict(cfg), "diagnostics": diag, "wall_s": timer.stages,
+                "proximity_gaps": v3.proximity_gaps(ctx), "adaptive_k": ctx["adaptive"]["info"],
+                "query_outcomes": {k: int(v) for k, v in zip(*np.unique(v3.query_outcomes(ctx), return_counts=True))},
+                "base": ctx["base_eval"]}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diagnostics.json").write_text(json.dumps(info, indent=1, default=float))
+        print(json.dumps({k: info[k] for k in ("proximity_gaps", "adaptive_k", "query_outcomes", "wall_s")},
+                         default=float))
+        print("\n".join(v3_markdown_diag(info)))
+        return 0
+    mode = "quick" if args.quick else "small (dev-scale experiment)" if args.small else "full"
+    result = run(cfg, args.workdir, mode, library_check=not args.no_library_check, out=out)
     write_outputs(out, result)
     print(markdown(result))
     return 0

@@ -54,7 +54,8 @@ class DriftVariant:
 
     targets: str = "on-policy"  # on-policy | off-policy
     # off-policy targets: "worked" references in the pool's own template (no proximity gap: the best case for them),
-    # or "answer": the dataset's bare answer, what reasoning-gym ships with a question
+    # "prose": worked references in a second, independent author's style (task_references; what a validation set
+    # written by other authors gives), or "answer": the dataset's bare answer, what reasoning-gym ships
     references: str = "worked"
     signing: str = "sign"  # sign | advantage | positive
     preconditioner: str = "identity"  # identity | diagonal | block
@@ -68,12 +69,28 @@ class DriftVariant:
     # task-conditional: a row of a task that has validation queries is scored by the mean over that task's queries
     # only (other rows: over all queries), so each target task's rows compete on their own task's signal
     task_conditional: bool = False
+    # the library's bank options (drift_stream/contrast.py): S as a weighted mean over queries (uniform | learnability
+    # p(1-p)); queries whose rollouts are all right or all wrong: keep | drop | reference (the reference in style
+    # `hybrid_references` as one more correct target when no rollout is correct); adaptive K up to max_rollouts
+    query_weighting: str = "uniform"
+    no_contrast: str = "keep"
+    hybrid_references: str = "prose"
+    max_rollouts: int | None = None
 
     def __post_init__(self):
         if self.targets not in ("on-policy", "off-policy"):
             raise ConfigError(f"targets must be on-policy or off-policy, got {self.targets!r}")
-        if self.references not in ("worked", "answer"):
-            raise ConfigError(f"references must be worked or answer, got {self.references!r}")
+        if self.references not in ("worked", "answer", "prose") or self.hybrid_references not in ("worked", "prose"):
+            raise ConfigError(f"references must be worked, prose or answer, got {self.references!r} / "
+                              f"{self.hybrid_references!r}")
+        if self.query_weighting not in ("uniform", "learnability") or self.no_contrast not in ("keep", "drop",
+                                                                                                 "reference"):
+            raise ConfigError(f"bad query_weighting {self.query_weighting!r} or no_contrast {self.no_contrast!r}")
+        if self.query_weighting != "uniform" and (self.aggregate != "mean" or self.task_conditional):
+            raise ConfigError("query_weighting needs aggregate='mean' without task_conditional")
+        if self.targets == "off-policy" and (self.query_weighting != "uniform" or self.no_contrast != "keep"
+                                             or self.max_rollouts is not None):
+            raise ConfigError("query_weighting, no_contrast and max_rollouts need on-policy targets")
         if self.signing not in ("sign", "advantage", "positive"):
             raise ConfigError(f"signing must be sign, advantage or positive, got {self.signing!r}")
         if self.preconditioner not in ("identity", "diagonal", "block"):
@@ -109,15 +126,38 @@ def query_vectors(variant: DriftVariant, rollout_feats, rollout_query, rollout_i
     rollout_feats [R, D], rollout_query [R] (query position), rollout_index [R], rewards [R]; reference_feats [m, D];
     query_task [m] balances `variant.num_queries` across tasks (query_subset).
     """
+    g, kept, _ = query_targets(variant, rollout_feats, rollout_query, rollout_index, rewards, reference_feats,
+                               query_task)
+    return g, kept
+
+
+def query_targets(variant: DriftVariant, rollout_feats, rollout_query, rollout_index, rewards, reference_feats,
+                  query_task: Sequence[str] | None = None, hybrid_feats=None):
+    """(g [m', D] float64, kept query positions [m'], target pass rate of each kept query [m']).
+
+    As query_vectors, plus the library's contrast options: `no_contrast` drop leaves out queries whose rollouts
+    are all correct or all wrong; `reference` appends hybrid_feats[j] [m, D] (a reference solution) as one more
+    correct target of a query with no correct rollout. The pass rate counts every target (weights: learnability).
+    """
     m = reference_feats.shape[0]
     allowed = query_subset(variant.num_queries, m, query_task)
     if variant.targets == "off-policy":
-        return reference_feats[allowed].astype(np.float64), np.flatnonzero(allowed)
+        return reference_feats[allowed].astype(np.float64), np.flatnonzero(allowed), np.full(int(allowed.sum()), 0.5)
     nq = m
     keep = allowed[rollout_query]
     if variant.num_rollouts is not None:
         keep &= rollout_index < variant.num_rollouts
     feats, q, r = rollout_feats[keep].astype(np.float64), rollout_query[keep], rewards[keep]
+    n_all = np.bincount(q, minlength=nq)
+    n_ok = np.bincount(q, weights=(r >= 1.0).astype(np.float64), minlength=nq)
+    mixed = (n_ok > 0) & (n_ok < n_all)
+    if variant.no_contrast == "drop":
+        sel = mixed[q]
+        feats, q, r = feats[sel], q[sel], r[sel]
+    elif variant.no_contrast == "reference":
+        hyb = np.flatnonzero(allowed & (n_all > 0) & (n_ok == 0))
+        feats = np.concatenate([feats, hybrid_feats[hyb].astype(np.float64)])
+        q, r = np.concatenate([q, hyb]), np.concatenate([r, np.ones(len(hyb))])
     correct = (r >= 1.0).astype(np.float64)
     if variant.signing == "sign":
         s = 2.0 * correct - 1.0
@@ -131,7 +171,8 @@ def query_vectors(variant: DriftVariant, rollout_feats, rollout_query, rollout_i
     np.add.at(g, q, s[:, None] * feats)
     g /= np.maximum(counts, 1.0)[:, None]
     ok = np.linalg.norm(g, axis=1) > 0
-    return g[ok], np.flatnonzero(ok)
+    pass_rate = np.bincount(q, weights=correct, minlength=nq) / np.maximum(counts, 1.0)
+    return g[ok], np.flatnonzero(ok), pass_rate[ok]
 
 
 def fit_preconditioner(kind: str, fisher_feats, block_sizes: Sequence[int], damping: float = 0.1):
@@ -145,9 +186,13 @@ def fit_preconditioner(kind: str, fisher_feats, block_sizes: Sequence[int], damp
     return pre.finalize()
 
 
-def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner=None):
-    """Per-row score S(z) [n] and per-query scores [n, m] of pool rows, given query vectors g [m, D]."""
+def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner=None, weights=None):
+    """Per-row score S(z) [n] and per-query scores [n, m] of pool rows, given query vectors g [m, D].
+
+    weights [m]: S = sum_j w_j score_j / sum_j w_j (the library's query weighting); None: the plain mean."""
     import torch
+
+    from drift_stream.contrast import weighted_query_mean
 
     b = g
     if preconditioner is not None:
@@ -161,7 +206,7 @@ def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner
     if variant.aggregate == "zmean":
         z = (per_query - per_query.mean(axis=0)) / np.maximum(per_query.std(axis=0), 1e-30)
         return z.mean(axis=1), per_query
-    return per_query.mean(axis=1), per_query
+    return weighted_query_mean(per_query, weights), per_query
 
 
 def task_conditional_mean(per_query, query_task, row_task) -> np.ndarray:

@@ -39,7 +39,8 @@ def write_outputs(out_dir: Path, result: dict) -> None:
 def summary(result: dict) -> list[dict]:
     rows = []
     for name, info in result["methods"].items():
-        runs = [r for r in result["rows"] if r["method"] == name]
+        # the main seeds only: rows of the extra seeds (statistics of the chosen setting) are in "statistics"
+        runs = [r for r in result["rows"] if r["method"] == name and not r.get("extra_seed")]
         t_m, t_s = rl.mean_std([r["target_acc"] for r in runs])
         n_m, n_s = rl.mean_std([r["nontarget_acc"] for r in runs])
         dev = [rl.mean_std([r[k] for r in runs if k in r]) for k in ("dev_target_acc", "dev_nontarget_acc")]
@@ -55,7 +56,7 @@ def verdict(result: dict) -> list[str]:
     by = {r["method"]: r for r in summary(result)}
     if not chosen or chosen not in by or "full" not in by:
         return []
-    seeds = sorted({r["seed"] for r in result["rows"]})
+    seeds = sorted({r["seed"] for r in result["rows"] if not r.get("extra_seed")})
     acc = {(r["method"], r["seed"]): r for r in result["rows"]}
     baselines = [m for m, r in by.items() if r["group"] == "baseline"]
     best = max(baselines, key=lambda m: by[m]["target"][0])
@@ -77,6 +78,55 @@ def verdict(result: dict) -> list[str]:
         lines.append("- Ablations below the chosen setting on target accuracy: " + ", ".join(
             f"{m} {v:.3f} ({'below' if below[m] else 'NOT below'})" for m, v in ablations.items())
             + f": {ok(all(below.values()))}.")
+    styles = [m for m in by if m.split()[0] in ("less", "if") and by[m]["group"] == "baseline"]
+    if styles:  # per reference style of the off-policy baselines
+        lines.append("- Margin over each off-policy baseline (reference style in the name): " + "; ".join(
+            f"{m} {by[m]['target'][0]:.3f} ({100 * (by[chosen]['target'][0] - by[m]['target'][0]):+.1f})"
+            for m in styles) + ".")
+    return lines
+
+
+def statistics_markdown(result: dict) -> list[str]:
+    """Paired per-seed differences of the chosen setting against its closest comparators, over all seeds."""
+    st = result.get("statistics") or {}
+    if not st.get("target"):
+        return []
+    lines = ["", f"Statistics over seeds {st['seeds']} (the chosen setting `{st['chosen']}` against its closest "
+             "comparators; difference = chosen - comparator, paired by seed; SE = std(diff) / sqrt(seeds)):", "",
+             "| comparator | metric | seeds | chosen mean ± std | comparator mean ± std | paired diff ± SE |",
+             "|---|---|---:|---:|---:|---:|"]
+    for key in ("target", "nontarget"):
+        for r in st[key]:
+            lines.append(f"| {r['comparator']} | {key} | {len(r['seeds'])} | {r['chosen_mean']:.3f} ± "
+                         f"{r['chosen_std']:.3f} | {r['mean']:.3f} ± {r['std']:.3f} | {100 * r['diff']:+.1f} ± "
+                         f"{100 * r['diff_se']:.1f} pts |")
+    return lines
+
+
+def v3_markdown(result: dict) -> list[str]:
+    """Proximity gap per reference style, query outcomes, adaptive K, contribution AUCs per scorer."""
+    lines = []
+    gaps = result.get("proximity_gaps") or {}
+    if gaps:
+        lines += ["", "Proximity gap per reference style (reference loss - rollout loss under the base, mean over "
+                  "the validation queries; > 0: the references are farther from the model than its rollouts):", "",
+                  "| references | gap | reference loss | rollout loss |", "|---|---:|---:|---:|"]
+        for style, g in gaps.items():
+            lines.append(f"| {style} ({g['name']}) | {g['gap']:+.3f} | {g['reference_loss']:.3f} | "
+                         f"{g['rollout_loss']:.3f} |")
+    if result.get("query_outcomes"):
+        lines += ["", f"Validation queries by the outcome of their first K rollouts: {result['query_outcomes']}; "
+                  f"adaptive K: {result.get('adaptive_k')}."]
+    diag = result["diagnostics"]
+    cols = ["auc_clean_vs_corrupted", "auc_all_wrong", "auc_all_right", "auc_mixed"]
+    rows = [(k, d) for k, d in diag.items() if "auc_mixed" in d]
+    if rows:
+        lines += ["", "ROC-AUC clean vs corrupted of each DRIFT-family score, and of the score made of one group of "
+                  "queries only (all rollouts wrong / all right / mixed; query counts in brackets):", "",
+                  "| scorer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for k, d in rows:
+            lines.append(f"| {k} | {d['auc_clean_vs_corrupted']:.3f} | " + " | ".join(
+                f"{d[c]:.3f} ({d[c.replace('auc_', 'queries_')]})" for c in cols[1:]) + " |")
     return lines
 
 
@@ -96,6 +146,8 @@ def markdown(result: dict) -> str:
                      f"{r['corrupted']:.1%} | {r['target'][0]:.3f} ± {r['target'][1]:.3f} | "
                      f"{r['nontarget'][0]:.3f} ± {r['nontarget'][1]:.3f} | {dev} |")
     lines += verdict(result)
+    lines += statistics_markdown(result)
+    lines += v3_markdown(result)
     tasks = list(base.get("per_task", {}))
     if tasks:
         lines += ["", "Test accuracy per task (mean over seeds):", "",
@@ -135,7 +187,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary(result)
-    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green", "composition": "tab:purple"}
+    colors = {"baseline": "tab:gray", "drift": "tab:blue", "ablation": "tab:orange", "reference": "tab:green", "composition": "tab:purple",
+              "round2": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
     y = np.arange(len(rows))
     for ax, key, title in ((axes[0], "target", "target tasks"), (axes[1], "nontarget", "non-target tasks")):
