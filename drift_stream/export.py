@@ -245,7 +245,8 @@ def _records(src: _Source, config: ExportConfig, table: pa.Table, path: str, rng
 def export_run(run_dir: str, fmt: str, out: str, *, layout: str = "prompt_completion", seed: int = 0,
                dataset_name: str = "drift_refined", allow_incomplete: bool = False,
                storage_options: dict | None = None) -> dict:
-    """Write the refined run `run_dir` to `out` in format `fmt` (see the module docstring); returns the manifest.
+    """Write the refined run `run_dir` to `out` in format `fmt` (see the module docstring); returns the manifest
+    (schemas/export_manifest.schema.json).
 
     Raises InputError (not a refined run, a bad weight, a row that does not fit the layout), IncompleteRunError
     (an unfinished refine; a refine of an incomplete run unless allow_incomplete), RunDirMismatchError (`out`

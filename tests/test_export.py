@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +19,7 @@ from drift_stream.errors import ConfigError, IncompleteRunError, InputError, Run
 from drift_stream.export import export_run
 
 ASSETS = Path(__file__).resolve().parents[1] / "drift_stream" / "assets"
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "export_manifest.schema.json"
 MODEL = ASSETS / "tiny-reasoner"
 
 
@@ -58,6 +60,7 @@ def test_trl_export_loads_and_trains_in_trl(runs, tmp_path):
         assert row["prompt"] + row["completion"] == src["messages"]
         assert row["weight"] == pytest.approx(src["weight"], rel=1e-7)
     manifest = json.loads((out / "manifest.json").read_text())
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
     assert manifest["rows_in"] == manifest["rows_written"] == 16 and manifest["rows_zero_weight"] == 0
     assert manifest["weight_sum"] == pytest.approx(16.0, rel=1e-6)  # refine's weights have mean 1
 
@@ -87,6 +90,7 @@ def test_llamafactory_export_is_its_v1_sample_format(runs, tmp_path):
 
     out = tmp_path / "lf"
     manifest = export_run(str(runs / "weights"), "llamafactory", str(out), dataset_name="refined")
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
     info = yaml.safe_load((out / "dataset_info.yaml").read_text())
     assert info == {"refined": {"path": str(out / "data"), "source": "local", "split": "train"}}
     # LLaMA-Factory 0.9.5 v1 local loader (plugins/data_plugins/loader.py): the builder is named after the first
@@ -135,6 +139,7 @@ def test_repeat_counts(runs, tmp_path):
     rows = _table(runs / "weights")
     weights = [r["weight"] for r in rows]
     manifest = export_run(str(runs / "weights"), "repeat", str(tmp_path / "r0"), seed=7)
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
     out = _table(tmp_path / "r0")
     counts = {}
     for r in out:
