@@ -88,3 +88,22 @@ def test_a_shard_without_its_marker_is_never_handed_out(tmp_path, pool, tiny_mod
     assert shards.scan().collect().height == 7 * ROWS_PER_FILE
     with pytest.raises(IncompleteRunError, match=r"part-3\.parquet"):
         RunDirectory.open(str(run)).read_completed_shards()
+
+
+def test_refine_finds_s3_through_aws_endpoint_url_and_records_once(s3_server, tmp_path, monkeypatch):
+    # One filesystem resolver: refine used to open s3:// without the AWS_ENDPOINT_URL fallback of io/streams.py.
+    from test_refine import write_run
+
+    bucket = s3_server.new_bucket("reader")
+    full = write_run(f"s3://{bucket}/run", storage_options=s3_server.storage_options)
+    for key, value in s3_server.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    m = refine_run(f"s3://{bucket}/run", "top:0.5", f"s3://{bucket}/top", progress=False)  # no storage_options
+    assert m["rows_in"] == full.num_rows and m["source_fraction_files"] == 1.0
+    run = RunDirectory(f"s3://{bucket}/run")
+    assert run.write_json_once("beta.json", {"beta": 1.5})["beta"] == 1.5
+    assert run.write_json_once("beta.json", {"beta": 0.5})["beta"] == 1.5  # first writer wins on S3 too
+    s3_server.filesystem().rm(f"{bucket}/run/completions/00002.json")
+    with pytest.raises(IncompleteRunError, match=r"in-2\.parquet"):
+        refine_run(f"s3://{bucket}/run", "top:0.5", f"s3://{bucket}/top2", progress=False)
