@@ -169,3 +169,66 @@ def results_table() -> str:
 
 if __name__ == "__main__":
     print(results_table())
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _model_dir(root: Path, family: str) -> str:
+    """A tiny random qwen2 model (2 layers, hidden 16) over the family's real vocabulary, saved with the tokenizer."""
+    from drift_stream.testing import make_tiny_model
+
+    tok = tokenizer(family)
+    model = make_tiny_model("qwen2", vocab_size=len(tok), hidden_size=16, num_layers=2, num_heads=2,
+                            intermediate_size=32, max_positions=512, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)
+    path = root / family
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "r1_distill"])
+def test_bank_build_and_drift_score_end_to_end(tmp_path, family):
+    """120 good rows + 1 row whose only assistant text the template drops -> 120 scored, 1 rejected naming the
+    turn; the bank's rollouts stop at the template's end-of-turn token and truncation is counted."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from drift_stream.cli import main
+
+    model = _model_dir(tmp_path, family)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)})
+                               + "\n" for i in range(4)))
+    rows = [{"id": f"r{i:03d}", "messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                             {"role": "assistant", "content": f"<think>\nAdd one.\n</think>\n\n{i + 1}"}]}
+            for i in range(120)]
+    bad = {"id": "bad", "messages": [{"role": "user", "content": "Think only."},
+                                     {"role": "assistant", "content": "<think>\nHmm.\n</think>"},
+                                     {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Done."}]}
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows[:60] + [bad] + rows[60:]))
+    bank = tmp_path / "bank"
+    assert main(["bank", "build", "--model", model, "--queries", str(queries), "--out", str(bank), "--rollouts", "2",
+                 "--max-new-tokens", "6", "--proj-dim", "4", "--preconditioner", "identity", "-q"]) == 0
+    manifest = json.loads((bank / "manifest.json").read_text())
+    trunc = manifest["truncation"]
+    assert trunc["rollouts"] == 8 and trunc["truncated"] == sum(q["truncated"] for q in manifest["queries"])
+    stops = set(manifest["tokenization"]["stop_token_ids"])
+    assert tokenizer(family).convert_tokens_to_ids(FAMILIES[family].eos) in stops
+    rollouts = pq.read_table(bank / "rollouts.parquet").to_pylist()
+    for r in rollouts:  # each completion ends at its first stop token, or was cut by max_new_tokens
+        ids = r["completion_ids"]
+        assert (r["finish_reason"] == "eos") == bool(set(ids) & stops)
+        assert all(t not in stops for t in ids[:-1])
+    out = tmp_path / "run"
+    assert main(["score", "--data", str(pool), "--model", model, "--bank", str(bank), "--out", str(out),
+                 "--scorer", "drift", "-q"]) == 0
+    run = json.loads((out / "manifest.json").read_text())
+    assert run["rows_in"] == 121 and run["rows_scored"] == 120 and run["rows_rejected"] == 1
+    (reject,) = pq.read_table(next((out / "rejects").glob("*.parquet"))).to_pylist()
+    assert reject["id"] == "bad"
+    assert reject["drift_reject_reason"].startswith("template_span:assistant turn 0 (message 1)")
