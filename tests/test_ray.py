@@ -209,7 +209,8 @@ def test_two_actors_s3_in_and_out_equal_the_local_engine_and_refine_report_expor
     exported = {}
     for name, run, options in (("ray", out, s3_server.storage_options), ("local", reference, None)):
         refine_run(run, "weights", str(tmp_path / f"weighted_{name}"), storage_options=options, progress=False)
-        export_run(str(tmp_path / f"weighted_{name}"), "trl", str(tmp_path / f"export_{name}"))
+        # (export reads the scored run's config for its adapter: the Ray run's is on S3)
+        export_run(str(tmp_path / f"weighted_{name}"), "trl", str(tmp_path / f"export_{name}"), storage_options=options)
         exported[name] = pq.read_table(tmp_path / f"export_{name}" / "data").sort_by("id")
     assert exported["ray"].num_rows == exported["local"].num_rows > 0
     for column in ("id", "prompt", "completion"):

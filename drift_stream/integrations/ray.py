@@ -21,6 +21,7 @@ maps onto directly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -133,8 +134,13 @@ class RayEngine:
 
         from tqdm.auto import tqdm
 
+        if any(file.format == "dataset" for file in todo):
+            raise ConfigError("the Ray engine scores files (local paths or URLs every node can read), not a "
+                              "datasets.IterableDataset: write it to parquet first, or use the local engine")
         if not ray.is_initialized():
             connect(None)
+        if run.is_local:  # actors may run in another working directory: give them the absolute path
+            config = dataclasses.replace(config, out=run.root)
         info = scorer.manifest_info() if hasattr(scorer, "manifest_info") else {}
         kwargs = actor_scorer_kwargs(self.scorer_kwargs, scorer)
         actor_class = ray.remote(ScoreWorker)
