@@ -104,3 +104,15 @@ def test_score_from_a_config_file_records_the_same_config_as_flags(tmp_path, tin
             assert json.loads(a.read_text()) == json.loads(b.read_text())
         else:
             assert pq.read_table(a).equals(pq.read_table(b))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/ray.md"])
+def test_the_documented_cluster_config_is_a_valid_score_config(tmp_path, doc):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "engine: ray" in b]
+    assert blocks, f"{doc} has no score.yaml example"
+    args = parse(["score", "--config", write(tmp_path, blocks[0])])
+    assert args.engine == "ray" and args.actors >= 2 and args.data and args.model and args.out
