@@ -4,6 +4,8 @@ the gradient by its own scale, so a wrongly scaled loss would still give the sam
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -268,3 +270,31 @@ def test_example_quick_runs(tmp_path):
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 8, proc.stdout[-2000:]
     assert "96 rows, weights mean 1.000" in proc.stdout
+
+
+DDP_WEIGHTS = [1.5, 0.5, 2.0, 1.0, 0.25, 1.75, 1.0, 0.5, 3.0, 0.75, 1.25, 0.5, 2.5, 1.0, 0.3, 0.7]
+
+
+@pytest.mark.slow
+def test_data_parallel_equals_one_process(tmp_path):
+    """2 gloo ranks x per-device batch 4 == one process x batch 8: N is summed over ranks (token weighting would
+    differ if each rank divided by its own tokens)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).resolve().parent / "trl_ddp_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "--master_addr=127.0.0.1", str(worker), str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for weighting in ("example", "token"):
+        _, single = _train(WeightedSFTTrainer, tmp_path / f"single-{weighting}", _dataset(_rows(16), DDP_WEIGHTS),
+                           batch=8, steps=2, weighting=weighting)
+        ddp = torch.load(tmp_path / f"{weighting}.pt")
+        _assert_params_close(ddp, single)
+        _assert_trained(_init_params(), single)
