@@ -18,7 +18,8 @@ and divides by the step's loss tokens: with all weights 1 that is exactly `SFTTr
 Normalisation is global, not per micro-batch: before the micro-batches of a step run, `get_batch_samples` counts N
 over all of them (gradient accumulation) and sums it over data-parallel ranks (`accelerator.gather`); each rank's loss
 is multiplied by the number of ranks because DDP averages gradients. So accumulation steps x micro-batch size, and
-ranks x per-device batch, give the gradient of one big batch (tests/test_trl.py checks accumulation 1 vs 4).
+ranks x per-device batch, give the gradient of one big batch (tests/test_trl.py: accumulation 1 vs 4, and
+two gloo ranks vs one process).
 
 Rows of weight 0 are removed from the dataset before TRL prepares it: they are never tokenized, drawn or run (the
 same as removing them from the file). Packing and padding-free batches are refused: they concatenate rows, and the
