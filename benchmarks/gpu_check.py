@@ -21,11 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+# Keep this folder off the front of sys.path: a script here named like a stdlib module (tokenize.py) would shadow it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path.append(sys.path.pop(0))
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import frozen_step, make_batch, measure, plain_step  # noqa: E402
 from throughput_shapes import floor_step  # noqa: E402

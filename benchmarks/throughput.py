@@ -25,6 +25,11 @@ import resource
 import statistics
 import subprocess
 import sys
+
+# Keep this folder off the front of sys.path: a script here named like a stdlib module (tokenize.py) would shadow it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path.append(sys.path.pop(0))
 import tempfile
 import time
 from functools import partial
@@ -34,7 +39,7 @@ import torch
 from drift_stream.grads import FeatureConfig, GradientFeaturizer
 from drift_stream.testing import make_tiny_model
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 from throughput_shapes import floor_step  # noqa: E402
 
 # name -> make_tiny_model kwargs (vocab 102: the project's character tokenizer)

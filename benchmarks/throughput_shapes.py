@@ -13,6 +13,7 @@ shared machine with one torch thread the CPU time is the steadier figure). Memor
 set size (getrusage ru_maxrss), total and above the peak reached once the model and batch were built.
 
     python benchmarks/throughput.py --real [--shapes qwen-h256-l2 llama-h512-l4] [--loss-fracs 0.25 0.75]
+        [--bergson-python /tmp/bergson-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ import resource
 import statistics
 import subprocess
 import sys
+
+# Keep this folder off the front of sys.path: a script here named like a stdlib module (tokenize.py) would shadow it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path.append(sys.path.pop(0))
 import time
 
 QWEN_VOCAB = 151_936
@@ -37,7 +43,7 @@ KINDS = ("plain", "features", "floor")
 
 
 def build(shape: str, loss_frac: float, dtype: str = "float32"):
-    """(model, batch) for a shape: random weights (seed 0), random tokens, the last `loss_frac` of each row in the loss."""
+    """(model, batch): random weights (seed 0), random tokens, the last `loss_frac` of each row in the loss."""
     import torch
 
     from drift_stream.testing import make_tiny_model
@@ -139,8 +145,9 @@ def table(results: list[dict]) -> str:
     """One line per (shape, loss fraction): time and peak RSS of each kind, and the ratios the issue asks for."""
     lines = [
         "| shape | B x T | loss tokens | plain s | features s | floor s | features/floor time (CPU) | features/plain "
-        "speed-up | peak RSS MB plain / features / floor | features/floor peak RSS (above setup) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "speed-up | peak RSS MB plain / features / floor | features/floor peak RSS (above setup) | bergson s "
+        "(ours/bergson speed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["shape"], r["loss_frac"]) for r in results}, key=lambda k: (list(SHAPES).index(k[0]), k[1]))
     for shape, frac in keys:
@@ -160,9 +167,51 @@ def table(results: list[dict]) -> str:
             f, c = by["features"], by["floor"]
             mem_ratio = (f"{f['peak_rss_mb'] / c['peak_rss_mb']:.3f} "
                          f"({f['peak_above_setup_mb']:.0f} / {c['peak_above_setup_mb']:.0f} MB)")
+        berg = "-"
+        if {"features", "bergson"} <= set(by):
+            berg = f"{by['bergson']['cpu_s']:.2f} ({by['bergson']['cpu_s'] / by['features']['cpu_s']:.2f}x)"
         lines.append(f"| {shape} | {b} x {t} | {frac:.0%} | {get('plain', 'cpu_s')} | {get('features', 'cpu_s')} | "
-                     f"{get('floor', 'cpu_s')} | {ratio} | {speedup} | {mem} | {mem_ratio} |")
+                     f"{get('floor', 'cpu_s')} | {ratio} | {speedup} | {mem} | {mem_ratio} | {berg} |")
     return "\n".join(lines)
+
+
+def bergson_per_batch(python: str, shape: str, loss_frac: float, proj_dim: int, threads: int, workdir: str,
+                      batches: tuple[int, int] = (1, 3)) -> dict:
+    """EleutherAI bergson's `build` (its own venv, offline, CPU) on the same model, batch and loss tokens.
+
+    The dataset is pre-tokenized (input_ids, and labels -100 outside the loss) so both tools see the same tokens.
+    Steady-state CPU and wall seconds per batch: the difference between runs over batches[1] and batches[0] batches,
+    so start-up (imports, model and data loading) cancels out. Peak RSS: that of the larger run's processes.
+    """
+    import datasets
+
+    from drift_stream.testing import make_char_tokenizer
+
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    from throughput import run_bergson
+
+    model, batch = build(shape, loss_frac)
+    _, _, batch_size, seq_len = SHAPES[shape]
+    model_dir = os.path.join(workdir, f"{shape}-model")
+    model.save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)  # never used to tokenize: the rows come as input_ids
+    ids, mask = batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist()
+    labels = [t if m else -100 for t, m in zip(ids, mask)]
+    results = {}
+    for n in batches:
+        data_dir = os.path.join(workdir, f"{shape}-{loss_frac}-data{n}")
+        docs = n * batch_size
+        datasets.Dataset.from_dict({"input_ids": [ids] * docs, "labels": [labels] * docs}).save_to_disk(data_dir)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        wall, cpu, _ = run_bergson(python, model_dir, data_dir, os.path.join(workdir, f"out{n}"), batch_size,
+                                   seq_len, proj_dim, threads)
+        results[n] = (wall, cpu, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, before)
+    small, large = batches
+    extra = large - small
+    return {"kind": "bergson", "shape": shape, "loss_frac": loss_frac, "threads": threads, "proj_dim": proj_dim,
+            "cpu_s": (results[large][1] - results[small][1]) / extra,
+            "wall_s": (results[large][0] - results[small][0]) / extra,
+            "peak_rss_mb": results[large][2], "setup_rss_mb": float("nan"), "peak_above_setup_mb": float("nan")}
 
 
 def main(argv=None) -> int:
@@ -179,6 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--proj-dim", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--bergson-python", default=None, help="python of a venv with bergson installed: also run "
+                        "`bergson build` on each shape (steady state from 1 and 3 batches)")
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
@@ -187,7 +238,8 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, vocab {QWEN_VOCAB}, {args.proj_dim}x"
           f"{args.proj_dim} per module; each measurement in its own subprocess (median of {args.repeats} after "
-          f"{args.warmup} warm-up, plain: {args.plain_repeats}; peak RSS = getrusage ru_maxrss of that subprocess). Shared machine: compare "
+          f"{args.warmup} warm-up, plain: {args.plain_repeats}; peak RSS = getrusage ru_maxrss of that subprocess). "
+          "Shared machine: compare "
           "ratios within a run; times are CPU seconds of the subprocess.", flush=True)
     results = []
     for shape in args.shapes:
@@ -205,6 +257,21 @@ def main(argv=None) -> int:
                 print(f"  {shape} loss {frac:.0%} {kind:8s} cpu {row['cpu_s']:7.2f} s  wall {row['wall_s']:7.2f} s  "
                       f"peak RSS {row['peak_rss_mb']:6.0f} MB ({row['peak_above_setup_mb']:.0f} above setup)",
                       flush=True)
+            if args.bergson_python:
+                import tempfile
+
+                try:
+                    with tempfile.TemporaryDirectory(prefix="drift-bergson-") as workdir:
+                        row = bergson_per_batch(args.bergson_python, shape, frac, args.proj_dim, args.threads,
+                                                workdir)
+                except (RuntimeError, OSError) as exc:
+                    print(f"  {shape} {frac:.0%} bergson: FAILED {str(exc)[-800:]}", flush=True)
+                else:
+                    results.append(row)
+                    print(f"  {shape} loss {frac:.0%} bergson  cpu {row['cpu_s']:7.2f} s  wall {row['wall_s']:7.2f} s"
+                          f"  (steady state per batch; max RSS of this run's subprocesses so far, an upper bound: "
+                          f"{row['peak_rss_mb']:.0f} MB)",
+                          flush=True)
     print()
     print(table(results))
     if args.json:

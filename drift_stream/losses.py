@@ -307,9 +307,12 @@ def example_losses(
             hidden = full[:, :-1][rows, cols]  # [N, V]: already logits
             vocab = int(full.shape[-1])
         chunk = chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
-        if head is None:
+        if hidden.shape[0] == 0:  # no loss token in the whole batch
+            parts = []
+        elif head is None:
+            t_dev = targets.to(hidden.device)
             parts = [
-                torch.nn.functional.cross_entropy(hidden[s : s + chunk].to(accum), targets[s : s + chunk].to(hidden.device),
+                torch.nn.functional.cross_entropy(hidden[s : s + chunk].to(accum), t_dev[s : s + chunk],
                                                   reduction="none")
                 for s in range(0, hidden.shape[0], chunk)
             ]

@@ -107,6 +107,9 @@ def test_rows_without_loss_tokens_are_nan_and_others_unaffected():
     assert bool(torch.isnan(out.loss[2])) and int(out.num_tokens[2]) == 0
     assert bool(torch.isfinite(out.loss[[0, 1, 3, 4, 5]]).all())
     torch.testing.assert_close(out.loss[:2], alone.loss, rtol=1e-12, atol=1e-12)
+    none = [TokenizedExample(f"n{i}", ex.input_ids, [0] * len(ex.input_ids)) for i, ex in enumerate(examples[:3])]
+    assert bool(torch.isnan(example_losses(model, collate(none, 0)).loss).all())  # no loss token anywhere
+    assert GradientFeaturizer(model).featurize(collate(none, 0)).bad == ["no_loss_tokens"] * 3
     with pytest.raises(ValueError, match="loss_mask is 1 on a padding position"):
         bad = collate(examples[:2], 0)
         bad["loss_mask"][0, -1] = 1
