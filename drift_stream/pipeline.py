@@ -339,4 +339,6 @@ class _FileScoring:
         }
         if hasattr(scorer, "pop_padding_stats"):  # real vs padded tokens of this file's batches (batching.py)
             counts["padding"] = scorer.pop_padding_stats()
+        if hasattr(scorer, "pop_tokenization_stats"):  # turns whose reasoning the template dropped (tokenization.py)
+            counts["tokenization"] = scorer.pop_tokenization_stats()
         return self.writer.commit(counts, self.scores)

@@ -189,6 +189,11 @@ class BatchScorer:
         stats, self.padding = self.padding.to_dict(), PaddingStats()
         return stats
 
+    def pop_tokenization_stats(self) -> dict:
+        """{"reasoning_dropped": assistant turns whose reasoning the chat template did not render} since the last
+        call (tokenization.ChatTokenizer.stats)."""
+        return self.chat.pop_stats() if hasattr(self.chat, "pop_stats") else {}
+
     def manifest_info(self) -> dict:
         """Facts learned while scoring (e.g. the fitted beta) that the run manifest records."""
         return {}

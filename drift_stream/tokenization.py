@@ -113,6 +113,7 @@ class ChatTokenizer:
         if chat_template and not self.uses_chat_template:
             raise ConfigError("chat_template was given together with use_chat_template=False: choose one")
         self.template = template if self.uses_chat_template else None
+        self.template_name = "the given chat_template" if chat_template else "the tokenizer's chat template"
         self._template_sha1 = hashlib.sha1(str(self.template).encode()).hexdigest() if self.template else None
         self.eos_token_id = tokenizer.eos_token_id
         if self.eos_token_id is None:
@@ -144,8 +145,11 @@ class ChatTokenizer:
         if chat_template and not use_chat_template:
             raise ConfigError("--chat-template and --no-chat-template exclude each other: choose one")
         text = read_chat_template(chat_template) if chat_template else None
-        return cls(tokenizer, chat_template=text, use_chat_template=None if use_chat_template else False,
+        chat = cls(tokenizer, chat_template=text, use_chat_template=None if use_chat_template else False,
                    stop_tokens=tuple(stop_tokens), **kwargs)
+        if chat_template:
+            chat.template_name = f"--chat-template {chat_template}"
+        return chat
 
     @property
     def pad_token_id(self) -> int:
@@ -165,6 +169,11 @@ class ChatTokenizer:
     def stats(self) -> dict:
         """Counters for a run manifest: {"reasoning_dropped": assistant turns whose reasoning was not rendered}."""
         return {"reasoning_dropped": self.reasoning_dropped}
+
+    def pop_stats(self) -> dict:
+        """`stats()` since the last call (per input file of a run), then reset."""
+        out, self.reasoning_dropped = self.stats(), 0
+        return out
 
     # -- public encoders
 
@@ -330,10 +339,11 @@ class ChatTokenizer:
             if not self._warned_reasoning:
                 self._warned_reasoning = True
                 logger.warning(
-                    "the chat template (sha1 %s) drops the reasoning of some assistant turns (Qwen3 and R1 templates "
+                    "%s (sha1 %s) drops the reasoning of some assistant turns (Qwen3 and R1 templates "
                     "keep it only after the last user turn): those turns are scored as rendered, without it; the "
                     "run counts them as reasoning_dropped. Pass a template that keeps it (--chat-template, e.g. "
-                    "TRL's *_training.jinja) to score the reasoning", (self._template_sha1 or "")[:12])
+                    "TRL's *_training.jinja) to score the reasoning",
+                    self.template_name, (self._template_sha1 or "")[:12])
         return ids, token_mask(offsets, located.spans)
 
     def _plain(self, messages: list[dict], generation_prompt: bool) -> tuple[list[int], list[int]]:

@@ -113,7 +113,8 @@ def test_reasoning_dropped_is_counted_and_warned_once(caplog):
         ct.encode(row)
         ct.encode(row)
     assert ct.stats() == {"reasoning_dropped": 2}  # the first turn's, each time; the last turn keeps its own
-    assert caplog.text.count("drops the reasoning") == 1
+    assert caplog.text.count("the tokenizer's chat template (sha1") == 1 and "drops the reasoning" in caplog.text
+    assert ct.pop_stats() == {"reasoning_dropped": 2} and ct.stats() == {"reasoning_dropped": 0}
 
 
 def test_stop_tokens_come_from_the_template():
@@ -232,3 +233,5 @@ def test_bank_build_and_drift_score_end_to_end(tmp_path, family):
     (reject,) = pq.read_table(next((out / "rejects").glob("*.parquet"))).to_pylist()
     assert reject["id"] == "bad"
     assert reject["drift_reject_reason"].startswith("template_span:assistant turn 0 (message 1)")
+    # R1's template strips the reasoning of every assistant turn; Qwen3's keeps it after the last user turn
+    assert run["reasoning_dropped"] == (120 if family == "r1_distill" else 0)

@@ -332,6 +332,8 @@ class _AtomicParquet:
         self.writer = pq.ParquetWriter(self.handle, schema)
 
     def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return  # no empty row groups: `datasets` reads a file whose first row group is empty as an error
         if not table.schema.equals(self.schema, check_metadata=False):
             table = table.cast(self.schema)
         self.writer.write_table(table)
@@ -519,6 +521,7 @@ class RunDirectory:
             "score_stats": merge_score_summaries([m["score_summary"] for m in ordered]),
             "scorer_info": ordered[0].get("scorer_info", {}) if ordered else {},
             "padding": _sum_padding(ordered),
+            "reasoning_dropped": sum(m.get("tokenization", {}).get("reasoning_dropped", 0) for m in ordered),
             "data_files": [m["data_file"] for m in ordered],
             "rejects_files": [m["rejects_file"] for m in ordered if m["rejects_file"]],
             "config": json.loads(json.dumps(config)),
@@ -549,6 +552,10 @@ class RunDirectory:
         return self._read_json(MANIFEST_FILE)
 
     # ------------------------------------------------------------------ reading a run (refine, report, export, Ray)
+    def read_json(self, rel: str) -> dict | None:
+        """A small JSON file of the run directory (`beta.json`, `schema.json`, ...), or None when absent."""
+        return self._read_json(rel)
+
     def read_config(self) -> dict | None:
         """config.json as recorded by the first writer ({"config": ..., "version": ...}), or None."""
         return self._read_json(CONFIG_FILE)
