@@ -26,7 +26,7 @@ BETA_FILE = "beta.json"
 
 def read_beta_record(run) -> dict | None:
     """The beta record of a run directory (`io.run_dir.RunDirectory`), or None when beta was never fitted there."""
-    record = run._read_json(BETA_FILE)
+    record = run.read_json(BETA_FILE)
     if record is not None and not isinstance(record.get("beta"), (int, float)):
         raise ConfigError(f"{run.url}/{BETA_FILE} holds no number under 'beta': delete the file to refit beta")
     return record
