@@ -96,6 +96,7 @@ def test_official_template_masks(family, shape):
     assert status != "FAIL", detail
 
 
+@pytest.mark.slow  # 70 cases over 7 vocabularies: ~1 min on a shared 2-core machine
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if spec.training_template])
 def test_training_template_masks_match_hf_generation_mask(family, shape):
@@ -235,3 +236,31 @@ def test_bank_build_and_drift_score_end_to_end(tmp_path, family):
     assert reject["drift_reject_reason"].startswith("template_span:assistant turn 0 (message 1)")
     # R1's template strips the reasoning of every assistant turn; Qwen3's keeps it after the last user turn
     assert run["reasoning_dropped"] == (120 if family == "r1_distill" else 0)
+
+
+@pytest.mark.slow
+def test_prefill_rollout_and_pool_row_give_identical_features():
+    """R1's generation prompt ends with the "<think>\\n" prefill; with its training template (which keeps the
+    reasoning) a rollout and the same conversation as a pool row get the same gradient features."""
+    import torch
+
+    from drift_stream.grads import FeatureConfig
+    from drift_stream.grads.features import GradientFeaturizer
+    from drift_stream.testing import make_tiny_model
+    from drift_stream.tokenization import collate
+
+    tok = tokenizer("r1_distill", training=True)
+    ct = ChatTokenizer(tok, max_tokens=4096)
+    query = [{"role": "user", "content": "What is 6*7?"}]
+    prompt = ct.encode_prompt(query)
+    assert tok.decode(prompt).endswith("<｜Assistant｜><think>\n")
+    completion = tok("Six sevens.</think>\n\n42<｜end▁of▁sentence｜>", add_special_tokens=False)["input_ids"]
+    rollout = ct.encode_rollout(prompt, completion)
+    row = ct.encode(Example(id="p", messages=(*query, {"role": "assistant",
+                                                       "content": "<think>\nSix sevens.</think>\n\n42"})))
+    assert (row.input_ids, row.loss_mask) == (rollout.input_ids, rollout.loss_mask)
+    model = make_tiny_model("qwen2", vocab_size=len(tok), hidden_size=16, num_layers=2, num_heads=2,
+                            intermediate_size=32, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=4, proj_dim_out=4))
+    feats = featurizer.featurize(collate([rollout, row], ct.pad_token_id)).features
+    torch.testing.assert_close(feats[0], feats[1], rtol=0, atol=0)
