@@ -27,7 +27,6 @@ def test_prose_solutions_are_correct_and_in_another_layout(task):
         text = prose_response(item)
         assert prose_answer(text) == item.answer
         assert T.ANSWER_MARKER not in text and "\n" in text  # another template family: no `####`, one line a step
-        assert T.extract_answer(text) is None  # the pool's extractor does not read it: a different format
         for line in text.splitlines()[:-1]:
             for pattern, fn in _OPS.items():
                 for m in re.finditer(pattern, line):  # every worked step is the right arithmetic
