@@ -179,13 +179,13 @@ def _extreme_rows(score: np.ndarray, k: int) -> tuple[list[int], list[int]]:
 
 
 def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: dict | None = None,
-           seed: int = 0, allow_incomplete: bool = False) -> RunSummary:
+           seed: int = 0, allow_incomplete: bool = False, command: str = "report") -> RunSummary:
     """Read a run directory's scores, manifest, rejects and bank into a RunSummary (numeric columns only, plus
     the 2 * top_k example rows). Only finished input files are read; an incomplete run raises IncompleteRunError
     unless `allow_incomplete` (then `RunSummary.completed` says what fraction was seen)."""
     run = RunDirectory.open(run_dir, storage_options)
     fs, root = run.fs, run.root
-    completed = run.read_completed_shards(allow_incomplete=allow_incomplete, command="report")
+    completed = run.read_completed_shards(allow_incomplete=allow_incomplete, command=command)
     manifest = completed.manifest
     if manifest is None or not completed.complete:  # counts of what is read: recomputed from its markers
         manifest = run.build_manifest(completed.config, list(completed.input_files), completed.markers)
@@ -245,7 +245,8 @@ def _rows_line(s: RunSummary) -> str:
 
 def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
     """A few lines for the terminal: rows, score distribution, correlations, bank (IncompleteRunError: `gather`)."""
-    s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete)
+    s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
+               command="the run summary")
     st = s.score_stats
     lines = [f"run {run_dir}" + ("" if s.completed is None or s.completed.complete else
                                  f"  (INCOMPLETE: {s.completed.describe()})"), _rows_line(s),
