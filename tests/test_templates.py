@@ -147,6 +147,42 @@ def test_prefill_rollout_and_pool_row_give_identical_tokens():
     assert sum(row.loss_mask) == sum(rollout.loss_mask)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_no_warning_where_nothing_is_wrong(family, caplog):
+    """Construction and a plain multi-turn row log nothing (Mistral's template has no generation prompt: its turns
+    start after [/INST], which is right, so nothing warns)."""
+    with caplog.at_level(logging.WARNING):
+        ChatTokenizer(tokenizer(family)).encode(Example(id="x", messages=tuple(SHAPES["system+3 turns"])))
+    assert caplog.records == []
+
+
+def test_empty_system_prompt_same_through_messages_and_sharegpt():
+    from drift_stream.formats import load_adapter
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    via_messages = load_adapter("messages").to_example({"messages": [{"role": "system", "content": ""}] + turns})
+    via_sharegpt = load_adapter("sharegpt").to_example(
+        {"system": "", "conversations": [{"from": m["role"], "value": m["content"]} for m in turns]})
+    assert via_messages.messages == via_sharegpt.messages
+    assert via_messages.messages[0] == {"role": "system", "content": ""}
+    tok = tokenizer("qwen2_5")  # an empty system turn is kept: Qwen2.5's default system prompt does not appear
+    te = ChatTokenizer(tok).encode(via_sharegpt)
+    assert "You are Qwen" not in tok.decode(te.input_ids)
+
+
+def test_tool_turns_reach_the_template_and_carry_no_loss():
+    from drift_stream.formats import load_adapter
+
+    row = {"messages": copy.deepcopy(SHAPES["tool call+result"])}
+    ex = load_adapter("messages").to_example(row)
+    assert ex.messages[1]["tool_calls"][0]["function"]["name"] == "get_weather" and ex.messages[1]["content"] is None
+    tok = tokenizer("qwen3")
+    te = ChatTokenizer(tok).encode(ex)
+    loss_text = tok.decode([t for t, m in zip(te.input_ids, te.loss_mask) if m])
+    assert "get_weather" in loss_text and "18 C and sunny in Paris." in loss_text
+    assert "<tool_response>" not in loss_text and loss_text.count("18 C and sunny") == 1
+
+
 def test_template_error_names_the_message_and_quotes_the_template():
     tok = tokenizer("gemma3")  # Gemma 3 requires alternating user/assistant turns
     messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
