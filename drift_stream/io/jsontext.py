@@ -145,9 +145,13 @@ def _layout(text: str, url: str, head: bytes) -> str:
     stripped = text.lstrip(" \t\r\n\ufeff")
     if not stripped:
         return "empty"
-    if stripped[0] == "[":
-        return "array"
     lines = [line for line in stripped.replace("\r", "\n").split("\n")[:50] if line.strip()]
+    if stripped[0] == "[":
+        # one array (pretty or on one line), unless its first line is a whole JSON value followed by more JSON
+        # lines: then it is JSON Lines whose first line is not an object
+        if len(lines) > 1 and _is_json(lines[0]) and any(_is_json(line) for line in lines[1:-1] or lines[1:]):
+            return "lines"
+        return "array"
     if stripped[0] == "{":
         if _is_object(lines[0]):
             return "lines"
@@ -157,6 +161,7 @@ def _layout(text: str, url: str, head: bytes) -> str:
             value, end = None, 0
         if isinstance(value, dict) and "\n" in stripped[:end]:
             return "objects"  # a pretty-printed object, maybe more after it
+        return "lines"  # JSON Lines whose first line is damaged: it costs that line
     # The first line is damaged: still JSON Lines if most of the first lines are objects (a bad line costs one row).
     complete = lines[:-1] if len(text) >= HEAD_BYTES - 4 else lines  # the last line in the head may be cut
     good = sum(_is_object(line) for line in complete)
@@ -165,6 +170,14 @@ def _layout(text: str, url: str, head: bytes) -> str:
     raise InputError(
         f"input file {url} is neither JSON Lines nor a JSON array: it looks like {describe_bytes(head)}"
     )
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_object(line: str) -> bool:

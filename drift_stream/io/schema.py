@@ -130,15 +130,16 @@ def plan_schema(stats: TypeStats, strict_columns: Iterable[str] = ()) -> SchemaP
     for name, counts in stats.types.items():
         types = [t for t in counts if not pat.is_null(t)]
         try:
-            fields.append(pa.field(name, unify_types(types)))
-            continue
+            if not any(_has_empty_struct(t) for t in types):  # parquet cannot store a struct without fields ({})
+                fields.append(pa.field(name, unify_types(types)))
+                continue
         except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
         if name in strict:
             # the largest group of rows whose types unify, built greedily from the most common type
             group: list[pa.DataType] = []
             for type_, _ in sorted(((t, counts[t]) for t in types), key=lambda tc: (-tc[1], str(tc[0]))):
-                if _unifiable(group + [type_]):
+                if not _has_empty_struct(type_) and _unifiable(group + [type_]):
                     group.append(type_)
             fields.append(pa.field(name, unify_types(group)))
             strict_found.append(name)
@@ -146,6 +147,17 @@ def plan_schema(stats: TypeStats, strict_columns: Iterable[str] = ()) -> SchemaP
             fields.append(pa.field(name, pa.string()))
             json_columns.append(name)
     return SchemaPlan(pa.schema(fields), tuple(json_columns), tuple(strict_found))
+
+
+def _has_empty_struct(type_: pa.DataType) -> bool:
+    if pat.is_struct(type_):
+        return type_.num_fields == 0 or any(_has_empty_struct(type_.field(i).type) for i in range(type_.num_fields))
+    if pat.is_list(type_) or pat.is_large_list(type_) or pat.is_fixed_size_list(type_) or pat.is_list_view(type_) \
+            or pat.is_large_list_view(type_):
+        return _has_empty_struct(type_.value_type)
+    if pat.is_map(type_):
+        return _has_empty_struct(type_.key_type) or _has_empty_struct(type_.item_type)
+    return False
 
 
 def to_json_text(value: Any) -> str | None:

@@ -33,9 +33,7 @@ import io
 import json
 import logging
 import os
-import queue
 import re
-import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -45,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError
+from drift_stream.io.background import prefetch  # noqa: F401 - re-exported: the readers' prefetch lives there
 from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
 from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text
 
@@ -214,51 +213,6 @@ def _with_plan_metadata(plan: SchemaPlan) -> SchemaPlan:
     meta = {PLAN_METADATA_KEY: json.dumps({"json_columns": list(plan.json_columns),
                                            "strict_columns": list(plan.strict_columns)})}
     return SchemaPlan(plan.schema.with_metadata(meta), plan.json_columns, plan.strict_columns)
-
-
-def prefetch(items: Iterable[Any], max_items: int) -> Iterator[Any]:
-    """Iterate `items` on a background thread, at most `max_items` ahead (reading overlaps compute).
-
-    Exceptions of the producer are re-raised in the consumer; closing the generator stops the thread.
-    """
-    if max_items < 1:
-        yield from items
-        return
-    buffer: queue.Queue = queue.Queue(maxsize=max_items)
-    stop = threading.Event()
-    done = object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("done", done))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(("error", exc))
-
-    thread = threading.Thread(target=produce, name="drift-stream-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = buffer.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5.0)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -431,6 +385,8 @@ def _rows_to_table(rows: list[dict], index: list[int], plan: SchemaPlan) -> tupl
         for name in plan.json_columns:  # every value, strings too ("n/a" -> "\"n/a\""): the column is JSON text
             if row.get(name) is not None:
                 row[name] = to_json_text(row[name])
+    if not plan.schema:  # objects without keys ({}): a table of no columns that still has its rows
+        return pa.Table.from_struct_array(pa.array(rows, pa.struct([]))), index, []
     try:
         return pa.Table.from_pylist(rows, schema=plan.schema), index, []
     except (pa.ArrowException, ValueError, TypeError, OverflowError):
