@@ -204,3 +204,24 @@ def test_first_writer_of_a_record_wins(tmp_path):
     assert run.write_json_once("beta.json", {"beta": 1.5})["beta"] == 1.5
     assert run.write_json_once("beta.json", {"beta": 0.5})["beta"] == 1.5
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_concurrent_shards_of_an_array_score_with_one_beta(tmp_path, model_and_bank):
+    import subprocess
+    import sys
+
+    model, bank = model_and_bank
+    files = write_pool(tmp_path)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "drift_stream.cli", "score", "--data", *files, "--model", model, "--bank", bank,
+            "--out", str(out), "--beta", "auto", "--calibration-rows", "16", "--num-shards", "2", "--quiet",
+            "--threads", "1"]
+    procs = [subprocess.Popen([*args, "--shard-index", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]  # both start with no beta.json
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    record = json.loads((out / "beta.json").read_text())
+    betas = [json.loads((out / "completions" / f"{i:05d}.json").read_text())["scorer_info"]["beta"] for i in (0, 1)]
+    assert betas == [record["beta"], record["beta"]]
