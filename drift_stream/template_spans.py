@@ -154,7 +154,7 @@ def _next_text(text: str, messages: Sequence[Mapping[str, Any]], start: int, pos
 
 def _header_end(text: str, lo: int, hi: int, gen_suffix: str, cuts: Sequence[int],
                 special_ends: Sequence[int]) -> int | None:
-    if not gen_suffix:  # no generation prompt (Mistral): after the last special token before the turn's text
+    if not gen_suffix:  # no generation prompt (Mistral): after the first special token after the previous text
         k = bisect.bisect_left(special_ends, lo + 1)
         return special_ends[k] if k < len(special_ends) and special_ends[k] <= hi else hi
     if hi < 0:
