@@ -316,3 +316,37 @@ def test_rows_in_equals_scored_plus_rejected_over_mixed_kinds(tmp_path, make_sco
     assert manifest["rows_rejected"] == 1
     ds = load_as_one_table(glob.glob(str(tmp_path / "run" / "data" / "*.parquet")))
     assert sorted(v for v in ds["extra"] if v is not None) == list(range(5))  # null where a file lacked it
+
+
+def test_s3_keys_with_brackets_and_spaces_through_score_and_refine(tmp_path, make_scorer, s3_server):
+    from drift_stream.refine import refine_run
+
+    fs = s3_server.filesystem()
+    bucket = s3_server.new_bucket("brackets")
+    rows = [chat(i) for i in range(6)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    for name in ("pool[v2].jsonl", "data [copy].jsonl", "poolv.jsonl"):
+        fs.pipe_file(f"{bucket}/exports [1]/{name}", body)
+    opts = s3_server.storage_options
+    files = expand_inputs([f"s3://{bucket}/exports [1]/pool[v2].jsonl"], opts)
+    assert [f.url.rsplit("/", 1)[1] for f in files] == ["pool[v2].jsonl"]
+    out = f"s3://{bucket}/runs/pool[v2]"
+    manifest = run_score(RunConfig(data=(f"s3://{bucket}/exports [1]/pool[v2].jsonl",
+                                         f"s3://{bucket}/exports [1]/data [copy].jsonl"), out=out,
+                                   storage_options=opts), make_scorer(), progress=False)
+    assert manifest["rows_scored"] == 12
+    refine_run(out, "top:0.5", f"s3://{bucket}/refined [a]", storage_options=opts, progress=False)
+    again = run_score(RunConfig(data=(f"s3://{bucket}/refined [a]/data",), out=str(tmp_path / "again"),
+                                storage_options=opts), make_scorer(), progress=False)
+    assert again["rows_scored"] == 6
+
+
+def test_quiet_hides_the_weights_loading_bar(tmp_path, tiny_model_dir, capsys):
+    from drift_stream.cli import main
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(3)))
+    assert main(["score", "--data", str(tmp_path / "p.jsonl"), "--model", tiny_model_dir, "--scorer", "loss",
+                 "--max-tokens", "128", "--out", str(tmp_path / "run"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err and "%|" not in captured.err
+    assert captured.out == ""
