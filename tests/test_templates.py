@@ -300,3 +300,44 @@ def test_prefill_rollout_and_pool_row_give_identical_features():
     featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=4, proj_dim_out=4))
     feats = featurizer.featurize(collate([rollout, row], ct.pad_token_id)).features
     torch.testing.assert_close(feats[0], feats[1], rtol=0, atol=0)
+
+
+def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
+    """--stop-token ends rollouts; a rollout cut by max_new_tokens is counted per query; --truncated exclude leaves
+    it out of its query's vector (failure_reason "truncated"), negative (the default) signs it like any other."""
+    import pyarrow.parquet as pq
+
+    from drift_stream.bank import BankConfig, build_bank
+    from drift_stream.grads import FeatureConfig
+    from drift_stream.rollouts.engine import RolloutConfig
+    from drift_stream.rollouts.verifiers import FunctionVerifier
+    from drift_stream.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "m", "llama")
+    queries = [{"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)]
+    graded = FunctionVerifier(lambda completion, query: (sum(map(ord, completion)) % 3) / 2, "test:graded")
+    tables, banks = {}, {}
+    for policy in ("negative", "exclude"):
+        cfg = BankConfig(features=FeatureConfig(proj_dim_in=4, proj_dim_out=4), preconditioner="identity",
+                         rollouts=RolloutConfig(num_rollouts=4, max_new_tokens=8, seed=1), truncated=policy,
+                         signing="advantage", stop_tokens=tuple("aeiou "))  # the char model stops on a vowel
+        with caplog.at_level(logging.WARNING, logger="drift_stream.bank"):
+            banks[policy] = build_bank(model, queries, tmp_path / policy, cfg, verifier=graded, progress=False)
+        tables[policy] = pq.read_table(tmp_path / policy / "rollouts.parquet").to_pylist()
+    table = tables["negative"]
+    cut = [r for r in table if r["finish_reason"] == "length"]
+    done = [r for r in table if r["finish_reason"] == "eos"]
+    assert cut and done and all(r["completion"][-1] in "aeiou " for r in done)
+    assert all(len(r["completion_ids"]) == 8 for r in cut)
+    manifest = banks["negative"].manifest
+    assert manifest["truncation"] == {"rollouts": 12, "truncated": len(cut), "policy": "negative",
+                                      "max_new_tokens": 8}
+    assert [q["truncated"] for q in manifest["queries"]] == [sum(r["query_id"] == q["id"] for r in cut)
+                                                             for q in manifest["queries"]]
+    assert all(r["failure_reason"] is None for r in cut)
+    assert "were cut by --max-new-tokens 8" in caplog.text and "rollouts (policy negative)" in banks["negative"].summary()
+    excl = tables["exclude"]  # the same rollouts (same seeds); only what counts changes
+    assert [r["completion_ids"] for r in excl] == [r["completion_ids"] for r in table]
+    assert [r["failure_reason"] for r in excl] == [("truncated" if r["finish_reason"] == "length" else None)
+                                                  for r in table]
+    assert all(r["sign"] is None for r in excl if r["finish_reason"] == "length")
