@@ -341,3 +341,33 @@ def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
     assert [r["failure_reason"] for r in excl] == [("truncated" if r["finish_reason"] == "length" else None)
                                                   for r in table]
     assert all(r["sign"] is None for r in excl if r["finish_reason"] == "length")
+
+
+def test_chat_template_choice_on_cli_and_python_entry_points(tmp_path):
+    from drift_stream.bank import BankConfig
+    from drift_stream.cli import build_parser
+    from drift_stream.errors import ConfigError
+    from drift_stream.scoring import build_scorer
+    from drift_stream.testing_vocabs import site_file
+
+    training = site_file("trl", "chat_templates", "qwen3_training.jinja")
+    tok = tokenizer("qwen3")
+    chat = build_scorer("random", model=None, tokenizer=tok, chat_template=str(training)).chat
+    assert chat.template == training.read_text() and chat.template_name == f"--chat-template {training}"
+    plain = build_scorer("random", model=None, tokenizer=tok, use_chat_template=False).chat
+    assert plain.config_dict()["template"] == "plain"
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_scorer("random", model=None, tokenizer=tok, chat_template=str(training), use_chat_template=False)
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_scorer("random", model=None, tokenizer=tok, chat_template=str(tmp_path / "missing.jinja"))
+    assert BankConfig(chat_template=str(training), stop_tokens=["<|fim_pad|>"]).stop_tokens == ("<|fim_pad|>",)
+    parser = build_parser()
+    score = ["score", "--data", "x.jsonl", "--model", "m", "--out", "o"]
+    args = parser.parse_args(score + ["--chat-template", "t.jinja", "--stop-token", "<a>", "--stop-token", "<b>"])
+    assert (args.chat_template, args.use_chat_template, args.stop_tokens) == ("t.jinja", True, ["<a>", "<b>"])
+    assert parser.parse_args(score + ["--no-chat-template"]).use_chat_template is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(score + ["--no-chat-template", "--chat-template", "t.jinja"])
+    bank = parser.parse_args(["bank", "build", "--model", "m", "--queries", "q", "--out", "b", "--truncated", "exclude",
+                              "--no-chat-template"])
+    assert (bank.truncated, bank.use_chat_template) == ("exclude", False)
