@@ -298,3 +298,17 @@ def test_data_parallel_equals_one_process(tmp_path):
         ddp = torch.load(tmp_path / f"{weighting}.pt")
         _assert_params_close(ddp, single)
         _assert_trained(_init_params(), single)
+
+
+def test_streamed_dataset_skips_zero_weights_and_checks_weights(tmp_path):
+    rows = _rows(12)
+    kept = [(r, w) for r, w in zip(rows, WEIGHTS) if w > 0]
+    stream = _dataset(rows, WEIGHTS).to_iterable_dataset()
+    la, a = _train(WeightedSFTTrainer, tmp_path / "a", stream, steps=2)
+    lb, b = _train(WeightedSFTTrainer, tmp_path / "b",
+                   _dataset([r for r, _ in kept], [w for _, w in kept]).to_iterable_dataset(), steps=2)
+    assert la == lb
+    _assert_params_close(a, b, rtol=0, atol=0)
+    bad = _dataset(rows, [1.0] * 5 + [float("nan")] + [1.0] * 6).to_iterable_dataset()
+    with pytest.raises(InputError, match="finite and >= 0"):
+        _train(WeightedSFTTrainer, tmp_path / "c", bad, steps=2)
