@@ -128,8 +128,9 @@ def run_score(
     # beta: auto is fitted once per run on the first rows of the WHOLE input and recorded in OUT/beta.json; every
     # other shard process and every resume reads that record (beta.py).
     resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, plan), run)
-    if hasattr(scorer, "pop_padding_stats"):
-        scorer.pop_padding_stats()  # calibration batches are no input file's: markers count only their own
+    for pop in ("pop_padding_stats", "pop_tokenization_stats"):  # calibration rows are no input file's: the
+        if hasattr(scorer, pop):  # markers count only their own
+            getattr(scorer, pop)()
     mine = shard_files(files, config.num_shards, config.shard_index)
     done = run.completed_indexes()
     todo = [f for f in mine if f.index not in done]
@@ -169,7 +170,7 @@ def plan_to_dict(plan: SchemaPlan) -> dict[str, Any]:
 
 def plan_from_dict(value: dict[str, Any]) -> SchemaPlan:
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(value["arrow_schema_base64"])))
-    return SchemaPlan(schema, tuple(value.get("json_columns", ())), tuple(value.get("strict_columns", ())))
+    return SchemaPlan.from_dict(schema, value)
 
 
 def data_schema(plan: SchemaPlan, scorer: Any) -> pa.Schema | None:

@@ -44,16 +44,15 @@ def assets():
     return demo_assets()
 
 
-def build_small_bank(assets, out, workers=None):
+def build_small_bank(assets, out):
     from drift_stream.bank import BankConfig, build_bank
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
 
     queries = pq.read_table(assets.queries).slice(0, 6).to_pylist()
-    config = BankConfig(rollouts=RolloutConfig(num_rollouts=4, max_new_tokens=24, seed=1, batch_size=8),
+    config = BankConfig(rollouts=RolloutConfig(num_rollouts=4, max_new_tokens=24, seed=1),
                         features=FeatureConfig(proj_dim_in=8, proj_dim_out=8), preconditioner="identity")
-    return build_bank(assets.model, queries, str(out), config, verifier="numeric", adapter="qa", progress=False,
-                      workers=workers)
+    return build_bank(assets.model, queries, str(out), config, verifier="numeric", adapter="qa", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -301,12 +300,17 @@ def test_map_batches_on_actor_pool_equals_direct_scoring(local_ray, tiny_model_d
 @pytest.mark.slow
 def test_bank_build_on_two_actors_equals_the_local_build(local_ray, assets, bank_dir, tmp_path):
     from drift_stream.bank import ValidationBank
-    from drift_stream.grads.projection import FeatureConfig
-    from drift_stream.integrations.ray_bank import RayBankWorkers
+    from drift_stream.cli import main
 
-    with RayBankWorkers(assets.model, FeatureConfig(proj_dim_in=8, proj_dim_out=8), actors=2) as workers:
-        got = build_small_bank(assets, tmp_path / "bank", workers)
-    want = ValidationBank.load(bank_dir)
+    # the same bank as `bank_dir`, through the CLI
+    queries = tmp_path / "queries.parquet"
+    pq.write_table(pq.read_table(assets.queries).slice(0, 6), queries)
+    code = main(["bank", "build", "--engine", "ray", "--actors", "2", "--model", assets.model, "--queries",
+                 str(queries), "--adapter", "qa", "--verifier", "numeric", "--rollouts", "4", "--max-new-tokens", "24",
+                 "--seed", "1", "--proj-dim", "8", "--preconditioner", "identity", "--out", str(tmp_path / "bank"),
+                 "--quiet"])
+    assert code == 0
+    got, want = ValidationBank.load(tmp_path / "bank"), ValidationBank.load(bank_dir)
     a = pq.read_table(tmp_path / "bank" / "rollouts.parquet")
     b = pq.read_table(os.path.join(bank_dir, "rollouts.parquet"))
     assert a.num_rows == b.num_rows == 24
@@ -319,5 +323,5 @@ def test_bank_build_on_two_actors_equals_the_local_build(local_ray, assets, bank
     np.testing.assert_allclose(got.query_vectors.numpy(), want.query_vectors.numpy(), rtol=0, atol=1e-6)
     mine = json.loads((tmp_path / "bank" / "manifest.json").read_text())
     theirs = json.loads(open(os.path.join(bank_dir, "manifest.json")).read())
-    for key in ("query_ids", "num_queries", "pass_rate", "dim", "projector", "model"):
+    for key in ("query_ids", "num_queries", "pass_rate", "dim", "projector", "model", "config"):
         assert mine[key] == theirs[key], key

@@ -52,7 +52,8 @@ def connect(address: str | None = None) -> bool:
 
 
 class _WithInfo:
-    """The actor's scorer, reporting the driver's `manifest_info()` (fitted beta, debias statistics) in markers."""
+    """The actor's scorer, reporting the driver's `manifest_info()` (fitted beta, debias statistics) in markers;
+    everything else (per-file statistics such as `pop_padding_stats`) is the actor's own scorer's."""
 
     def __init__(self, scorer, info: Mapping[str, Any]) -> None:
         self.scorer, self.info = scorer, dict(info)
@@ -60,11 +61,13 @@ class _WithInfo:
     def __call__(self, batch):
         return self.scorer(batch)
 
+    def __getattr__(self, name: str):
+        if "scorer" not in self.__dict__:  # during unpickling
+            raise AttributeError(name)
+        return getattr(self.__dict__["scorer"], name)
+
     def manifest_info(self) -> dict:
         return dict(self.info)
-
-    def pop_padding_stats(self) -> dict:
-        return self.scorer.pop_padding_stats()
 
 
 class ScoreWorker:
