@@ -6,9 +6,9 @@ once:
 
 - rollouts: the queries are cut into one contiguous chunk per actor; each actor runs `generate_rollouts` on its
   chunk. Every rollout samples with its own generator seeded from (seed, query id, rollout index), so the tokens do
-  not depend on which actor or batch a rollout lands in. Only the batch's padding width does change, and with it
-  the last bits of the logits: sampled tokens were identical to the local engine's in our tests, the recorded
-  mean log-probabilities agree to ~1e-6;
+  not depend on which actor or batch a rollout lands in. Only the batch's padding width can change, and with it
+  the last bits of the logits: in tests/test_ray.py the sampled tokens equal the local engine's and the recorded
+  mean log-probabilities agree within 1e-5;
 - features: the tokenized sequences are cut into chunks of whole feature batches (a multiple of the batch size), so
   every batch holds the same sequences as in a local build; features, losses and token counts are those of the
   local engine up to float reduction order across thread counts.
