@@ -13,7 +13,15 @@ Writes results.json, results.md and results.png into --out (default benchmarks/r
 
 from __future__ import annotations
 
-import argparse
+import os as _os
+import sys as _sys
+
+# benchmarks/ also holds scripts named like standard-library modules (tokenize.py): put it after the standard library
+# on sys.path before anything imports `inspect` (which imports `tokenize`), or those scripts shadow the real modules
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _HERE] + [_HERE]
+
+import argparse  # noqa: E402
 import copy
 import hashlib
 import json
@@ -28,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import refine_lib as rl  # noqa: E402
 import refine_v3 as v3  # noqa: E402
 from refine_report import markdown, v3_markdown as v3_markdown_diag, variants_markdown, versions, write_outputs  # noqa: E402
@@ -71,6 +78,7 @@ class BenchConfig:
     max_rollouts: int = 12  # adaptive K: rollouts per query without a contrast, at most (3 K)
     stat_seeds: tuple = (3, 4)  # extra seeds for the chosen setting and its closest comparators (5 in all)
     second_round: bool = False  # --second-round: two rounds of refine + continued SFT (chosen vs best baseline)
+    base_model: str = ""  # --demo-base: the shipped tiny model as the base, on its own demo data (diagnostics only)
 
     def key(self) -> str:
         """Hash of everything that decides the base, rollouts and features (not the SFT or methods)."""
@@ -211,6 +219,8 @@ def make_data(cfg: BenchConfig):
         dev={**{t: cfg.dev_target_per_task for t in TARGET}, **{t: cfg.dev_nontarget_per_task for t in NONTARGET}})
     # every test / dev / query row carries its reference solution in each style (pool template, another author's
     # prose, the bare answer): docs/demo_data.md
+    if cfg.base_model:  # the demo data exactly (the shipped model's own SFT pool): DataRecipe's defaults, no dev
+        recipe = tasks.DataRecipe(seed=cfg.data_seed)
     recipe = replace(recipe, reference_styles=("pool", "prose", "answer"))
     splits = tasks.make_splits(recipe)
     for q in splits.queries:
@@ -277,6 +287,16 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     cache.mkdir(parents=True, exist_ok=True)
     base_dir = cache / "base"
     with timer("base"):
+        if cfg.base_model and not (base_dir / "base_eval.json").exists():  # a given base: copied, evaluated
+            from drift_stream.integrations.trainers import greedy_accuracy
+
+            given = load_model(cfg.base_model, device="cpu")
+            given.save_pretrained(str(base_dir))
+            load_tokenizer(cfg.base_model).save_pretrained(str(base_dir))
+            acc = greedy_accuracy(given, load_tokenizer(cfg.base_model), splits.test,
+                                  max_new_tokens=cfg.eval_max_new_tokens)
+            (base_dir / "base_eval.json").write_text(json.dumps({"accuracy": acc.accuracy, "per_task": acc.per_task,
+                                                                 "train_s": 0.0, "given": cfg.base_model}))
         if not (base_dir / "base_eval.json").exists():
             train_base(cfg, splits, make_char_tokenizer(), base_dir)
         tok = load_tokenizer(str(base_dir))
@@ -641,7 +661,7 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
             "drift_main_variant": asdict(MAIN), "drift_variants": {k: asdict(v) for k, v in ctx["scorers"].items()},
             "statistics": statistics, "proximity_gaps": v3.proximity_gaps(ctx),
             "adaptive_k": ctx["adaptive"]["info"], "query_outcomes": {
-                k: int(v) for k, v in zip(*np.unique(v3.query_outcomes(ctx), return_counts=True))},
+                str(k): int(v) for k, v in zip(*np.unique(v3.query_outcomes(ctx), return_counts=True))},
         }
 
     total = len(cfg.seeds) * (len(methods) + (len(ABLATIONS) if run_ablations else 0))
@@ -702,6 +722,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed")
     parser.add_argument("--small", action="store_true", help="dev-scale experiment sizes (SMALL), one seed")
+    parser.add_argument("--demo-base", action="store_true",
+                        help="with --diagnostics-only: the shipped tiny model as the base, on its own demo data "
+                             "(3,000-row pool, 128 queries); minutes, no base training")
     parser.add_argument("--diagnostics-only", action="store_true",
                         help="only the score diagnostics of every DRIFT variant, loss and the off-policy baselines "
                              "(AUCs incl. all-wrong / all-right / mixed query contributions, proximity gaps); no SFT")
@@ -725,6 +748,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = QUICK if args.quick else SMALL if args.small else BenchConfig()
+    if args.demo_base:
+        if not args.diagnostics_only:
+            parser.error("--demo-base has no dev split: use it with --diagnostics-only")
+        cfg = replace(cfg, base_model=str(REPO / "drift_stream" / "assets" / "tiny-reasoner"), max_tokens=256,
+                      pool_size=3000, queries_per_task=64)
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     if args.methods:
@@ -758,7 +786,8 @@ def main(argv=None) -> int:
             diag = diagnostics(ctx, {k: (k, "", "") for k in scorers}, {})
         info = {"mode": "diagnostics", "config": asdict(cfg), "diagnostics": diag, "wall_s": timer.stages,
                 "proximity_gaps": v3.proximity_gaps(ctx), "adaptive_k": ctx["adaptive"]["info"],
-                "query_outcomes": {k: int(v) for k, v in zip(*np.unique(v3.query_outcomes(ctx), return_counts=True))},
+                "query_outcomes": {str(k): int(v) for k, v in zip(*np.unique(v3.query_outcomes(ctx),
+                                                                             return_counts=True))},
                 "base": ctx["base_eval"]}
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnostics.json").write_text(json.dumps(info, indent=1, default=float))
