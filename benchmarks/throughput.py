@@ -238,14 +238,13 @@ def main(argv=None) -> int:
     parser.add_argument("--bergson-repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--real", action="store_true", help="real shapes at the Qwen vocabulary: every other "
-                        "argument goes to benchmarks/throughput_shapes.py")
-    args, rest = parser.parse_known_args(argv)
-    if args.real:
+                        "argument goes to benchmarks/throughput_shapes.py (see its --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--real" in argv:
         import throughput_shapes
 
-        return throughput_shapes.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return throughput_shapes.main([a for a in argv if a != "--real"])
+    args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
 

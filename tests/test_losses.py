@@ -244,3 +244,25 @@ def test_completion_logprobs_equal_generate_step_logits():
     for row, (p, c) in enumerate(zip(prompts, completions)):
         ref, _ = full_logits_loss(model, TokenizedExample("r", p + c, [0] * len(p) + [1] * len(c)))
         torch.testing.assert_close(got[row], -ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "granite", "llama_tied"])
+def test_fused_head_gradient_equals_autograd_through_the_head(arch):
+    """The in-place softmax gradient (nn.Linear heads) equals autograd through the head's own forward, float64."""
+    from drift_stream.losses import _frozen_head_nll
+
+    model = make_model(arch)
+    head = resolve_head(model)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 32, generator=gen, dtype=torch.float64) * 3  # large enough to saturate the cap
+    targets = torch.randint(0, VOCAB, (7,), generator=gen)
+    weights = torch.rand(7, generator=gen, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        nll = _frozen_head_nll(head, h, targets, torch.float64, chunk=3, fused=fused)
+        (grad,) = torch.autograd.grad((weights * nll).sum(), h)
+        results.append((nll.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+    assert results[0][1].abs().max() > 1e-3
