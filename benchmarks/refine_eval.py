@@ -531,6 +531,30 @@ def check_library_path(ctx, cached) -> dict:
         "spearman_library_vs_cache": rl.spearman(lib_scores, mine),
         "bank_pass_rate": bank.manifest.get("pass_rate"), "bank_proximity_gap": bank.manifest.get("proximity_gap"),
     }
+    # v3: the library's contrast options (adaptive K, the prose reference as a positive target, learnability weights
+    # when some query has mixed outcomes) against the cache's own implementation of them (refine_v3 / refine_lib)
+    weighting = "learnability" if (v3.query_outcomes(ctx) == "mixed").any() else "uniform"
+    variant = replace(MAIN, max_rollouts=cfg.max_rollouts, no_contrast="reference", hybrid_references="prose",
+                      query_weighting=weighting)
+    prose_queries = [replace(q, reference=src["reference_prose"]) for q, src in zip(queries, ctx["splits"].queries)]
+    bank2 = build_bank(ctx["model"], prose_queries, out / "bank_v3", replace(
+        bank_cfg, max_rollouts=cfg.max_rollouts, no_contrast="reference", query_weighting=weighting),
+        verifier=TaskVerifier(), fisher_data=fisher, tokenizer=ctx["tok"], device="cpu", progress=False)
+    scorer = build_scorer("drift", model=None, tokenizer=ctx["tok"], model_obj=ctx["model"], bank=str(out / "bank_v3"),
+                          beta=MAIN.beta, batch_size=32, max_tokens=cfg.max_tokens, device="cpu")
+    run_score(RunConfig(data=(str(pool_path),), out=str(out / "run_v3")), scorer, progress=False)
+    scored = pq.read_table(str(out / "run_v3" / "data")).to_pydict()
+    lib = dict(zip(scored["id"], scored["drift_score"]))
+    lib_scores = np.array([lib[i] for i in ids], dtype=np.float64)
+    mine = drift_from_cache(ctx, variant)
+    result["v3"] = {
+        "variant": {k: getattr(variant, k) for k in ("max_rollouts", "no_contrast", "hybrid_references",
+                                                     "query_weighting")},
+        "same_rows_kept": set(np.array(ids)[rl.top_mask(lib_scores, cfg.fraction, ids)]) == set(
+            np.array(ids)[rl.top_mask(mine, cfg.fraction, ids)]),
+        "max_abs_score_diff": float(np.max(np.abs(lib_scores - mine))), "score_scale": float(np.max(np.abs(mine))),
+        "spearman_library_vs_cache": rl.spearman(lib_scores, mine), "bank_contrast": bank2.manifest["contrast"],
+        "cache_adaptive": ctx["adaptive"]["info"]}
     logger.info("library check: %s", result)
     return result
 

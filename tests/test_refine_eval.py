@@ -68,6 +68,10 @@ def test_quick_run_library_path_selects_the_cache_rows(quick):
     assert check["rows_scored"] == result["config"]["pool_size"]
     assert check["same_rows_kept"], check
     assert check["max_abs_score_diff"] <= 1e-4 * max(check["score_scale"], 1e-12), check
+    v3 = check["v3"]  # the library's contrast options give the scores of the benchmark's own implementation
+    assert v3["same_rows_kept"], v3
+    assert v3["max_abs_score_diff"] <= 1e-4 * max(v3["score_scale"], 1e-12), v3
+    assert v3["bank_contrast"]["adaptive"] == v3["cache_adaptive"]
 
 
 def test_stratified_top_keeps_each_stratum_fraction():
