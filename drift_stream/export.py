@@ -132,8 +132,9 @@ def _read_json(fs, path: str) -> dict | None:
         return None
 
 
-def _row_weights(table: pa.Table, path: str) -> np.ndarray:
-    """[n] float64 weight of each row: `weight`, else `keep` (1/0), else 1."""
+def _row_weights(table: pa.Table, path: str, first_row: int = 0) -> np.ndarray:
+    """[n] float64 weight of each row: `weight`, else `keep` (1/0), else 1; `first_row` (the batch's first row in
+    the shard) only names rows in errors."""
     if "weight" in table.column_names:
         w = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
     elif "keep" in table.column_names:
@@ -143,7 +144,7 @@ def _row_weights(table: pa.Table, path: str) -> np.ndarray:
         return np.ones(table.num_rows)
     bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
     if bad.size:
-        raise InputError(f"{path} row {int(bad[0])}: weight {w[bad[0]]} is not finite and >= 0")
+        raise InputError(f"{path} row {first_row + int(bad[0])}: weight {w[bad[0]]} is not finite and >= 0")
     return w
 
 
@@ -163,7 +164,7 @@ def _messages(example) -> list[dict]:
                 for m in example.messages]
     if example.response is not None:
         return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.response}]
-    raise InputError(f"row {example.id} is plain text: it has no conversation")
+    raise InputError(f"row id {example.id} is plain text: --format llamafactory needs conversations (use trl)")
 
 
 def _trl_record(example, layout: str, path: str, index: int) -> dict:
@@ -210,11 +211,12 @@ def _batches(fs, path: str) -> Iterator[pa.Table]:
 def _records(src: _Source, config: ExportConfig, table: pa.Table, path: str, rng, counts: dict,
              state: dict) -> list[dict]:
     """The output records of one batch of a refined shard (weight-0 rows dropped; repeat: each row's copies)."""
-    weights = _row_weights(table, path)
+    weights = _row_weights(table, path, state["shard_row"])
     draws = rng.random(table.num_rows) if config.format == "repeat" else None
     out = []
     for j, (row, w) in enumerate(zip(table.to_pylist(), weights)):
-        index = counts["rows_in"]
+        index = state["shard_row"]  # position in this shard: what the error messages name
+        state["shard_row"] += 1
         counts["rows_in"] += 1
         state["weight_sum"] += float(w)
         copies = 1
@@ -267,11 +269,12 @@ def export_run(run_dir: str, fmt: str, out: str, *, layout: str = "prompt_comple
         raise ConfigError(f"{run_dir} is already a repeat output (copies written): export it with --format trl")
 
     counts = {"rows_in": 0, "rows_zero_weight": 0, "rows_written": 0}
-    state = {"weight_sum": 0.0, "form": None}
+    state = {"weight_sum": 0.0, "form": None, "shard_row": 0}
     names = [f"{dst}/data/train-{i:05d}-of-{len(src.shards):05d}.parquet" for i in range(len(src.shards))]
     written = []
     for i, (path, dest) in enumerate(zip(src.shards, names)):
         rng = np.random.default_rng([config.seed, i])
+        state["shard_row"] = 0
         with contextlib.ExitStack() as stack:
             writer, nrows = None, 0
             held: list[dict] = []  # repeat: the shard's copies, shuffled before writing

@@ -186,6 +186,17 @@ def test_refusals(runs, tmp_path):
     with pytest.raises(IncompleteRunError, match="50.0% of the input files"):
         export_run(str(partial), "trl", str(tmp_path / "e"))
     assert export_run(str(partial), "trl", str(tmp_path / "e"), allow_incomplete=True)["rows_written"] == 16
+    # a bad weight is named by file and row
+    import pyarrow as pa
+
+    bad = tmp_path / "bad"
+    shutil.copytree(runs / "weights", bad)
+    shard = next((bad / "data").iterdir())
+    rows = pq.read_table(shard).to_pylist()
+    rows[5]["weight"] = float("nan")
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)
+    with pytest.raises(InputError, match=rf"{shard.name} row 5: weight nan is not finite"):
+        export_run(str(bad), "llamafactory", str(tmp_path / "f"))
 
 
 def test_multi_turn_rows_need_the_messages_layout(runs, tmp_path):
