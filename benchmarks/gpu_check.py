@@ -195,9 +195,9 @@ def real_shape(device: torch.device, quick: bool) -> None:
     out = GradientFeaturizer(bf16, config).featurize(batch)
     rel = (out.features - ref.features).norm(dim=1) / ref.features.norm(dim=1)
     cos = torch.nn.functional.cosine_similarity(out.features.double(), ref.features.double(), dim=1)
-    # bf16 (u = 2**-9) through `layers` blocks forward and backward: ~u * sqrt(10 * layers) expected, i.e. ~1% at 2
-    # blocks (the unit test's bound is 2%) and ~3% at 24; allow 3x that.
-    bound = 0.02 if layers <= 2 else 0.1
+    # bf16 (u = 2**-9) through `layers` blocks forward and backward: ~u * sqrt(10 * layers) expected, ~1% at 2 blocks
+    # (measured 1.5% per row on the CPU at this width; the tiny-model unit test's bound is 2%) and ~3-5% at 24.
+    bound = 0.04 if layers <= 2 else 0.1
     check(out.bad == [None] * batch_size and float(rel.max()) < bound,
           f"bf16 features vs float32: max relative error per row {float(rel.max()):.2e} (bound {bound:g}), min "
           f"cosine {float(cos.min()):.5f}, loss rel err {float(((out.loss - ref.loss).abs() / ref.loss).max()):.1e}")

@@ -193,6 +193,9 @@ def bergson_per_batch(python: str, shape: str, loss_frac: float, proj_dim: int, 
     model, batch = build(shape, loss_frac)
     _, _, batch_size, seq_len = SHAPES[shape]
     model_dir = os.path.join(workdir, f"{shape}-model")
+    # bergson refuses a token batch longer than max_position_embeddings; RoPE has no position weights, so raising it
+    # changes nothing else (the rows stay seq_len long).
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, batch_size * seq_len)
     model.save_pretrained(model_dir)
     make_char_tokenizer().save_pretrained(model_dir)  # never used to tokenize: the rows come as input_ids
     ids, mask = batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist()
