@@ -11,7 +11,9 @@ atomically), `OUT/manifest.json` (counts, written last), and for llamafactory `O
   "completion": [{"role": "assistant", ...}], "weight"}` (SFTTrainer's default `completion_only_loss` then trains on
   the answer, as drift scored it), or with `layout="messages"` `{"id", "messages", "weight"}` for multi-turn rows
   (train with `assistant_only_loss=True`: every assistant turn, as drift scored it). Text rows: `{"id", "text",
-  "weight"}`. `load_dataset("parquet", data_files=OUT + "/data/*.parquet")` then `WeightedSFTTrainer`.
+  "weight"}`. `load_dataset("parquet", data_files=OUT + "/data/*.parquet")` then `WeightedSFTTrainer`. TRL's
+  completion mask is everything the template renders after the prompt: where the template writes text after the
+  end-of-turn token (the shipped one writes a newline) TRL also trains on it, while drift's mask stops at the token.
 * ``llamafactory``: LLaMA-Factory 0.9.5's v1 sample (`llamafactory/v1/utils/types.py` SFTSample): `{"messages":
   [{"role", "content": [{"type": "text", "value"}], "loss_weight"}]}` with the row's weight on every assistant
   message and 0.0 on the others (set explicitly: its renderer reads `message.get("loss_weight", ...)`, so a null
