@@ -10,7 +10,7 @@ Ray is started once before the runs (its start-up is printed, not counted); each
 (files finished after the first one, over the time between the first and the last completion marker). Every run's
 scores are checked against the local run's (max |diff|). Prints one table and a JSON line.
 
-    python benchmarks/ray_scaling.py [--rows 480] [--files 8] [--repeats 1]
+    python -P benchmarks/ray_scaling.py [--rows 480] [--files 8] [--repeats 1] [--local-threads 1]
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=480)
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="runs per engine (the best is kept)")
-    parser.add_argument("--local-threads", type=int, default=None, help="torch threads of the local engine "
-                        "(default: torch's choice)")
+    parser.add_argument("--local-threads", type=int, default=1, help="torch threads of the local engine (default "
+                        "1, as each actor; torch's default of 2 spun against the other jobs of a shared 2-core "
+                        "machine and ran 4x slower)")
     args = parser.parse_args()
 
     import ray
