@@ -3,6 +3,8 @@ contrast options (query weighting, dropping / hybrid / adaptive K for queries wi
 sequence, per-candidate AUC of the contributions of all-wrong / all-right / mixed queries, paired statistics over
 extra seeds, and a second round of refine + continued SFT.
 
+Second round (`--second-round`): round_context / second_round, at equal SFT steps per round.
+
 Cache additions (same cache directory as v2, their own files, so a v2 cache is reused):
   features_prose_refs.npz   features + loss of the queries' references in the `prose` style
   losses_v3.npz             loss and loss-token count of every rollout and of each reference style (proximity gaps)
@@ -262,12 +264,11 @@ def paired_stats(rows: list[dict], chosen: str, comparators: list[str], key: str
 # ---------------------------------------------------------------------------------------------------- round 2
 
 
-def round_context(ctx, model, fc):
-    """A context for a second round: rollouts, features and losses recomputed from `model` (not cached)."""
-    import refine_eval as re_
-
+def round_context(ctx, model, fc, make_rollouts):
+    """A context for a second round: rollouts and features recomputed from `model` (not cached).
+    make_rollouts: refine_eval.make_rollouts (passed in: this module never imports the script)."""
     new = {**ctx, "model": model, "scorers": dict(ctx["scorers"])}
-    _, rollouts = re_.make_rollouts(ctx["cfg"], model, ctx["tok"], ctx["chat"], ctx["splits"])
+    _, rollouts = make_rollouts(ctx["cfg"], model, ctx["tok"], ctx["chat"], ctx["splits"])
     roll_ex = [ctx["chat"].encode_rollout(r["prompt_ids"], r["completion_ids"], id=f"r{i}")
                for i, r in enumerate(rollouts)]
     feats = dict(ctx["feats"])
@@ -280,7 +281,8 @@ def round_context(ctx, model, fc):
     return new
 
 
-def second_round(ctx, methods: dict, names: list[str], seeds, select, method_scores, continue_sft) -> list[dict]:
+def second_round(ctx, methods: dict, names: list[str], seeds, select, method_scores, continue_sft,
+                 make_rollouts) -> list[dict]:
     """Two rounds per method: select on the base, continue SFT; rescore with the round-1 model (new rollouts for
     DRIFT), select again, continue SFT from the round-1 model with the same steps. Rows: method 'NAME, 2 rounds'."""
     rows = []
@@ -289,7 +291,7 @@ def second_round(ctx, methods: dict, names: list[str], seeds, select, method_sco
             scorer, selection, _ = methods[name]
             w1 = select(ctx, method_scores(ctx, scorer, seed, {}), selection)
             acc1, model1 = continue_sft(ctx, w1, seed, return_model=True)
-            ctx2 = round_context(ctx, model1, ctx["fc"])
+            ctx2 = round_context(ctx, model1, ctx["fc"], make_rollouts)
             w2 = select(ctx2, method_scores(ctx2, scorer, seed, {}), selection)
             acc2, _ = continue_sft(ctx2, w2, seed + 1000, return_model=True)
             labels = [r["corruption"] for r in ctx["splits"].pool]

@@ -266,3 +266,23 @@ def test_chained_selection_drops_the_worst_then_selects_among_the_rest():
     assert (w[np.setdiff1d(np.arange(n), alive)] == 0).all()
     z = (drift[alive] - drift[alive].mean()) / drift[alive].std()
     np.testing.assert_allclose(w[alive], np.exp(z) / np.exp(z).mean(), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_quick_second_round_runs_two_rounds_for_the_choice_and_the_best_baseline(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "refine_eval.py"), "--quick", "--workdir", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"), "--methods", "full", "drift weights", "loss", "ablations", "--second-round",
+         "--no-library-check", "--stat-seeds"],
+        capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    two = {r["method"]: r for r in result["rows"] if r["method"].endswith(", 2 rounds")}
+    assert set(two) == {"drift weights, 2 rounds", "loss, 2 rounds"}  # the choice, and the only non-full baseline
+    for name, row in two.items():
+        assert result["methods"][name]["group"] == "round2"
+        assert 0.0 <= row["target_acc"] <= 1.0 and 0.0 <= row["round1"]["target_acc"] <= 1.0
+        assert 0.0 <= row["overlap_rounds"] <= 1.0
+    assert two["loss, 2 rounds"]["rows_kept"] == math.floor(0.25 * result["config"]["pool_size"] + 0.5)
+    assert not any(r.get("extra_seed") for r in result["rows"])  # --stat-seeds with no value: none
