@@ -13,15 +13,7 @@ Writes results.json, results.md and results.png into --out (default benchmarks/r
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
-
-# benchmarks/ also holds scripts named like standard-library modules (tokenize.py): put it after the standard library
-# on sys.path before anything imports `inspect` (which imports `tokenize`), or those scripts shadow the real modules
-_HERE = _os.path.dirname(_os.path.abspath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
+import argparse
 import copy
 import hashlib
 import json

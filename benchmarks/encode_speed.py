@@ -1,6 +1,6 @@
 """Encoding speed with loss masks against one render + tokenize, at 1, 4 and 16 assistant turns.
 
-    python benchmarks/tokenize.py [--families qwen3,llama3_1,r1_distill] [--rows 200] [--repeats 3]
+    python benchmarks/encode_speed.py [--families qwen3,llama3_1,r1_distill] [--rows 200] [--repeats 3]
 
 For each family (real vocabularies and official templates, drift_stream.testing_vocabs) and number of turns, the
 same rows are encoded by `ChatTokenizer.encode` (render once, tokenize once with offsets, locate each assistant
@@ -13,16 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder leads sys.path and its name would shadow the standard library's `tokenize`
-# (which transformers imports): drop the folder from the path before anything else is imported.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
 
 WORDS = ("the model adds seven to the sum of both numbers and then checks the result against the question again "
          "because a careful answer is better than a quick one so we write each step").split()
