@@ -10,7 +10,7 @@ Ray is started once before the runs (its start-up is printed, not counted); each
 (files finished after the first one, over the time between the first and the last completion marker). Every run's
 scores are checked against the local run's (max |diff|). Prints one table and a JSON line.
 
-    python -P benchmarks/ray_scaling.py [--rows 480] [--files 8] [--repeats 1] [--local-threads 1]
+    python benchmarks/ray_scaling.py [--rows 480] [--files 8] [--repeats 1] [--local-threads 1]
 """
 
 from __future__ import annotations
