@@ -350,3 +350,17 @@ def test_quiet_hides_the_weights_loading_bar(tmp_path, tiny_model_dir, capsys):
     captured = capsys.readouterr()
     assert "Loading weights" not in captured.err and "%|" not in captured.err
     assert captured.out == ""
+
+
+def test_an_adapter_column_of_mixed_scalars_is_read_as_text(tmp_path, make_scorer):
+    """`id` a number in one writer's file and a string in another's (and in one JSON Lines file): no row lost."""
+    rows = [chat(i) for i in range(4)]
+    pq.write_table(pa.Table.from_pylist([{**r, "id": i} for i, r in enumerate(rows)]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
+    mixed = [{**r, "id": i if i % 2 else f"x{i}"} for i, r in enumerate(rows)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    files = [str(tmp_path / n) for n in ("a.parquet", "b.parquet", "c.jsonl")]
+    manifest = score(tmp_path, files, make_scorer())
+    assert (manifest["rows_scored"], manifest["rows_rejected"]) == (12, 0)
+    ds = load_as_one_table(glob.glob(str(tmp_path / "run" / "data" / "*.parquet")))
+    assert sorted(ds["id"]) == sorted(["0", "1", "2", "3", "r0", "r1", "r2", "r3", "x0", "1", "x2", "3"])

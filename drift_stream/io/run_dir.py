@@ -250,14 +250,13 @@ class ShardWriter:
 
 
 def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` with exactly `schema`'s columns (matched by name, cast; missing ones null)."""
-    columns = []
-    for field in schema:
-        if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
+    """`table` with exactly `schema`'s columns (matched by name, conformed; missing ones null): io.schema's.
+
+    (A plain `cast` is not enough: it cannot add a struct field, and pyarrow 26 corrupts list<null> cast to itself.)
+    """
+    from drift_stream.io.schema import conform_table as conform
+
+    return conform(table, schema)
 
 
 def is_local_fs(fs: Any) -> bool:

@@ -11,7 +11,9 @@ every input file into a `SchemaPlan`:
 * a column whose types cannot be unified is carried as **JSON text** (a string holding each row's JSON value) when
   the adapter does not read it: every row keeps its value, and the run manifest names the column;
 * a column the adapter reads (`strict_columns`) keeps the type of the largest group of rows whose types unify;
-  rows of another type are rejected one by one (`wrong_type:COLUMN`), never the file.
+  rows of another type are rejected one by one (`wrong_type:COLUMN`), never the file. When all its types are
+  scalars (an `id` that is a number in one file and a string in another, a GSM8K answer), it becomes a plain string
+  column instead (`string_columns`: 7 -> "7"), which is how the adapter reads such values anyway.
 
 `conform_table` casts a table to the plan: columns matched by name, missing columns (and struct fields) null, list and
 string flavours converted, JSON-text columns encoded. Column order: first appearance over the files in input order.
@@ -74,10 +76,16 @@ class SchemaPlan:
     schema: pa.Schema
     json_columns: tuple[str, ...] = ()  # carried as JSON text (their value types vary between rows)
     strict_columns: tuple[str, ...] = ()  # read by the adapter: rows of another type are rejected
+    string_columns: tuple[str, ...] = ()  # read by the adapter, scalars of several types: carried as str(value)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": [f"{f.name}: {f.type}" for f in self.schema], "json_columns": list(self.json_columns),
-                "strict_columns": list(self.strict_columns)}
+                "strict_columns": list(self.strict_columns), "string_columns": list(self.string_columns)}
+
+    @classmethod
+    def from_dict(cls, schema: pa.Schema, value: Mapping[str, Any]) -> "SchemaPlan":
+        """The plan of `schema` with the column lists of `to_dict()` (or of the schema's plan metadata)."""
+        return cls(schema, *(tuple(value.get(k, ())) for k in ("json_columns", "strict_columns", "string_columns")))
 
 
 def _value_type(value: Any) -> pa.DataType:
@@ -126,7 +134,7 @@ def _unifiable(types: list[pa.DataType]) -> bool:
 def plan_schema(stats: TypeStats, strict_columns: Iterable[str] = ()) -> SchemaPlan:
     """The SchemaPlan for the counted rows (module docstring)."""
     strict = set(strict_columns)
-    fields, json_columns, strict_found = [], [], []
+    fields, json_columns, strict_found, string_columns = [], [], [], []
     for name, counts in stats.types.items():
         types = [t for t in counts if not pat.is_null(t)]
         try:
@@ -135,7 +143,10 @@ def plan_schema(stats: TypeStats, strict_columns: Iterable[str] = ()) -> SchemaP
                 continue
         except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-        if name in strict:
+        if name in strict and types and all(_is_scalar(t) for t in types):
+            fields.append(pa.field(name, pa.string()))
+            string_columns.append(name)
+        elif name in strict:
             # the largest group of rows whose types unify, built greedily from the most common type
             group: list[pa.DataType] = []
             for type_, _ in sorted(((t, counts[t]) for t in types), key=lambda tc: (-tc[1], str(tc[0]))):
@@ -146,7 +157,19 @@ def plan_schema(stats: TypeStats, strict_columns: Iterable[str] = ()) -> SchemaP
         else:
             fields.append(pa.field(name, pa.string()))
             json_columns.append(name)
-    return SchemaPlan(pa.schema(fields), tuple(json_columns), tuple(strict_found))
+    return SchemaPlan(pa.schema(fields), tuple(json_columns), tuple(strict_found), tuple(string_columns))
+
+
+def _is_scalar(type_: pa.DataType) -> bool:
+    return pat.is_string(type_) or pat.is_large_string(type_) or pat.is_integer(type_) or pat.is_floating(type_) \
+        or pat.is_boolean(type_)
+
+
+def to_plain_string(value: Any) -> str | None:
+    """A scalar as text: strings unchanged, numbers and booleans as JSON writes them (7, 0.5, true)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value) if isinstance(value, (bool, int, float)) else str(value)
 
 
 def _has_empty_struct(type_: pa.DataType) -> bool:
@@ -180,7 +203,7 @@ def conform_array(array: pa.Array | pa.ChunkedArray, type_: pa.DataType) -> pa.A
     if isinstance(array, pa.ChunkedArray):
         return pa.chunked_array([conform_array(chunk, type_) for chunk in array.chunks], type_)
     if array.type.equals(type_):
-        return array
+        return array  # never cast to the same type: pyarrow 26 corrupts list<null> that way
     if pat.is_null(array.type):
         return pa.nulls(len(array), type_)
     if pat.is_dictionary(array.type):
@@ -205,12 +228,13 @@ def conform_array(array: pa.Array | pa.ChunkedArray, type_: pa.DataType) -> pa.A
     return array.cast(type_)
 
 
-def conform_table(table: pa.Table, schema: pa.Schema, json_columns: Iterable[str] = ()) -> pa.Table:
+def conform_table(table: pa.Table, schema: pa.Schema, json_columns: Iterable[str] = (),
+                  string_columns: Iterable[str] = ()) -> pa.Table:
     """`table` with exactly `schema`'s columns: matched by name, conformed (see conform_array), missing ones null.
 
     Columns in `json_columns` are encoded as JSON text, every value (a string "a" becomes the text "\"a\"").
     """
-    as_json = set(json_columns)
+    as_json, as_string = set(json_columns), set(string_columns)
     columns = []
     for f in schema:
         if f.name not in table.column_names:
@@ -219,6 +243,8 @@ def conform_table(table: pa.Table, schema: pa.Schema, json_columns: Iterable[str
         column = table.column(f.name)
         if f.name in as_json:
             column = pa.array([to_json_text(v) for v in column.to_pylist()], pa.string())
+        elif f.name in as_string:
+            column = pa.array([to_plain_string(v) for v in column.to_pylist()], pa.string())
         columns.append(conform_array(column, f.type))
     return pa.Table.from_arrays(columns, schema=schema)
 

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from drift_stream.errors import ConfigError, InputError
 from drift_stream.io.background import prefetch  # noqa: F401 - re-exported: the readers' prefetch lives there
 from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
-from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text
+from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text, to_plain_string
 
 logger = logging.getLogger(__name__)
 
@@ -204,15 +204,14 @@ def as_plan(schema: pa.Schema | SchemaPlan) -> SchemaPlan:
     if isinstance(schema, SchemaPlan):
         return schema
     meta = json.loads((schema.metadata or {}).get(PLAN_METADATA_KEY, b"{}"))
-    return SchemaPlan(schema, tuple(meta.get("json_columns", ())), tuple(meta.get("strict_columns", ())))
+    return SchemaPlan.from_dict(schema, meta)
 
 
 def _with_plan_metadata(plan: SchemaPlan) -> SchemaPlan:
-    if not plan.json_columns and not plan.strict_columns:
+    if not plan.json_columns and not plan.strict_columns and not plan.string_columns:
         return plan
-    meta = {PLAN_METADATA_KEY: json.dumps({"json_columns": list(plan.json_columns),
-                                           "strict_columns": list(plan.strict_columns)})}
-    return SchemaPlan(plan.schema.with_metadata(meta), plan.json_columns, plan.strict_columns)
+    lists = {k: v for k, v in plan.to_dict().items() if k != "schema"}
+    return SchemaPlan.from_dict(plan.schema.with_metadata({PLAN_METADATA_KEY: json.dumps(lists)}), lists)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -385,6 +384,9 @@ def _rows_to_table(rows: list[dict], index: list[int], plan: SchemaPlan) -> tupl
         for name in plan.json_columns:  # every value, strings too ("n/a" -> "\"n/a\""): the column is JSON text
             if row.get(name) is not None:
                 row[name] = to_json_text(row[name])
+        for name in plan.string_columns:
+            if row.get(name) is not None and not isinstance(row[name], str) and not isinstance(row[name], (dict, list)):
+                row[name] = to_plain_string(row[name])
     if not plan.schema:  # objects without keys ({}): a table of no columns that still has its rows
         return pa.Table.from_struct_array(pa.array(rows, pa.struct([]))), index, []
     try:
@@ -401,7 +403,13 @@ def _rows_to_table(rows: list[dict], index: list[int], plan: SchemaPlan) -> tupl
             continue
         good.append(row)
         good_index.append(i)
-    return pa.Table.from_pylist(good, schema=plan.schema), good_index, bad
+    try:
+        return pa.Table.from_pylist(good, schema=plan.schema), good_index, bad
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        # pyarrow reads a struct from a dict or from a list of pairs, and one conversion cannot mix the two
+        # ([[]] fits a list<struct> alone, not next to [{...}]): convert row by row
+        singles = [pa.Table.from_pylist([row], schema=plan.schema) for row in good]
+        return pa.concat_tables(singles) if singles else plan.schema.empty_table(), good_index, bad
 
 
 def _fits(value: Any, type_: pa.DataType) -> bool:
@@ -443,7 +451,7 @@ def _conform_chunk(file: InputFile, table: pa.Table, start: int, plan: SchemaPla
     n = table.num_rows
     row_index = np.arange(start, start + n, dtype=np.int64)
     try:
-        return Chunk(file, conform_table(table, plan.schema, plan.json_columns), row_index, [])
+        return Chunk(file, conform_table(table, plan.schema, plan.json_columns, plan.string_columns), row_index, [])
     except (pa.ArrowException, ValueError, TypeError) as exc:
         failing = [f.name for f in plan.schema if f.name in table.column_names and not _column_fits(table, f, plan)]
         if not failing or any(name not in plan.strict_columns for name in failing):
@@ -456,7 +464,7 @@ def _conform_chunk(file: InputFile, table: pa.Table, start: int, plan: SchemaPla
 
 def _column_fits(table: pa.Table, field: pa.Field, plan: SchemaPlan) -> bool:
     try:
-        conform_table(table.select([field.name]), pa.schema([field]), plan.json_columns)
+        conform_table(table.select([field.name]), pa.schema([field]), plan.json_columns, plan.string_columns)
         return True
     except (pa.ArrowException, ValueError, TypeError):
         return False
