@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-# Keep this folder off the front of sys.path: a script here named like a stdlib module (tokenize.py) would shadow it.
+# Keep this folder off the front of sys.path: a script here named like a stdlib module would shadow it.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     sys.path.append(sys.path.pop(0))
