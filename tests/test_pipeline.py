@@ -134,13 +134,14 @@ def test_partial_leftovers_are_overwritten(tmp_path, make_scorer):
     (out / "data").mkdir(parents=True)
     (out / "data" / "train-00001-of-00003.parquet").write_bytes(b"half a shard")
     (out / "data" / ".train-00001-of-00003.parquet.tmp").write_bytes(b"temp of a killed writer")
+    (out / "data" / ".train-00001-of-00003.parquet.tmp-999-0badf00d").write_bytes(b"temp of another killed writer")
     (out / "rejects").mkdir()
     (out / "rejects" / "train-00002-of-00003.parquet").write_bytes(b"stale")
     manifest = run_score(RunConfig(data=(str(pool),), out=str(out)), make_scorer(), progress=False)
     assert manifest == expected
     assert read_run(out).equals(read_run(tmp_path / "ref"))
     assert read_run(out, "rejects").equals(read_run(tmp_path / "ref", "rejects"))
-    assert not (out / "data" / ".train-00001-of-00003.parquet.tmp").exists()
+    assert not list((out / "data").glob(".train-00001-of-00003.parquet.tmp*"))
 
 
 def test_shard_index_runs_together_equal_one_run(tmp_path, make_scorer):
@@ -218,4 +219,4 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, make_scorer, tiny
     assert data.equals(ref)
     assert len(set(data.column("id").to_pylist())) == data.num_rows  # no row duplicated
     assert read_run(out, "rejects").equals(read_run(tmp_path / "ref", "rejects"))
-    assert not [p for p in out.rglob(".*.tmp")]
+    assert not [p for p in out.rglob(".*.tmp*")]

@@ -106,7 +106,7 @@ def test_shard_writer_publishes_atomically_then_marks(tmp_path):
     writer.write_rejects(pa.table({"text": ["c"], "drift_reject_reason": ["empty_response"],
                                    "drift_row_index": pa.array([2], pa.int64())}))
     final = tmp_path / "data" / "train-00001-of-00002.parquet"
-    assert not final.exists() and (tmp_path / "data" / ".train-00001-of-00002.parquet.tmp").exists()
+    assert not final.exists() and list((tmp_path / "data").glob(".train-00001-of-00002.parquet.tmp-*"))
     assert run.completed_indexes() == set()
     summary = ScoreSummary()
     summary.add(np.array([0.5, 0.25]))

@@ -8,7 +8,7 @@ Layout (fixed names; N = number of input files, I = an input file's position in 
     OUT/manifest.json                          recomputed from the markers (schemas/run_manifest.schema.json)
     OUT/config.json                            resolved config; a rerun with a different one is refused
 
-Atomicity. Local: each parquet is written to `.NAME.tmp` beside its final name, fsynced, then `os.replace`d. Object
+Atomicity. Local: each parquet is written to `.NAME.tmp-PID-RANDOM` beside its final name, fsynced, then `os.replace`d. Object
 stores: each parquet is written straight to its final key as one upload (multipart for large files), which the store
 makes visible only when the upload completes; on an error the upload is aborted (`discard`), and a killed process
 leaves at most an unfinished multipart upload, never a partial object. In both cases the completion marker is written
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob as globlib
 import json
 import logging
 import math
 import os
+import uuid
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -323,7 +325,12 @@ class _AtomicParquet:
         if isinstance(fs, LocalFileSystem):
             directory, name = os.path.split(self.final)
             os.makedirs(directory, exist_ok=True)
-            self.temp = os.path.join(directory, f".{name}.tmp")
+            # Temps of killed writers of this shard go; ours gets pid + a random suffix, so a writer that is still
+            # dying (an old Ray actor, a resubmitted array task) never shares a temp file with us.
+            for stale in globlib.glob(os.path.join(globlib.escape(directory), globlib.escape(f".{name}.tmp") + "*")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
+            self.temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self.handle = open(self.temp, "wb")
         else:
             self.temp = None
