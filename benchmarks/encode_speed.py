@@ -10,8 +10,6 @@ turn) and by the baseline `tokenizer(apply_chat_template(messages, tokenize=Fals
 
 from __future__ import annotations
 
-import os
-import sys
 
 import argparse
 import random

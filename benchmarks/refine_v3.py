@@ -58,7 +58,7 @@ def reference_examples(chat, queries, style: str):
 
 def extend_cache(ctx, fc) -> None:
     """Prose-reference features, losses for the proximity gaps, adaptive-K rollouts (cached files; see module doc)."""
-    cfg, cache, model, chat = ctx["cfg"], ctx["cache"], ctx["model"], ctx["chat"]
+    cache, model, chat = ctx["cache"], ctx["model"], ctx["chat"]
     queries = ctx["splits"].queries
     path = cache / "features_prose_refs.npz"
     if not path.exists():

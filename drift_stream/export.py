@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -42,9 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drift_stream import __version__
 from drift_stream.errors import ConfigError, IncompleteRunError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, git_sha, open_path, write_bytes_atomic
+from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, open_path, provenance, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -305,10 +303,7 @@ def export_run(run_dir: str, fmt: str, out: str, *, layout: str = "prompt_comple
         info = f"{config.dataset_name}:\n  path: {json.dumps(data_dir)}\n  source: local\n  split: train\n"
         write_bytes_atomic(out_fs, f"{dst}/dataset_info.yaml", info.encode())
     manifest = {
-        "kind": "export",
-        "version": __version__,
-        "git_sha": git_sha(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance("export"),
         "source_run": source,
         "source_policy": src.manifest.get("policy"),
         "config": recorded,

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -34,10 +33,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drift_stream import __version__
 from drift_stream.chain import Prefilter, mask_scores, survivor_mask
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, git_sha, open_path, write_bytes_atomic
+from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, open_path, provenance, write_bytes_atomic
 from drift_stream.io.schema import conform_table, one_output_schema
 from drift_stream.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 
@@ -331,10 +329,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         bar.close()
 
     manifest = {
-        "kind": "refine",
-        "version": __version__,
-        "git_sha": git_sha(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance("refine"),
         "source_run": source,
         "source_rows_rejected": completed.rows_rejected,
         "source_fraction_files": completed.fraction_files,

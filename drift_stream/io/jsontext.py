@@ -242,7 +242,7 @@ def _values(text: io.TextIOWrapper, url: str, in_array: bool) -> Iterator[tuple[
     want = _READ_CHARS
 
     def fill() -> None:
-        nonlocal buf, pos, offset, eof, want
+        nonlocal buf, pos, offset, eof
         chunk = text.read(want)
         if not chunk:
             eof = True

@@ -27,6 +27,7 @@ import math
 import os
 import uuid
 import subprocess
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -159,8 +160,10 @@ def merge_score_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
-    """The git commit of the drift_stream source tree, or None when it is not a git checkout."""
+    """The git commit of the drift_stream source tree, or None when it is not a git checkout (one `git` call per
+    process)."""
     source = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -169,6 +172,11 @@ def git_sha() -> str | None:
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and len(sha) == 40 else None
 
+
+def provenance(kind: str) -> dict[str, Any]:
+    """The header every output manifest starts with: what kind of output, which package version and commit, when."""
+    return {"kind": kind, "version": __version__, "git_sha": git_sha(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, Mapping):
