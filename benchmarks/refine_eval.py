@@ -442,6 +442,34 @@ def continue_sft(ctx, weights, seed: int, return_model: bool = False):
     return (out, model) if return_model else out
 
 
+_SFT_CTX: dict = {}  # the forked workers' view of ctx (set before the pool forks; read-only in the workers)
+
+
+def _sft_job(job):
+    weights, seed = job
+    t = time.perf_counter()
+    acc = continue_sft(_SFT_CTX["ctx"], weights, seed)
+    return acc, time.perf_counter() - t
+
+
+def sft_jobs(ctx, jobs: list, workers: int):
+    """Yield (accuracies, wall seconds) of continue_sft for each (weights, seed) job, in order. workers > 1: forked
+    processes of one torch thread each (every run is seeded by its own seed, so results do not depend on workers)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for weights, seed in jobs:
+            t = time.perf_counter()
+            yield continue_sft(ctx, weights, seed), time.perf_counter() - t
+        return
+    import multiprocessing
+
+    _SFT_CTX["ctx"] = ctx
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            yield from pool.imap(_sft_job, jobs)
+    finally:
+        _SFT_CTX.clear()
+
+
 def choose_best(rows: list[dict], methods: dict) -> dict:
     """DRIFT's best setting, chosen on dev only: the best mean dev target accuracy among the DRIFT candidates whose
     mean dev non-target accuracy is within NONTARGET_SLACK of the full pool's (all candidates if none is)."""
@@ -495,7 +523,8 @@ def diagnostics(ctx, methods, cached, out: dict | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, out: Path | None = None) -> dict:
+def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, out: Path | None = None,
+        workers: int = 1) -> dict:
     import torch
 
     torch.set_num_threads(1)  # 1 thread: 6x faster than 2 here when other jobs share the 2 cores
@@ -530,8 +559,8 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
             "pool_shares": rl.kept_shares(np.ones(len(pool)), labels, kinds), "diagnostics": diag,
             "library_check": check, "wall_s": dict(timer.stages), "choice": choice,
             "cache_build_wall_s": json.loads((ctx["cache"] / "build_wall_s.json").read_text()),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores "
-                       f"(shared with other jobs), {platform.platform()}",
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s) x {workers} SFT worker(s), "
+                       f"{os.cpu_count()} cores, {platform.platform()}",
             "versions": versions(),
             "drift_main_variant": asdict(MAIN), "drift_variants": {k: asdict(v) for k, v in ctx["scorers"].items()},
             "statistics": statistics, "proximity_gaps": v3.proximity_gaps(ctx),
@@ -543,19 +572,17 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
     statistics: dict = {}
 
     def run_methods(batch: dict, seeds=cfg.seeds, extra: dict | None = None) -> None:
-        for seed in seeds:
-            for name, (scorer, selection, group) in batch.items():
-                weights = select(ctx, method_scores(ctx, scorer, seed, cached), selection, seed, cached)
-                t = time.perf_counter()
-                acc = continue_sft(ctx, weights, seed)
-                rows.append({"method": name, "seed": seed, **acc, **(extra or {}), "rows_kept": int((weights > 0).sum()),
-                             "corrupted_share": 1.0 - rl.kept_shares(weights, labels, ["clean"])["clean"],
-                             "kept_shares": rl.kept_shares(weights, labels, kinds), "wall_s": time.perf_counter() - t})
-                logger.info("%-32s seed %d: target %.3f non-target %.3f | dev %.3f / %.3f (%.0fs)", name, seed,
-                            acc["target_acc"], acc["nontarget_acc"], acc.get("dev_target_acc", float("nan")),
-                            acc.get("dev_nontarget_acc", float("nan")), rows[-1]["wall_s"])
-                if out is not None:  # partial results after every run, so a long run can be read while it goes
-                    write_outputs(out, assemble(f"{mode}, partial: {len(rows)} of {total} runs"))
+        jobs = [(name, seed, select(ctx, method_scores(ctx, scorer, seed, cached), selection, seed, cached))
+                for seed in seeds for name, (scorer, selection, group) in batch.items()]
+        for (name, seed, weights), (acc, wall) in zip(jobs, sft_jobs(ctx, [(w, s) for _, s, w in jobs], workers)):
+            rows.append({"method": name, "seed": seed, **acc, **(extra or {}), "rows_kept": int((weights > 0).sum()),
+                         "corrupted_share": 1.0 - rl.kept_shares(weights, labels, ["clean"])["clean"],
+                         "kept_shares": rl.kept_shares(weights, labels, kinds), "wall_s": wall})
+            logger.info("%-32s seed %d: target %.3f non-target %.3f | dev %.3f / %.3f (%.0fs)", name, seed,
+                        acc["target_acc"], acc["nontarget_acc"], acc.get("dev_target_acc", float("nan")),
+                        acc.get("dev_nontarget_acc", float("nan")), rows[-1]["wall_s"])
+            if out is not None:  # partial results after every run, so a long run can be read while it goes
+                write_outputs(out, assemble(f"{mode}, partial: {len(rows)} of {total} runs"))
 
     with timer("continued_sft"):
         run_methods(methods)
@@ -612,6 +639,9 @@ def main(argv=None) -> int:
                              "ablations of the setting chosen on dev among the DRIFT methods given (default: every "
                              "method and the ablations)")
     parser.add_argument("--no-library-check", action="store_true")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="continued-SFT runs in parallel, forked processes of one torch thread each (default: "
+                             "min(2, cores)); results do not depend on it")
     parser.add_argument("--stat-seeds", type=int, nargs="*", default=None,
                         help="extra seeds for the chosen setting and its closest comparators (default 3 4)")
     parser.add_argument("--second-round", action="store_true",
@@ -671,7 +701,8 @@ def main(argv=None) -> int:
         print("\n".join(v3_markdown_diag(info)))
         return 0
     mode = "quick" if args.quick else "small (dev-scale experiment)" if args.small else "full"
-    result = run(cfg, args.workdir, mode, library_check=not args.no_library_check, out=out)
+    result = run(cfg, args.workdir, mode, library_check=not args.no_library_check, out=out,
+                 workers=args.workers)
     write_outputs(out, result)
     print(markdown(result))
     return 0
