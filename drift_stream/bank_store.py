@@ -214,9 +214,20 @@ class ValidationBank:
         bank.check_compatible(model=model, tokenizer=tokenizer, featurizer=featurizer, allow_mismatch=allow_mismatch)
         return bank
 
-    def check_compatible(self, *, model=None, tokenizer=None, featurizer=None, allow_mismatch: bool = False) -> None:
-        """Refuse a model / tokenizer / projector other than the one the bank was built for (BankMismatchError)."""
+    def check_compatible(self, *, model=None, tokenizer=None, featurizer=None, chat_tokenizer=None,
+                         allow_mismatch: bool = False) -> None:
+        """Refuse a model / tokenizer / projector / chat template other than the one the bank was built for
+        (BankMismatchError). chat_tokenizer: a ChatTokenizer; its rendering ("chat" with the template's sha1, or
+        "plain") must match the bank manifest's `tokenization` (banks without that record are not checked)."""
         manifest, checks = self.manifest, []
+        built_tok = manifest.get("tokenization") or {}
+        if chat_tokenizer is not None and "template" in built_tok:
+            given_tok = chat_tokenizer.config_dict()
+
+            def rendering(d):
+                return "plain" if d.get("template") != "chat" else f"chat template sha1 {d.get('chat_template_sha1')}"
+
+            checks.append(("rendering", rendering(built_tok), rendering(given_tok)))
         if model is not None:
             given = fingerprint_model(model)
             same, note = compare_model_fingerprints(manifest["model"], given)
@@ -232,8 +243,13 @@ class ValidationBank:
             checks.append(("projector", manifest["projector"]["fingerprint"], fingerprint_projector(featurizer.spec())))
         for what, built, given in checks:
             if built != given:
-                message = (f"bank {self.path} was built for {what} {built[:16]}, this {what} is {given[:16]}: "
-                           "rebuild the bank or pass --allow-mismatch")
+                if what == "rendering":  # the prompts / targets would be tokenized unlike the bank's rollouts
+                    message = (f"bank {self.path} was built with the {built}, this scorer renders rows with the "
+                               f"{given}: score with the bank's --chat-template (or --no-chat-template), rebuild the "
+                               "bank, or pass --allow-mismatch")
+                else:
+                    message = (f"bank {self.path} was built for {what} {built[:16]}, this {what} is {given[:16]}: "
+                               "rebuild the bank or pass --allow-mismatch")
                 if not allow_mismatch:
                     raise BankMismatchError(message)
                 logger.warning("%s (allowed by allow_mismatch)", message)

@@ -429,7 +429,7 @@ class DriftScorer(_ModelScorer):
             if not self._checked:
                 self.bank.check_compatible(
                     model=model, tokenizer=self.chat.tokenizer, featurizer=self._featurizer,
-                    allow_mismatch=self.allow_mismatch,
+                    chat_tokenizer=self.chat, allow_mismatch=self.allow_mismatch,
                 )
                 self._checked = True
         return self._featurizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -168,6 +169,27 @@ def test_bank_for_another_model_is_refused(setup, tmp_path):
         scorer(varied_rows(4))
     allowed = build_scorer("drift", model=other, bank=banks["sign"], allow_mismatch=True)
     assert allowed(varied_rows(4)).num_rows == 4
+
+
+def test_bank_built_with_another_chat_template_is_refused(setup, tmp_path):
+    """A bank built with the tokenizer's chat template must not score rows rendered another way (prompts and targets
+    would be tokenized unlike its rollouts); --allow-mismatch lets them through, with a warning."""
+    _, model_dir, banks = setup
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    built = json.loads((Path(banks["sign"]) / "manifest.json").read_text())["tokenization"]
+    assert built["template"] == "chat" and built["chat_template_sha1"]
+    other = build_scorer("drift", model=model_dir, bank=banks["sign"], chat_template=str(template))
+    with pytest.raises(BankMismatchError, match="chat template sha1.*--chat-template"):
+        other(varied_rows(4))
+    plain = build_scorer("drift", model=model_dir, bank=banks["sign"], use_chat_template=False)
+    with pytest.raises(BankMismatchError, match="renders rows with the plain"):
+        plain(varied_rows(4))
+    allowed = build_scorer("drift", model=model_dir, bank=banks["sign"], chat_template=str(template),
+                           allow_mismatch=True)
+    assert allowed(varied_rows(4)).num_rows == 4
+    assert build_scorer("drift", model=model_dir, bank=banks["sign"])(varied_rows(4)).num_rows == 4
 
 
 def test_off_policy_baselines_need_an_off_policy_bank(setup):
