@@ -613,7 +613,7 @@ def run(cfg: BenchConfig, workdir: Path, mode: str, library_check: bool = True, 
             base_names = [m for m, (_, _, g) in methods.items() if g == "baseline" and m != "full"]
             best = max(base_names, key=lambda m: np.mean([r["dev_target_acc"] for r in rows if r["method"] == m]))
             for r in v3.second_round(ctx, methods, [choice["chosen"], best], cfg.seeds, select, method_scores,
-                                     continue_sft, make_rollouts):
+                                     continue_sft, make_rollouts, workers=workers):
                 rows.append(r)
                 methods[r["method"]] = (methods[r["method"].removesuffix(", 2 rounds")][0], "2 rounds", "round2")
     timer.stages["total"] = time.perf_counter() - t0

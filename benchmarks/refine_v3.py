@@ -281,29 +281,46 @@ def round_context(ctx, model, fc, make_rollouts):
     return new
 
 
-def second_round(ctx, methods: dict, names: list[str], seeds, select, method_scores, continue_sft,
-                 make_rollouts) -> list[dict]:
-    """Two rounds per method: select on the base, continue SFT; rescore with the round-1 model (new rollouts for
-    DRIFT), select again, continue SFT from the round-1 model with the same steps. Rows: method 'NAME, 2 rounds'."""
-    rows = []
-    for seed in seeds:
-        for name in names:
-            scorer, selection, _ = methods[name]
-            w1 = select(ctx, method_scores(ctx, scorer, seed, {}), selection)
-            acc1, model1 = continue_sft(ctx, w1, seed, return_model=True)
-            ctx2 = round_context(ctx, model1, ctx["fc"], make_rollouts)
-            w2 = select(ctx2, method_scores(ctx2, scorer, seed, {}), selection)
-            acc2, _ = continue_sft(ctx2, w2, seed + 1000, return_model=True)
-            labels = [r["corruption"] for r in ctx["splits"].pool]
-            kinds = ["clean"] + sorted(set(labels) - {"clean"})
-            rows.append({"method": f"{name}, 2 rounds", "seed": seed, **acc2,
-                         "corrupted_share": 1.0 - rl.kept_shares(w2, labels, ["clean"])["clean"],
-                         "kept_shares": rl.kept_shares(w2, labels, kinds),
-                         "round1": {k: acc1[k] for k in acc1 if k.endswith("acc")},
-                         "rows_kept": int((w2 > 0).sum()), "overlap_rounds": float(
-                             np.sum((w1 > 0) & (w2 > 0)) / max(1, np.sum(w1 > 0)))})
-            logger.info("%s, 2 rounds, seed %d: target %.3f (round 1 %.3f)", name, seed, acc2["target_acc"],
-                        acc1["target_acc"])
-            del model1
-    return rows
+_ROUND_JOB: dict = {}  # what the forked workers of second_round read (set before the pool forks)
 
+
+def _two_rounds(job) -> dict:
+    seed, name = job
+    ctx, methods, select, method_scores, continue_sft, make_rollouts = (
+        _ROUND_JOB[k] for k in ("ctx", "methods", "select", "method_scores", "continue_sft", "make_rollouts"))
+    scorer, selection, _ = methods[name]
+    w1 = select(ctx, method_scores(ctx, scorer, seed, {}), selection)
+    acc1, model1 = continue_sft(ctx, w1, seed, return_model=True)
+    ctx2 = round_context(ctx, model1, ctx["fc"], make_rollouts)
+    w2 = select(ctx2, method_scores(ctx2, scorer, seed, {}), selection)
+    acc2, _ = continue_sft(ctx2, w2, seed + 1000, return_model=True)
+    labels = [r["corruption"] for r in ctx["splits"].pool]
+    kinds = ["clean"] + sorted(set(labels) - {"clean"})
+    logger.info("%s, 2 rounds, seed %d: target %.3f (round 1 %.3f)", name, seed, acc2["target_acc"],
+                acc1["target_acc"])
+    return {"method": f"{name}, 2 rounds", "seed": seed, **acc2,
+            "corrupted_share": 1.0 - rl.kept_shares(w2, labels, ["clean"])["clean"],
+            "kept_shares": rl.kept_shares(w2, labels, kinds),
+            "round1": {k: acc1[k] for k in acc1 if k.endswith("acc")},
+            "rows_kept": int((w2 > 0).sum()), "overlap_rounds": float(
+                np.sum((w1 > 0) & (w2 > 0)) / max(1, np.sum(w1 > 0)))}
+
+
+def second_round(ctx, methods: dict, names: list[str], seeds, select, method_scores, continue_sft,
+                 make_rollouts, workers: int = 1) -> list[dict]:
+    """Two rounds per method: select on the base, continue SFT; rescore with the round-1 model (new rollouts for
+    DRIFT), select again, continue SFT from the round-1 model with the same steps. Rows: method 'NAME, 2 rounds', in
+    (seed, name) order. workers > 1: the (seed, method) pairs run in forked processes (each pair is seeded by its own
+    seed, so the rows do not depend on workers)."""
+    _ROUND_JOB.update(ctx=ctx, methods=methods, select=select, method_scores=method_scores,
+                      continue_sft=continue_sft, make_rollouts=make_rollouts)
+    jobs = [(seed, name) for seed in seeds for name in names]
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            return [_two_rounds(job) for job in jobs]
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            return pool.map(_two_rounds, jobs, chunksize=1)
+    finally:
+        _ROUND_JOB.clear()
