@@ -69,7 +69,7 @@ class DriftVariant:
     # task-conditional: a row of a task that has validation queries is scored by the mean over that task's queries
     # only (other rows: over all queries), so each target task's rows compete on their own task's signal
     task_conditional: bool = False
-    # the library's bank options (drift_stream/contrast.py): S as a weighted mean over queries (uniform | learnability
+    # the library's bank options (drift_stream/bank/contrast.py): S as a weighted mean over queries (uniform | learnability
     # p(1-p)); queries whose rollouts are all right or all wrong: keep | drop | reference (the reference in style
     # `hybrid_references` as one more correct target when no rollout is correct); adaptive K up to max_rollouts
     query_weighting: str = "uniform"
@@ -192,7 +192,7 @@ def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner
     weights [m]: S = sum_j w_j score_j / sum_j w_j (the library's query weighting); None: the plain mean."""
     import torch
 
-    from drift_stream.contrast import weighted_query_mean
+    from drift_stream.bank.contrast import weighted_query_mean
 
     b = g
     if preconditioner is not None:

@@ -6,7 +6,7 @@ loss mask -> per-example numbers -> columns. Rows that cannot be scored keep the
 
 Conventions: a higher `drift_score` always means "more worth keeping".
 - drift / less / if: mean over queries of <b_j, u(z)> / ||u(z)||^beta (DESIGN.md section 2); weighted by the
-  bank's query weights w_j when it has them (query_weighting, contrast.py).
+  bank's query weights w_j when it has them (query_weighting, bank/contrast.py).
 - loss: minus the mean response NLL (low-loss rows rank first).
 - ifd: the instruction-following difficulty loss(y|x) / loss(y), ranked high-first as in the IFD paper, except that
   rows with IFD > 1 (the prompt does not help at all) are sent to the bottom as that paper filters them.
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from drift_stream.contrast import weighted_query_mean
+from drift_stream.bank.contrast import weighted_query_mean
 from drift_stream.config_fields import execution_dict, execution_only, output_dict
 from drift_stream.batching import PaddingStats, plan_batches, validate_max_batch_tokens
 from drift_stream.errors import ConfigError
@@ -506,7 +506,7 @@ class DriftScorer(_ModelScorer):
         raw, norm, loss, bad = self._raw(examples)
         scale = np.power(np.maximum(norm, 1e-30), self._beta)[:, None]  # [n, 1]
         per_query = raw / scale  # [n, m]
-        # S = sum_j w_j score_j / sum_j w_j (bank query_weighting, contrast.py); no weights: the plain mean
+        # S = sum_j w_j score_j / sum_j w_j (bank query_weighting, bank/contrast.py); no weights: the plain mean
         weights = self.bank.query_weights
         score = weighted_query_mean(per_query, None if weights is None else weights.double().numpy())
         return ExampleScores(score=score, grad_norm=norm, loss=loss, bad=bad, query_scores=per_query)

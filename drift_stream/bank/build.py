@@ -11,12 +11,12 @@ Off-policy targets: g_j = u(q_j + its reference answer), no rollouts. Queries wi
 equal rewards under advantage, no correct rollout under positive, a zero vector) are listed in the manifest with a
 reason and left out of the vectors, with a warning.
 
-Bank directory (fixed names; written and loaded by bank_store.py): bank.safetensors, manifest.json
+Bank directory (fixed names; written and loaded by bank/store.py): bank.safetensors, manifest.json
 (schemas/bank_manifest.schema.json), rollouts.parquet.
 Proximity gap of a query: reference_loss - rollout_loss (token-weighted mean NLL of all its rollouts); overall: the
 mean over the queries that have both.
 Queries without a contrast (adaptive K, reference as a positive target, dropping) and query weighting (uniform |
-learnability p(1-p)): drift_stream/contrast.py; recorded in the manifest's `contrast` and per-query rows.
+learnability p(1-p)): drift_stream/bank/contrast.py; recorded in the manifest's `contrast` and per-query rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from drift_stream.batching import plan_batches, validate_max_batch_tokens
-from drift_stream.bank_store import (
+from drift_stream.bank.store import (
     BANK_FORMAT_VERSION,
     MANIFEST_FILE,
     ROLLOUTS_FILE,
@@ -41,7 +41,7 @@ from drift_stream.bank_store import (
     fingerprint_tokenizer,
     write_bank,
 )
-from drift_stream.contrast import (
+from drift_stream.bank.contrast import (
     NO_CONTRAST,
     QUERY_WEIGHTINGS,
     contrast_counts,
@@ -63,7 +63,7 @@ from drift_stream.rollouts.engine import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = [  # bank_store's names are re-exported: they were defined here before the split
+__all__ = [  # bank.store's names are re-exported: they were defined here before the split
     "BANK_FORMAT_VERSION", "MANIFEST_FILE", "PRECONDITIONERS", "ROLLOUTS_FILE", "SIGNINGS", "TARGETS", "TENSORS_FILE",
     "BankConfig", "Query", "ValidationBank", "build_bank", "fingerprint_model", "fingerprint_projector",
     "fingerprint_tokenizer", "load_queries", "signed_weights", "write_bank",
@@ -90,7 +90,7 @@ class BankConfig:
     max_tokens: int = 2048  # prompt + completion tokens per featurized sequence
     verifier_timeout_s: float | None = 10.0
     save_rollout_vectors: bool = False
-    no_contrast: str = "keep"  # --no-contrast keep | drop | reference (contrast.py)
+    no_contrast: str = "keep"  # --no-contrast keep | drop | reference (bank/contrast.py)
     max_rollouts: int | None = None  # --max-rollouts: adaptive K budget per query (None: off)
     query_weighting: str = "uniform"  # --query-weighting uniform | learnability
     # --truncated: a rollout cut by max_new_tokens is signed like a finished wrong answer (negative: what an
