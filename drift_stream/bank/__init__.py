@@ -1,19 +1,19 @@
-"""The validation bank room: build.py (build_bank, BankConfig: rollouts -> verifier -> signed query gradients ->
-preconditioner), store.py (the bank directory on disk: write_bank, ValidationBank, fingerprints) and contrast.py
-(queries without a contrast, query weighting).
+"""The validation bank room: config.py (BankConfig), build.py (build_bank: rollouts -> verifier -> signed query
+gradients -> preconditioner -> bank directory), targets.py (the per-query vectors g_j and signing), store.py (the bank
+directory on disk: write_bank, ValidationBank, fingerprints) and contrast.py (queries without a contrast, query
+weighting).
 
 `from drift_stream.bank import X` keeps working for every name the former module drift_stream/bank.py exported.
 """
 
-from drift_stream.bank.build import (
+from drift_stream.bank.build import build_bank
+from drift_stream.bank.config import (
     PRECONDITIONERS,
     SIGNINGS,
     TARGETS,
     TRUNCATED,
     TRUNCATION_WARN_SHARE,
     BankConfig,
-    build_bank,
-    signed_weights,
     truncated_share,
     truncation_warning,
 )
@@ -28,6 +28,7 @@ from drift_stream.bank.store import (
     fingerprint_tokenizer,
     write_bank,
 )
+from drift_stream.bank.targets import signed_weights
 from drift_stream.rollouts.engine import Query, load_queries
 
 __all__ = [
