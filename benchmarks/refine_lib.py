@@ -223,7 +223,7 @@ def task_conditional_mean(per_query, query_task, row_task) -> np.ndarray:
 
 
 def top_mask(scores, fraction: float, ids: Sequence[str], k: int | None = None) -> np.ndarray:
-    """refine.py's `top:P`: exactly floor(P*n + 0.5) rows (or `k`), by score desc then id asc."""
+    """refine/policies.py's `top:P`: exactly floor(P*n + 0.5) rows (or `k`), by score desc then id asc."""
     n = len(scores)
     if k is None:
         k = int(math.floor(fraction * n + 0.5))
@@ -254,7 +254,7 @@ def stratified_top_mask(scores, fraction: float, ids: Sequence[str], strata: Seq
 
 
 def softmax_weights(scores, temperature: float = 1.0) -> np.ndarray:
-    """refine.py's `weights`: exp(z / T) with z the standardised score, normalised to mean 1."""
+    """refine/policies.py's `weights`: exp(z / T) with z the standardised score, normalised to mean 1."""
     s = np.asarray(scores, dtype=np.float64)
     std = s.std()
     if not std > 0:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from drift_stream import __version__
 from drift_stream.io.run_dir import RunDirectory, open_path, write_bytes_atomic
 from drift_stream.io.run_reader import CompletedShards
-from drift_stream.refine import read_json
+from drift_stream.refine.policies import read_json
 
 from drift_stream.stats import rankdata, spearman  # noqa: F401  (re-exported)
 
