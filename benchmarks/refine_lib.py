@@ -69,7 +69,7 @@ class DriftVariant:
     # task-conditional: a row of a task that has validation queries is scored by the mean over that task's queries
     # only (other rows: over all queries), so each target task's rows compete on their own task's signal
     task_conditional: bool = False
-    # the library's bank options (drift_stream/contrast.py): S as a weighted mean over queries (uniform | learnability
+    # the library's bank options (drift_stream/bank/contrast.py): S as a weighted mean over queries (uniform | learnability
     # p(1-p)); queries whose rollouts are all right or all wrong: keep | drop | reference (the reference in style
     # `hybrid_references` as one more correct target when no rollout is correct); adaptive K up to max_rollouts
     query_weighting: str = "uniform"
@@ -192,7 +192,7 @@ def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner
     weights [m]: S = sum_j w_j score_j / sum_j w_j (the library's query weighting); None: the plain mean."""
     import torch
 
-    from drift_stream.contrast import weighted_query_mean
+    from drift_stream.bank.contrast import weighted_query_mean
 
     b = g
     if preconditioner is not None:
@@ -223,7 +223,7 @@ def task_conditional_mean(per_query, query_task, row_task) -> np.ndarray:
 
 
 def top_mask(scores, fraction: float, ids: Sequence[str], k: int | None = None) -> np.ndarray:
-    """refine.py's `top:P`: exactly floor(P*n + 0.5) rows (or `k`), by score desc then id asc."""
+    """refine/policies.py's `top:P`: exactly floor(P*n + 0.5) rows (or `k`), by score desc then id asc."""
     n = len(scores)
     if k is None:
         k = int(math.floor(fraction * n + 0.5))
@@ -254,7 +254,7 @@ def stratified_top_mask(scores, fraction: float, ids: Sequence[str], strata: Seq
 
 
 def softmax_weights(scores, temperature: float = 1.0) -> np.ndarray:
-    """refine.py's `weights`: exp(z / T) with z the standardised score, normalised to mean 1."""
+    """refine/policies.py's `weights`: exp(z / T) with z the standardised score, normalised to mean 1."""
     s = np.asarray(scores, dtype=np.float64)
     std = s.std()
     if not std > 0:

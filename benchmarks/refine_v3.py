@@ -83,7 +83,7 @@ def extend_cache(ctx, fc) -> None:
 def adaptive_rollouts(ctx, fc) -> dict:
     """Rollouts beyond the first K for queries without a contrast, up to cfg.max_rollouts (the library's loop)."""
     from drift_stream import tasks
-    from drift_stream.contrast import top_up_rollouts
+    from drift_stream.bank.contrast import top_up_rollouts
     from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts
 
     cfg, cache = ctx["cfg"], ctx["cache"]
@@ -159,7 +159,7 @@ def variant_scores(ctx, variant: rl.DriftVariant):
     if len(g) == 0:
         logger.warning("%s: no validation query has a signal; all scores are 0", variant)
         return np.zeros(n), np.zeros((n, 0)), kept, None
-    from drift_stream.contrast import query_weights
+    from drift_stream.bank.contrast import query_weights
 
     weights = None if variant.query_weighting == "uniform" else query_weights(pass_rate, variant.query_weighting)
     if weights is not None and not weights.sum() > 0:

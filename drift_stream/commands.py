@@ -21,7 +21,7 @@ def list_adapters_cmd() -> int:
 
 def score_cmd(args, progress: bool = True) -> int:
     from drift_stream.pipeline import RunConfig, run_score
-    from drift_stream.report import summarize_run
+    from drift_stream.refine.report import summarize_run
     from drift_stream.scoring import build_scorer
 
     scorer_kwargs = dict(
@@ -166,7 +166,7 @@ def refine_cmd(args, progress: bool = True) -> int:
 
 
 def report_cmd(args) -> int:
-    from drift_stream.report import write_report
+    from drift_stream.refine.report import write_report
 
     path = write_report(args.run_dir, args.out, storage_options=args.storage_options,
                         allow_incomplete=args.allow_incomplete)
@@ -175,7 +175,7 @@ def report_cmd(args) -> int:
 
 
 def export_cmd(args) -> int:
-    from drift_stream.export import export_run
+    from drift_stream.refine.export import export_run
 
     manifest = export_run(args.run_dir, args.format, args.out, layout=args.layout, seed=args.seed,
                           dataset_name=args.dataset_name, allow_incomplete=args.allow_incomplete,

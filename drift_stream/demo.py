@@ -72,7 +72,7 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> di
     from drift_stream.grads import FeatureConfig
     from drift_stream.pipeline import RunConfig, run_score
     from drift_stream.refine import refine_run
-    from drift_stream.report import summarize_run, write_report
+    from drift_stream.refine.report import summarize_run, write_report
     from drift_stream.rollouts.engine import RolloutConfig
     from drift_stream.scoring import build_scorer
 

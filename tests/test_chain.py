@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.chain import Prefilter
+from drift_stream.refine.chain import Prefilter
 from drift_stream.errors import ConfigError
 from drift_stream.pipeline import RunConfig, run_score
 from drift_stream.refine import refine_run

@@ -42,7 +42,7 @@ def library_defaults() -> dict[tuple[str, str], object]:
     from drift_stream.demo import run_demo
     from drift_stream.integrations.ray import RayEngine, score_on_ray
     from drift_stream.refine import refine_run
-    from drift_stream.report import write_report
+    from drift_stream.refine.report import write_report
     from drift_stream.scoring import build_scorer as build
 
     out: dict[tuple[str, str], object] = {}
@@ -75,7 +75,7 @@ def library_defaults() -> dict[tuple[str, str], object]:
         out[("report", name)] = _param_default(write_report, name)
     out[("demo", "policy")] = _param_default(run_demo, "policy")
     out[("bank build", "dtype")] = _param_default(build_bank, "dtype")
-    from drift_stream.export import export_run
+    from drift_stream.refine.export import export_run
 
     for name in ("layout", "seed", "dataset_name", "allow_incomplete", "storage_options"):
         out[("export", name)] = _param_default(export_run, name)

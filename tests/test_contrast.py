@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from drift_stream.bank import BankConfig, build_bank, signed_weights
-from drift_stream.contrast import (
+from drift_stream.bank.contrast import (
     contrast_counts,
     contrast_plan,
     has_contrast,

@@ -16,7 +16,7 @@ import pytest
 
 from drift_stream.cli import main
 from drift_stream.errors import ConfigError, IncompleteRunError, InputError, RunDirMismatchError
-from drift_stream.export import export_run
+from drift_stream.refine.export import export_run
 
 ASSETS = Path(__file__).resolve().parents[1] / "drift_stream" / "assets"
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "export_manifest.schema.json"

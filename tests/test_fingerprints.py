@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from drift_stream.bank import BankConfig, build_bank
-from drift_stream.bank_store import compare_model_fingerprints, fingerprint_model
+from drift_stream.bank.store import compare_model_fingerprints, fingerprint_model
 from drift_stream.errors import BankMismatchError
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.models import load_model
@@ -82,7 +82,7 @@ def test_a_bank_built_in_bf16_scores_with_a_float32_model_and_refuses_another(ch
     built = build_bank(bf16, QUESTIONS, bank, config, verifier=FunctionVerifier(parity, "test:parity"),
                        dtype="bfloat16", progress=False)
     assert built.manifest["model"]["dtype"] == "bfloat16"
-    with caplog.at_level(logging.WARNING, logger="drift_stream.bank_store"):
+    with caplog.at_level(logging.WARNING, logger="drift_stream.bank.store"):
         out = build_scorer("drift", model=bf16, bank=bank, dtype="float32")(ROWS)  # the CPU scorer: float32
     assert out.column("drift_score").null_count < ROWS.num_rows
     assert any("built with the model in bfloat16" in r.getMessage() and "float32" in r.getMessage()

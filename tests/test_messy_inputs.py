@@ -245,7 +245,7 @@ def test_refine_unifies_shards_of_an_older_run_with_different_schemas(tmp_path, 
 
 def test_paths_with_brackets_spaces_and_a_literal_that_wins_over_its_glob(tmp_path, make_scorer):
     from drift_stream.refine import refine_run
-    from drift_stream.report import write_report
+    from drift_stream.refine.report import write_report
 
     folder = tmp_path / "exports [2024]"
     folder.mkdir()

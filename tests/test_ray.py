@@ -184,9 +184,9 @@ def _score_actors():
 def test_two_actors_s3_in_and_out_equal_the_local_engine_and_refine_report_export_read_it(
         local_ray, pool, reference, scorer_kwargs, s3_server, tmp_path):
     from drift_stream.cli import main
-    from drift_stream.export import export_run
+    from drift_stream.refine.export import export_run
     from drift_stream.refine import refine_run
-    from drift_stream.report import write_report
+    from drift_stream.refine.report import write_report
 
     out = f"s3://{s3_server.new_bucket('rayout')}/run"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in scorer_kwargs.items() if k != "keep_query_scores"]

@@ -296,7 +296,7 @@ def test_refine_into_and_from_memory_url(tmp_path):
 
 @pytest.mark.s3
 def test_refine_and_report_on_real_s3(s3_server):
-    from drift_stream.report import write_report
+    from drift_stream.refine.report import write_report
 
     so = s3_server.storage_options
     bucket = s3_server.new_bucket("refine")

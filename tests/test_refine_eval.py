@@ -220,7 +220,7 @@ def test_query_targets_follow_the_library_contrast_rules():
     import refine_lib as rl
 
     from drift_stream.bank import signed_weights
-    from drift_stream.contrast import contrast_plan
+    from drift_stream.bank.contrast import contrast_plan
 
     rng = np.random.default_rng(4)
     m, k, d = 5, 3, 6

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_refine import MESSAGES, mark_complete, write_run
 
-from drift_stream.report import _extreme_rows, rankdata, render_example, spearman, summarize_run, write_report
+from drift_stream.refine.report import _extreme_rows, rankdata, spearman, summarize_run, write_report
+from drift_stream.refine.report_html import render_example
 
 
 def write_bank(path, rates: dict[str, tuple[int, int]], gap: float = 0.8) -> None:
@@ -160,7 +161,7 @@ def test_report_to_memory_url(tmp_path):
 
 
 def test_large_runs_correlate_on_a_systematic_sample(tmp_path, monkeypatch):
-    import drift_stream.report as report
+    import drift_stream.refine.report as report
 
     full = write_run(str(tmp_path / "run"))  # 100 rows
     monkeypatch.setattr(report, "MAX_SPEARMAN_ROWS", 30)  # -> every 4th row

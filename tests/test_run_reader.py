@@ -14,7 +14,7 @@ from drift_stream.cli import main
 from drift_stream.errors import IncompleteRunError
 from drift_stream.io.run_dir import RunDirectory
 from drift_stream.refine import refine_run
-from drift_stream.report import write_report
+from drift_stream.refine.report import write_report
 
 NUM_FILES, ROWS_PER_FILE = 8, 5
 

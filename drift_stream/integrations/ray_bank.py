@@ -60,7 +60,7 @@ class BankWorker:
         return generate_rollouts(self.model, tokenizer, chat_tokenizer, queries, rollout_config, progress=False)
 
     def featurize(self, examples, pad_id: int, batch_size: int, loss_only: bool):
-        from drift_stream.bank import _featurize_all
+        from drift_stream.bank.targets import _featurize_all
 
         features, loss, counts, bad = _featurize_all(self.featurizer, examples, pad_id, batch_size, "", False,
                                                      loss_only)
@@ -130,10 +130,10 @@ class RayBankWorkers:
 
     def featurize_all(self, featurizer, examples, pad_id: int, batch_size: int, desc: str, progress: bool,
                       loss_only: bool = False):
-        """`bank._featurize_all` over the actors, in chunks of whole batches (same batches as one process)."""
+        """`bank.targets._featurize_all` over the actors, in chunks of whole batches (same batches as one process)."""
         import torch
 
-        from drift_stream.bank_store import fingerprint_projector
+        from drift_stream.bank.store import fingerprint_projector
 
         if not self._checked:
             theirs, mine = self._map("projector_spec", [()])[0], featurizer.spec()

@@ -8,45 +8,51 @@ Layout (fixed names; N = number of input files, I = an input file's position in 
     OUT/manifest.json                          recomputed from the markers (schemas/run_manifest.schema.json)
     OUT/config.json                            resolved config; a rerun with a different one is refused
 
-Atomicity. Local: each parquet is written to `.NAME.tmp-PID-RANDOM` beside its final name, fsynced, then `os.replace`d. Object
-stores: each parquet is written straight to its final key as one upload (multipart for large files), which the store
-makes visible only when the upload completes; on an error the upload is aborted (`discard`), and a killed process
-leaves at most an unfinished multipart upload, never a partial object. In both cases the completion marker is written
-(one small atomic PUT / replace) only after the data and rejects shards are complete, so a marker is the only proof of
-a finished input file: a rerun skips files with markers and overwrites anything else.
+Atomicity. Each parquet appears whole or not at all (io/atomic.py: local temp file + fsync + rename; object stores one
+upload that an error discards). In both cases the completion marker is written (one small atomic PUT / replace) only
+after the data and rejects shards are complete, so a marker is the only proof of a finished input file: a rerun skips
+files with markers and overwrites anything else.
+
+Score summaries, the provenance header and config diffs are io/manifest.py's; this module re-exports them and the
+atomic writers, so `from drift_stream.io.run_dir import X` keeps working for each of them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob as globlib
 import json
 import logging
-import math
 import os
-import uuid
-import subprocess
-import time
 from importlib import resources
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from drift_stream import __version__
 from drift_stream.errors import InputError, RunDirMismatchError
+from drift_stream.io.atomic import _AtomicParquet, atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.manifest import (
+    ORDER_STATS_POINTS,
+    QUANTILES,
+    ScoreSummary,
+    config_diff,
+    git_sha,
+    merge_score_summaries,
+    provenance,
+)
 from drift_stream.io.streams import InputFile, filesystem, redact_url
 
 logger = logging.getLogger(__name__)
 
+__all__ = [  # io.manifest's and io.atomic's names are re-exported: they were defined here before the split
+    "CONFIG_FILE", "MANIFEST_FILE", "MANIFEST_FORMAT", "ORDER_STATS_POINTS", "QUANTILES", "RAW_LINE_COLUMN",
+    "ROW_INDEX_COLUMN", "RunDirectory", "ScoreSummary", "ShardWriter", "atomic_parquet_writer", "config_diff",
+    "conform_table", "empty_data_schema", "git_sha", "is_local_fs", "merge_score_summaries", "open_path",
+    "provenance", "reason_code", "rejects_schema", "shard_name", "write_bytes_atomic",
+]
+
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-ORDER_STATS_POINTS = 4096  # per-marker score sketch; exact quantiles while every input file has <= this many rows
-QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 # Columns added to rejected rows (besides the input columns, `id` and `drift_reject_reason`).
 ROW_INDEX_COLUMN = "drift_row_index"  # position of the row (jsonl: line number) in its input file
@@ -80,124 +86,6 @@ def reason_code(reason: str) -> str:
     """The manifest groups rejects by code: the reason up to its first ':' (`too_long:2049>2048` -> `too_long`)."""
     return reason.split(":", 1)[0]
 
-
-class ScoreSummary:
-    """Mergeable summary of one input file's scores: count, mean, M2, min, max and a sorted order-statistics sketch."""
-
-    def __init__(self) -> None:
-        self._parts: list[np.ndarray] = []
-        self.nonfinite = 0
-
-    def add(self, scores: np.ndarray) -> None:  # scores: [n] float
-        scores = np.asarray(scores, dtype=np.float64)
-        finite = np.isfinite(scores)
-        self.nonfinite += int((~finite).sum())
-        if finite.any():
-            self._parts.append(scores[finite].astype(np.float32))
-
-    def to_dict(self) -> dict[str, Any]:
-        values = np.sort(np.concatenate(self._parts).astype(np.float64)) if self._parts else np.zeros(0)
-        n = int(values.size)
-        if n == 0:
-            return {"count": 0, "mean": None, "m2": None, "min": None, "max": None, "nonfinite": self.nonfinite, "order_stats": []}
-        mean = float(values.mean())
-        if n <= ORDER_STATS_POINTS:
-            sketch = values
-        else:
-            ranks = np.round(np.linspace(0, n - 1, ORDER_STATS_POINTS)).astype(np.int64)
-            sketch = values[ranks]
-        return {
-            "count": n,
-            "mean": mean,
-            "m2": float(((values - mean) ** 2).sum()),
-            "min": float(values[0]),
-            "max": float(values[-1]),
-            "nonfinite": self.nonfinite,
-            "order_stats": [float(v) for v in sketch],
-        }
-
-
-def merge_score_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score statistics of the whole run from per-file summaries (Chan et al. merge of mean / M2)."""
-    count, mean, m2 = 0, 0.0, 0.0
-    lo, hi, nonfinite, exact = math.inf, -math.inf, 0, True
-    points, weights = [], []
-    for part in parts:
-        nonfinite += part.get("nonfinite", 0)
-        n = part["count"]
-        if n == 0:
-            continue
-        delta = part["mean"] - mean
-        total = count + n
-        mean += delta * n / total
-        m2 += part["m2"] + delta * delta * count * n / total
-        count = total
-        lo, hi = min(lo, part["min"]), max(hi, part["max"])
-        sketch = np.asarray(part["order_stats"], dtype=np.float64)
-        exact = exact and sketch.size == n
-        points.append(sketch)
-        weights.append(np.full(sketch.size, n / sketch.size))
-    if count == 0:
-        return {"count": 0, "mean": None, "std": None, "min": None, "max": None, "nonfinite": nonfinite,
-                "quantiles": {}, "quantiles_exact": True}
-    values = np.concatenate(points)
-    if exact:
-        quantiles = np.quantile(values, QUANTILES)
-    else:
-        order = np.argsort(values, kind="stable")
-        values, cum = values[order], np.cumsum(np.concatenate(weights)[order])
-        quantiles = [values[min(np.searchsorted(cum, q * cum[-1]), values.size - 1)] for q in QUANTILES]
-    return {
-        "count": count,
-        "mean": mean,
-        "std": math.sqrt(m2 / count),
-        "min": lo,
-        "max": hi,
-        "nonfinite": nonfinite,
-        "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, quantiles)},
-        "quantiles_exact": bool(exact),
-    }
-
-
-@functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str | None:
-    """The git commit of the drift_stream source tree, or None when it is not a git checkout (one `git` call per
-    process)."""
-    source = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None
-
-
-def provenance(kind: str) -> dict[str, Any]:
-    """The header every output manifest starts with: what kind of output, which package version and commit, when."""
-    return {"kind": kind, "version": __version__, "git_sha": git_sha(),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat or {prefix: {}}
-    return {prefix: value}
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Lines `key: old -> new` for every dotted key whose value differs."""
-    a, b = _flatten(old), _flatten(new)
-    missing = object()
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key, missing), b.get(key, missing)
-        if x != y:
-            show = lambda v: "<absent>" if v is missing else json.dumps(v, sort_keys=True)  # noqa: E731
-            lines.append(f"  {key}: {show(x)} -> {show(y)}")
-    return lines
 
 
 def _load_manifest_schema() -> dict:
@@ -285,95 +173,6 @@ def open_path(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
     fs, path = filesystem(str(url), storage_options)
     return fs, (os.path.abspath(path) if is_local_fs(fs) else path.rstrip("/") or path)
 
-
-@contextlib.contextmanager
-def atomic_parquet_writer(fs: Any, path: str, schema: pa.Schema) -> Iterator["_AtomicParquet"]:
-    """A parquet writer (`.write(table)`) whose file appears at `path` only if the block exits without error.
-
-    Same rules as the run directory's shards (module docstring): local temp file + fsync + rename; object stores one
-    (multipart) upload that an error discards.
-    """
-    writer = _AtomicParquet(fs, path, schema)
-    try:
-        yield writer
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-
-
-def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write a small file so that readers see the old content or the new, never a part.
-
-    Local: a temp name in the same directory, fsync, then rename. Object stores: one PUT, which is atomic.
-    """
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-class _AtomicParquet:
-    """A parquet file that appears at its final name only when `close` succeeds (see module docstring)."""
-
-    def __init__(self, fs: Any, path: str, schema: pa.Schema) -> None:
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.final = path
-        self.schema = schema
-        if isinstance(fs, LocalFileSystem):
-            directory, name = os.path.split(self.final)
-            os.makedirs(directory, exist_ok=True)
-            # Temps of killed writers of this shard go; ours gets pid + a random suffix, so a writer that is still
-            # dying (an old Ray actor, a resubmitted array task) never shares a temp file with us.
-            for stale in globlib.glob(os.path.join(globlib.escape(directory), globlib.escape(f".{name}.tmp") + "*")):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(stale)
-            self.temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            self.handle = open(self.temp, "wb")
-        else:
-            self.temp = None
-            self.handle = fs.open(self.final, "wb")
-        self.writer = pq.ParquetWriter(self.handle, schema)
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return  # no empty row groups: `datasets` reads a file whose first row group is empty as an error
-        if not table.schema.equals(self.schema, check_metadata=False):
-            table = table.cast(self.schema)
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.temp is not None:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
-            os.replace(self.temp, self.final)
-        else:
-            self.handle.close()  # completes the (multipart) upload
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:  # noqa: BLE001 - the file is being thrown away
-            pass
-        if self.temp is not None:
-            self.handle.close()
-            if os.path.exists(self.temp):
-                os.remove(self.temp)
-        else:
-            self.handle.discard()
-            self.handle.closed = True  # so that __del__ does not complete the upload
 
 
 class RunDirectory:

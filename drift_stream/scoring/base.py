@@ -6,11 +6,14 @@ loss mask -> per-example numbers -> columns. Rows that cannot be scored keep the
 
 Conventions: a higher `drift_score` always means "more worth keeping".
 - drift / less / if: mean over queries of <b_j, u(z)> / ||u(z)||^beta (DESIGN.md section 2); weighted by the
-  bank's query weights w_j when it has them (query_weighting, contrast.py).
+  bank's query weights w_j when it has them (query_weighting, bank/contrast.py).
 - loss: minus the mean response NLL (low-loss rows rank first).
 - ifd: the instruction-following difficulty loss(y|x) / loss(y), ranked high-first as in the IFD paper, except that
   rows with IFD > 1 (the prompt does not help at all) are sent to the bottom as that paper filters them.
 - random: uniform in [0, 1) from a hash of (seed, row id): invariant to batching, sharding and resume.
+
+This file holds the shared path (ScoreConfig, batch types, BatchScorer, the model-running base); the scorers are in
+baselines.py (random, loss, ifd) and drift.py (drift, less, if); build.py builds any of them by name.
 """
 
 from __future__ import annotations
@@ -24,11 +27,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from drift_stream.contrast import weighted_query_mean
 from drift_stream.config_fields import execution_dict, execution_only, output_dict
 from drift_stream.batching import PaddingStats, plan_batches, validate_max_batch_tokens
 from drift_stream.errors import ConfigError
-from drift_stream.stats import spearman
 
 logger = logging.getLogger(__name__)
 
@@ -268,15 +269,6 @@ def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in values]
 
 
-class RandomScorer(BatchScorer):
-    name = "random"
-
-    def _score_examples(self, examples):
-        n = len(examples)
-        score = np.array([random_unit(self.config.seed, ex.id) for ex in examples])
-        return ExampleScores(score=score, grad_norm=np.full(n, np.nan), loss=np.full(n, np.nan), bad=[None] * n)
-
-
 class _ModelScorer(BatchScorer):
     """Scorers that run the model: loads it lazily so that constructing one is cheap."""
 
@@ -326,219 +318,6 @@ class _ModelScorer(BatchScorer):
         return arr, bad
 
 
-class LossScorer(_ModelScorer):
-    name = "loss"
-
-    def _score_examples(self, examples):
-        loss, bad = self._losses(examples)
-        return ExampleScores(score=-loss, grad_norm=np.full(len(loss), np.nan), loss=loss, bad=bad)
-
-
-class IFDScorer(_ModelScorer):
-    name = "ifd"
-
-    def _score_examples(self, examples):
-        loss_cond, bad = self._losses(examples)
-        alone = [self.chat.response_only(ex) for ex in examples]  # the one response-only builder
-        loss_alone, bad_alone = self._losses(alone)
-        ifd = loss_cond / np.maximum(loss_alone, 1e-12)
-        score = np.where(ifd > 1.0, -ifd, ifd)
-        bad = [a or b for a, b in zip(bad, bad_alone)]
-        return ExampleScores(score=score, grad_norm=np.full(len(ifd), np.nan), loss=loss_cond, bad=bad)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gradient scorers: DRIFT and its off-policy baselines on the same machinery.
-
-
-def fit_beta(mean_raw: np.ndarray, grad_norm: np.ndarray) -> float:
-    """The beta that makes log|S| uncorrelated with log||u|| on a calibration sample.
-
-    With S = R / ||u||^beta, log|S| = log|R| - beta * log||u||, so the zero-correlation beta is the least-squares slope
-    of log|R| on log||u||.   mean_raw: [n], grad_norm: [n]
-    """
-    keep = np.isfinite(mean_raw) & np.isfinite(grad_norm) & (np.abs(mean_raw) > 0) & (grad_norm > 0)
-    if keep.sum() < 8:
-        raise ConfigError(
-            f"beta: auto needs at least 8 scorable calibration rows, got {int(keep.sum())}: "
-            "raise --calibration-rows or pass a number for --beta"
-        )
-    log_r = np.log(np.abs(mean_raw[keep]))
-    log_n = np.log(grad_norm[keep])
-    var = np.var(log_n)
-    if var <= 0:
-        return 1.0
-    return float(np.mean((log_r - log_r.mean()) * (log_n - log_n.mean())) / var)
-
-
-class DriftScorer(_ModelScorer):
-    """DRIFT: mean over validation queries of <b_j, u(z)> / ||u(z)||^beta, with b_j from an on-policy bank.
-
-    `less` and `if` are the same machinery on an off-policy bank with beta fixed to 1 and 0.
-    """
-
-    name = "drift"
-
-    def __init__(self, adapter, chat_tokenizer, config, bank, model_path=None, model=None, allow_mismatch=False):
-        if config.scorer in ("less", "if") and bank.targets != "off-policy":
-            raise ConfigError(
-                f"scorer {config.scorer!r} is the off-policy baseline but the bank at {bank.path} was built with "
-                f"on-policy targets: build one with `drift-stream bank build --targets off-policy`"
-            )
-        if config.scorer == "less":
-            config = _replace(config, beta=1.0)
-        elif config.scorer == "if":
-            config = _replace(config, beta=0.0)
-        super().__init__(adapter, chat_tokenizer, config, model_path, model)
-        self.name = config.scorer
-        self.bank = bank
-        self.allow_mismatch = allow_mismatch
-        self._beta: float | None = None if config.beta == "auto" else float(config.beta)
-        self._debias: dict = {}
-        self._checked = False
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_path: str,
-        bank: str,
-        adapter: str = "messages",
-        *,
-        allow_mismatch: bool = False,
-        **config: Any,
-    ) -> "DriftScorer":
-        """Build a scorer from paths: `DriftScorer.from_pretrained("model_dir", bank="bank_dir", adapter="messages")`."""
-        from drift_stream.bank import ValidationBank
-        from drift_stream.formats import load_adapter
-        from drift_stream.models import load_tokenizer
-
-        cfg = ScoreConfig(scorer=config.pop("scorer", "drift"), adapter=adapter, **config)
-        tokenizer = load_tokenizer(model_path)
-        chat = chat_tokenizer_for(tokenizer, cfg)
-        vb = ValidationBank.load(bank)
-        return cls(load_adapter(adapter), chat, cfg, vb, model_path=model_path, allow_mismatch=allow_mismatch)
-
-    # -- features ---------------------------------------------------------------------------------------------
-    @property
-    def featurizer(self):
-        if self._featurizer is None:
-            from drift_stream.grads.features import GradientFeaturizer
-
-            model = self.model
-            self._featurizer = GradientFeaturizer(model, self.bank.feature_config)
-            if not self._checked:
-                self.bank.check_compatible(
-                    model=model, tokenizer=self.chat.tokenizer, featurizer=self._featurizer,
-                    chat_tokenizer=self.chat, allow_mismatch=self.allow_mismatch,
-                )
-                self._checked = True
-        return self._featurizer
-
-    def _raw(self, examples):
-        """Per-query raw scores [n, m], gradient norms [n], losses [n], bad reasons."""
-        import torch
-
-        featurizer = self.featurizer
-        vectors = self.bank.query_vectors  # [m, D] float32
-        n = len(examples)
-        raws = np.zeros((n, vectors.shape[0]))
-        norms, losses, bad = np.zeros(n), np.zeros(n), [None] * n
-        for idx, batch in self._planned(examples):
-            out = featurizer.featurize(batch)
-            feats = out.features.to(torch.float64).cpu()  # [B, D]
-            raws[idx] = (feats @ vectors.to(torch.float64).T).numpy()  # [B, m]
-            norms[idx] = out.grad_norm.double().cpu().numpy()
-            losses[idx] = out.loss.double().cpu().numpy()
-            for i, reason in zip(idx, out.bad):
-                bad[i] = reason
-        return raws, norms, losses, bad
-
-    def calibrate(self, batch: Any) -> float:
-        """Fit beta on a calibration sample of rows (beta: auto) and score with it. Returns the fitted beta.
-
-        Prefer `drift_stream.beta.resolve_beta`, which fits once per run directory and records the value."""
-        beta, debias = self.fit_beta(batch)
-        self.use_beta(beta, debias)
-        return beta
-
-    def use_beta(self, beta: float, debias: dict | None = None) -> None:
-        """Score with the fitted `beta` from now on (beta: auto only; `debias`: its calibration statistics)."""
-        if self.config.beta != "auto":
-            raise ConfigError(f"this scorer has a fixed beta={self.config.beta}: build it with beta='auto' to fit one")
-        if not math.isfinite(float(beta)):
-            raise ConfigError(f"beta must be a finite number, got {beta!r}")
-        self._beta = float(beta)
-        self._debias = dict(debias or {})
-
-    def fit_beta(self, batch: Any) -> tuple[float, dict]:
-        """(beta, debias statistics) fitted on a calibration sample of rows; changes nothing on the scorer."""
-        table, _ = _to_table(batch)
-        _, tokenized, _ = self.prepare(table)
-        examples = [t for t in tokenized if t is not None]
-        if not examples:
-            raise ConfigError("beta: auto found no scorable row in the calibration sample")
-        before = PaddingStats(**vars(self.padding))
-        raw, norm, _, bad = self._raw(examples)
-        self.padding = before  # calibration batches are not the run's: keep the per-file counts engine-independent
-        ok = np.array([b is None for b in bad])
-        weights = self.bank.query_weights
-        mean_raw = weighted_query_mean(raw, None if weights is None else weights.double().numpy())
-        beta = fit_beta(mean_raw[ok], norm[ok])
-        debias = debias_stats(mean_raw[ok], norm[ok], beta)
-        debias["calibration_rows"] = int(ok.sum())
-        logger.info("beta: auto fitted beta=%.4f on %d rows", beta, int(ok.sum()))
-        return beta, debias
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self._beta is None
-
-    @property
-    def beta(self) -> float | None:
-        return self._beta
-
-    def _score_examples(self, examples):
-        if self._beta is None:
-            raise ConfigError(
-                "beta: auto has not been calibrated: call scorer.calibrate(rows) on a sample first "
-                "(the CLI does this on the first --calibration-rows rows of the input)"
-            )
-        raw, norm, loss, bad = self._raw(examples)
-        scale = np.power(np.maximum(norm, 1e-30), self._beta)[:, None]  # [n, 1]
-        per_query = raw / scale  # [n, m]
-        # S = sum_j w_j score_j / sum_j w_j (bank query_weighting, contrast.py); no weights: the plain mean
-        weights = self.bank.query_weights
-        score = weighted_query_mean(per_query, None if weights is None else weights.double().numpy())
-        return ExampleScores(score=score, grad_norm=norm, loss=loss, bad=bad, query_scores=per_query)
-
-    def _extra_config(self) -> dict:
-        return {"bank": str(self.bank.path), "bank_fingerprint": self.bank.fingerprint}
-
-    def manifest_info(self) -> dict:
-        info: dict = {"beta": self._beta, "beta_mode": "auto" if self.config.beta == "auto" else "fixed"}
-        if self._debias:
-            info["debias"] = self._debias
-        return info
-
-
-def debias_stats(mean_raw: np.ndarray, grad_norm: np.ndarray, beta: float) -> dict:
-    """Spearman of |score| with the gradient norm before (beta = 0) and after debiasing."""
-    after = mean_raw / np.power(np.maximum(grad_norm, 1e-30), beta)
-    return {
-        "beta": float(beta),
-        "spearman_abs_score_vs_norm_before": spearman(np.abs(mean_raw), grad_norm),
-        "spearman_abs_score_vs_norm_after": spearman(np.abs(after), grad_norm),
-        "spearman_score_vs_norm_before": spearman(mean_raw, grad_norm),
-        "spearman_score_vs_norm_after": spearman(after, grad_norm),
-    }
-
-
-def _replace(config: ScoreConfig, **changes: Any) -> ScoreConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
-
-
 def chat_tokenizer_for(tokenizer: Any, cfg: ScoreConfig):
     """The ChatTokenizer a ScoreConfig describes (max_tokens, overlong, chat template choice, stop tokens)."""
     from drift_stream.formats import ChatTokenizer
@@ -547,37 +326,3 @@ def chat_tokenizer_for(tokenizer: Any, cfg: ScoreConfig):
                                       chat_template=cfg.chat_template, use_chat_template=cfg.use_chat_template,
                                       stop_tokens=cfg.stop_tokens)
 
-
-def build_scorer(
-    scorer: str,
-    *,
-    model: str | None,
-    adapter: str = "messages",
-    bank: str | None = None,
-    allow_mismatch: bool = False,
-    model_obj: Any = None,
-    tokenizer: Any = None,
-    **config: Any,
-) -> BatchScorer:
-    """Build any scorer by name from paths (what the CLI calls). `model_obj`/`tokenizer` reuse loaded objects."""
-    from drift_stream.formats import load_adapter
-    from drift_stream.models import load_tokenizer
-
-    cfg = ScoreConfig(scorer=scorer, adapter=adapter, **config)
-    if scorer in GRADIENT_SCORERS and bank is None:
-        raise ConfigError(f"scorer {scorer!r} needs --bank BANK_DIR (build one with `drift-stream bank build`)")
-    if model is None and tokenizer is None:
-        raise ConfigError("--model is required: the tokenizer decides tokens, loss masks and over-long rejects")
-    tok = tokenizer if tokenizer is not None else load_tokenizer(model)
-    chat = chat_tokenizer_for(tok, cfg)
-    adapter_obj = load_adapter(adapter)
-    if scorer == "random":
-        return RandomScorer(adapter_obj, chat, cfg, model_path=model)
-    if scorer == "loss":
-        return LossScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
-    if scorer == "ifd":
-        return IFDScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
-    from drift_stream.bank import ValidationBank
-
-    vb = ValidationBank.load(bank)
-    return DriftScorer(adapter_obj, chat, cfg, vb, model_path=model, model=model_obj, allow_mismatch=allow_mismatch)

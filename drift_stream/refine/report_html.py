@@ -1,58 +1,24 @@
-"""One self-contained HTML page about a scored run (inline SVG, no scripts), and its short terminal form."""
+"""The report page of a gathered run (`report.RunSummary`): inline SVG plots, the example rows as readable chat turns,
+the CSS; and the number format shared with the terminal summary. One self-contained HTML page, no scripts.
+"""
 
 from __future__ import annotations
 
 import html
 import json
-import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
-import pyarrow.parquet as pq
 
 from drift_stream import __version__
-from drift_stream.io.run_dir import RunDirectory, open_path, write_bytes_atomic
-from drift_stream.io.run_reader import CompletedShards
-from drift_stream.refine import read_json
 
-from drift_stream.stats import rankdata, spearman  # noqa: F401  (re-exported)
-
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from drift_stream.refine.report import RunSummary
 
 SCORE, NORM, TOKENS, RAW = "drift_score", "drift_grad_norm", "drift_num_tokens", "drift_raw_score"
-MAX_SPEARMAN_ROWS = 1_000_000  # ranks of 1M rows take ~0.3 s; larger runs use a seeded sample
-MAX_SCATTER_POINTS = 1_500
 MAX_TEXT_CHARS = 1_500
-
-
-# ------------------------------------------------------------------------------------------------------- numerics
-
-
-# ---------------------------------------------------------------------------------------------------- gathering
-
-
-@dataclass
-class RunSummary:
-    """Everything the report shows, gathered from a run directory (and its bank, when the config names one)."""
-
-    run_dir: str
-    manifest: dict | None
-    rows_scored: int
-    score_stats: dict[str, float]
-    hist_counts: np.ndarray  # [bins]
-    hist_edges: np.ndarray  # [bins + 1]
-    spearman: dict[str, float]
-    scatter: dict[str, np.ndarray]  # column -> [points]
-    debias: dict | None
-    rejects: dict[str, int]
-    bank: dict | None
-    top: list[dict] = field(default_factory=list)
-    bottom: list[dict] = field(default_factory=list)
-    completed: Any = None  # the CompletedShards read: complete, fraction_files, describe()
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -63,217 +29,6 @@ def _fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, (float, np.floating)):
         return "n/a" if math.isnan(x) else f"{float(x) + 0.0:.{digits}g}"  # + 0.0: no "-0"
     return str(x)
-
-
-def _find_debias(manifest: dict | None) -> dict | None:
-    """Debiasing facts of a run manifest: `scorer_info` (beta, beta_mode, its `debias` block) or a top-level
-    `debias` block."""
-    if not manifest:
-        return None
-    for holder in (manifest, manifest.get("scorer_info")):
-        if not isinstance(holder, dict):
-            continue
-        facts = {k: holder[k] for k in ("beta", "beta_mode") if isinstance(holder.get(k), (int, float, str))}
-        if isinstance(holder.get("debias"), dict):
-            facts.update(holder["debias"])
-        if facts:
-            return facts
-    return None
-
-
-def _find_bank(config: Any) -> str | None:
-    """The bank path in a run config: `config.bank` or one level down (`config.scorer.bank`)."""
-    if not isinstance(config, dict):
-        return None
-    if isinstance(config.get("bank"), str):
-        return config["bank"]
-    for value in config.values():
-        if isinstance(value, dict) and isinstance(value.get("bank"), str):
-            return value["bank"]
-    return None
-
-
-def _reject_counts(shards: CompletedShards) -> dict[str, int]:
-    """Rejected rows of the finished input files by reason kind (`too_long:300>256` counts as `too_long`)."""
-    counts: dict[str, int] = {}
-    for path in shards.rejects_files:
-        with shards.open_data(path) as f:
-            reasons = pq.read_table(f, columns=["drift_reject_reason"]).column(0).to_pylist()
-        for r in reasons:
-            key = str(r).split(":", 1)[0] if r else "unknown"
-            counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _bank_info(manifest: dict | None, run_fs, run_root: str, storage_options: dict | None) -> dict | None:
-    """Per-query pass rates and the proximity gap of the bank named in the run config, when it can be read."""
-    bank = _find_bank((manifest or {}).get("config"))
-    if not bank:
-        return None
-    fs, root = open_path(bank, storage_options)
-    if not fs.exists(f"{root}/manifest.json") and "://" not in str(bank):
-        fs, root = run_fs, f"{run_root}/{bank}"  # a path relative to the run directory
-    bm = read_json(fs, f"{root}/manifest.json")
-    if bm is None:
-        logger.warning("bank %s named in the run config has no manifest.json: report shows no bank section", bank)
-        return {"path": str(bank), "pass_rates": {}, "pass_rate": None, "proximity_gap": None, "missing": True}
-    rates: dict[str, float] = {}
-    for i, q in enumerate(bm.get("queries") or []):  # schemas/bank_manifest.schema.json
-        if isinstance(q, dict) and q.get("pass_rate") is not None:  # null: no verifiable rollout
-            rates[str(q.get("id", i))] = float(q["pass_rate"])
-    if not rates and fs.exists(f"{root}/rollouts.parquet"):
-        with fs.open(f"{root}/rollouts.parquet", "rb") as f:
-            roll = pl.from_arrow(pq.read_table(f, columns=["query_id", "reward"]))
-        agg = roll.group_by("query_id").agg(pl.col("reward").cast(pl.Float64).mean()).sort("query_id")
-        rates = {str(q): float(r) for q, r in agg.iter_rows()}
-    return {"path": str(bank), "pass_rates": rates, "pass_rate": bm.get("pass_rate"),
-            "proximity_gap": bm.get("proximity_gap"), "missing": False}
-
-
-def _fetch_rows(fs, shards: list[str], rows: list[int]) -> dict[int, dict]:
-    """Full rows at global positions `rows`, reading only the row groups that hold them."""
-    out: dict[int, dict] = {}
-    start = 0
-    wanted = sorted(set(rows))
-    if not wanted:
-        return out
-    for path in shards:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            rg_start = start
-            for g in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                here = [r for r in wanted if rg_start <= r < rg_start + n]
-                if here:
-                    table = pf.read_row_group(g)
-                    for r in here:
-                        out[r] = table.slice(r - rg_start, 1).to_pylist()[0]
-                rg_start += n
-            start = rg_start
-    return out
-
-
-def _first_k(key: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k largest keys, in (key desc, position asc) order.  key: [n] -> [min(k, n)]"""
-    n = key.size
-    if k >= n:
-        idx = np.arange(n)
-    elif k <= 0:
-        idx = np.arange(0)
-    else:
-        v = np.partition(key, n - k)[n - k]  # the k-th largest key
-        above = np.flatnonzero(key > v)
-        idx = np.concatenate([above, np.flatnonzero(key == v)[:k - above.size]])
-    return idx[np.lexsort((idx, -key[idx]))]
-
-
-def _extreme_rows(score: np.ndarray, k: int) -> tuple[list[int], list[int]]:
-    """Positions of the k highest scores (descending) and of the k lowest (ascending), never the same rows."""
-    key = np.where(np.isfinite(score), score, -np.inf).astype(np.float64)
-    top = _first_k(key, k)
-    rest = np.ones(key.size, dtype=bool)
-    rest[top] = False
-    rest = np.flatnonzero(rest)  # ascending positions, so ties stay in position order
-    bottom = rest[_first_k(-key[rest], min(k, rest.size))]
-    return [int(i) for i in top], [int(i) for i in bottom]
-
-
-def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: dict | None = None,
-           seed: int = 0, allow_incomplete: bool = False, command: str = "report") -> RunSummary:
-    """Read a run directory's scores, manifest, rejects and bank into a RunSummary (numeric columns only, plus
-    the 2 * top_k example rows). Only finished input files are read; an incomplete run raises IncompleteRunError
-    unless `allow_incomplete` (then `RunSummary.completed` says what fraction was seen)."""
-    run = RunDirectory.open(run_dir, storage_options)
-    fs, root = run.fs, run.root
-    completed = run.read_completed_shards(allow_incomplete=allow_incomplete, command=command)
-    manifest = completed.manifest
-    if manifest is None or not completed.complete:  # counts of what is read: recomputed from its markers
-        manifest = run.build_manifest(completed.config, list(completed.input_files), completed.markers)
-    shards = completed.data_files
-    lf = completed.scan()
-    names = lf.collect_schema().names()
-    cols = [c for c in (SCORE, NORM, TOKENS, RAW) if c in names]
-    if SCORE not in cols:
-        from drift_stream.errors import InputError
-
-        raise InputError(f"shards under {root}/data have no {SCORE} column: is this a scored run directory?")
-    score = lf.select(SCORE).collect()[SCORE].to_numpy()  # [N], the one column read in full
-    n = int(score.size)
-    finite = score[np.isfinite(score)].astype(np.float64)
-    q = np.quantile(finite, [0.1, 0.5, 0.9]) if finite.size else [math.nan] * 3
-    stats = {"mean": float(finite.mean()) if finite.size else math.nan,
-             "std": float(finite.std()) if finite.size else math.nan,
-             "min": float(finite.min()) if finite.size else math.nan, "p10": float(q[0]), "median": float(q[1]),
-             "p90": float(q[2]), "max": float(finite.max()) if finite.size else math.nan,
-             "positive_fraction": float((finite > 0).mean()) if finite.size else math.nan}
-    counts, edges = np.histogram(finite, bins=bins) if finite.size else (np.zeros(0), np.zeros(1))
-
-    # Correlations on every row up to MAX_SPEARMAN_ROWS, else on every step-th row (a systematic sample).
-    step = max(1, math.ceil(n / MAX_SPEARMAN_ROWS))
-    sample = lf.select(cols).gather_every(step).collect() if step > 1 else lf.select(cols).collect()
-    data = {c: sample[c].cast(pl.Float64).to_numpy() for c in cols}
-    data = {c: v for c, v in data.items() if c == SCORE or np.isfinite(v).any()}  # e.g. no grad norm for `loss`
-    rho: dict[str, float] = {}
-    for other in (NORM, TOKENS):
-        if other in data:
-            rho[f"{SCORE}~{other}"] = spearman(data[SCORE], data[other])
-            if RAW in data:
-                rho[f"{RAW}~{other}"] = spearman(data[RAW], data[other])
-    m = len(data[SCORE])
-    pts = np.sort(np.random.default_rng(seed).choice(m, min(m, MAX_SCATTER_POINTS), replace=False))
-    scatter = {c: v[pts] for c, v in data.items()}
-    top_rows, bottom_rows = _extreme_rows(score, top_k)
-    fetched = _fetch_rows(fs, shards, top_rows + bottom_rows)
-    return RunSummary(
-        run_dir=str(run_dir), manifest=manifest, rows_scored=n, score_stats=stats, hist_counts=counts,
-        hist_edges=edges, spearman=rho, scatter=scatter, debias=_find_debias(manifest),
-        rejects=_reject_counts(completed), bank=_bank_info(manifest, fs, root, storage_options),
-        top=[fetched[i] for i in top_rows], bottom=[fetched[i] for i in bottom_rows], completed=completed)
-
-
-# ------------------------------------------------------------------------------------------------------ terminal
-
-
-def _rows_line(s: RunSummary) -> str:
-    rejected = sum(s.rejects.values())
-    rows_in = (s.manifest or {}).get("rows_in", s.rows_scored + rejected)
-    line = f"rows in {_fmt(rows_in)} = scored {_fmt(s.rows_scored)} + rejected {_fmt(rejected)}"
-    if s.rejects:
-        line += " (" + ", ".join(f"{k}: {v}" for k, v in s.rejects.items()) + ")"
-    return line
-
-
-def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
-    """A few lines for the terminal: rows, score distribution, correlations, bank (IncompleteRunError: `gather`)."""
-    s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
-               command="the run summary")
-    st = s.score_stats
-    lines = [f"run {run_dir}" + ("" if s.completed is None or s.completed.complete else
-                                 f"  (INCOMPLETE: {s.completed.describe()})"), _rows_line(s),
-             f"drift_score: mean {_fmt(st['mean'])}  std {_fmt(st['std'])}  min {_fmt(st['min'])}  "
-             f"p10 {_fmt(st['p10'])}  median {_fmt(st['median'])}  p90 {_fmt(st['p90'])}  max {_fmt(st['max'])}  "
-             f"positive {_fmt(100 * st['positive_fraction'], 3)}%"]
-    if s.spearman:
-        lines.append("spearman: " + "  ".join(f"{k.replace('~', ' vs ')} {_fmt(v, 3)}" for k, v in s.spearman.items()))
-    if s.debias:
-        facts = dict(s.debias)
-        beta, mode = facts.pop("beta", None), facts.pop("beta_mode", None)
-        lines.append(f"debias: beta {_fmt(beta, 3)}" + (f" ({mode})" if mode else "") + "".join(
-            f"  {k} {_fmt(v, 3)}" for k, v in facts.items() if isinstance(v, (int, float))))
-    if s.bank and s.bank["pass_rates"]:
-        r = np.array(list(s.bank["pass_rates"].values()))
-        lines.append(f"bank: {r.size} queries, mean pass rate {_fmt(float(r.mean()), 3)}, "
-                     f"all-wrong {int((r == 0).sum())}, all-right {int((r == 1).sum())}, "
-                     f"proximity gap {_gap_text(s.bank['proximity_gap'])}")
-    return "\n".join(lines)
-
-
-def _gap_text(gap: Any) -> str:
-    if isinstance(gap, dict) and "gap" in gap:
-        return f"{_fmt(gap['gap'], 3)} over {_fmt(gap.get('num_queries'))} queries"
-    if isinstance(gap, dict):
-        return ", ".join(f"{k} {_fmt(v, 3)}" for k, v in gap.items())
-    return _fmt(gap, 3)
 
 
 # ------------------------------------------------------------------------------------------------------------ SVG
@@ -534,17 +289,3 @@ examples with huge gradients dominate the ranking.</p>
 <details><summary>resolved config from manifest.json</summary><pre>{config}</pre></details>
 </main></body></html>
 """
-
-
-def write_report(run_dir: str, out_html: str | None = None, *, top_k: int = 10,
-                 storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
-    """Write the report of `run_dir` to `out_html` (default RUN_DIR/report.html); returns where it was written.
-
-    An incomplete run raises IncompleteRunError unless `allow_incomplete` (the page then says what it covers)."""
-    summary = gather(run_dir, top_k=top_k, storage_options=storage_options, allow_incomplete=allow_incomplete)
-    page = render_html(summary)
-    out_html = out_html or f"{str(run_dir).rstrip('/')}/report.html"
-    fs, path = open_path(out_html, storage_options)
-    write_bytes_atomic(fs, path, page.encode("utf-8"))
-    logger.info("report of %s written to %s", run_dir, out_html)
-    return out_html
