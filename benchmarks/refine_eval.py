@@ -335,8 +335,11 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     ctx = {"cfg": cfg, "cache": cache, "splits": splits, "scorers": dict(DRIFT_SCORERS), "tok": tok, "model": model,
            "chat": chat, "fc": fc,
            "pool_ex": pool_ex, "rollouts": rollouts, "feats": feats, "base_eval": base_eval}
+    building_v3 = not (cache / "losses_v3.npz").exists()
     with timer("features_v3"):
         v3.extend_cache(ctx, fc)  # prose references, losses for the proximity gaps, adaptive-K rollouts
+    if building_v3:  # the run that built the v3 files records their time next to the v2 stages
+        built.write_text(json.dumps({**json.loads(built.read_text()), "features_v3": timer.stages["features_v3"]}))
     return ctx
 
 
