@@ -89,6 +89,61 @@ def test_json_array_syntax_error_names_file_and_offset(tmp_path):
         read_records(str(tmp_path / "cut.json"))
 
 
+@pytest.mark.parametrize("indent", [2, None])
+@pytest.mark.parametrize("broken,expect_raw", [
+    ('{"instruction": "Add 3 and 1." "input": "", "output": "4"}', '"Add 3 and 1." "input"'),  # missing comma
+    ('{"instruction": "Add 3 and 1.", "input": "", "output": "4",}', '"output": "4",}'),  # trailing comma
+    ("{'instruction': 'Add 3 and 1.', 'input': '', 'output': '4'}", "'output': '4'"),  # single quotes
+    ('{"instruction": "Add 3 and 1.", "input": [1, 2}, "output": "4"}', '[1, 2}'),  # mismatched brackets
+    ("tru", "tru"),  # a bare word
+])
+def test_json_array_syntax_error_in_one_element_costs_only_that_element(tmp_path, indent, broken, expect_raw):
+    records = [alpaca(i) for i in range(6)]
+    texts = [json.dumps(r, indent=indent) for r in records]
+    texts[3] = broken
+    sep = ",\n" if indent else ", "
+    (tmp_path / "a.json").write_text("[" + sep.join(texts) + "]")
+    got, bad = read_records(str(tmp_path / "a.json"))
+    assert got == records[:3] + records[4:]
+    assert bad == [(3, "invalid_json")]
+    files = expand_inputs([str(tmp_path / "a.json")])
+    raw = [b.raw for c in iter_chunks(files[0], plan_inputs(files), 4) for b in c.bad_rows]
+    assert expect_raw in raw[0] and "Add 2 and 1." not in raw[0] and "Add 4 and 1." not in raw[0]
+
+
+@pytest.mark.parametrize("read_chars", [7, 64, 1000])
+def test_broken_elements_across_read_boundaries(tmp_path, monkeypatch, read_chars):
+    """Small reads: broken elements, strings and numbers straddle the buffer's end (fill / doubling paths)."""
+    from drift_stream.io import jsontext
+
+    monkeypatch.setattr(jsontext, "_READ_CHARS", read_chars)
+    records = [dict(alpaca(i), n=i * 1000003) for i in range(30)]
+    texts = [json.dumps(r, indent=1 if i % 2 else None) for i, r in enumerate(records)]
+    broken = {4: texts[4][:-1] + ",}", 11: texts[11].replace(",", "", 1), 23: "{'single': 'quotes'}"}
+    texts = [broken.get(i, t) for i, t in enumerate(texts)]
+    (tmp_path / "a.json").write_text("[\n" + ",\n".join(texts) + "\n]\n")
+    got, bad = read_records(str(tmp_path / "a.json"))
+    assert got == [r for i, r in enumerate(records) if i not in broken]
+    assert bad == [(i, "invalid_json") for i in sorted(broken)]
+
+
+def test_a_string_broken_by_a_line_end_costs_only_its_element(tmp_path):
+    text = json.dumps([alpaca(i) for i in range(4)], indent=2)
+    broken = text.replace('"output": "3"', '"output": "3\n  and more', 1)  # a raw line end inside a string
+    assert broken != text
+    (tmp_path / "a.json").write_text(broken)
+    got, bad = read_records(str(tmp_path / "a.json"))
+    assert got == [alpaca(0), alpaca(1), alpaca(3)] and bad == [(2, "invalid_json")]
+
+
+def test_a_broken_object_among_concatenated_objects_costs_only_itself(tmp_path):
+    texts = [json.dumps(alpaca(i), indent=2) for i in range(4)]
+    texts[1] = texts[1].replace('",', '"', 1)  # a missing comma
+    (tmp_path / "objs.json").write_text("\n".join(texts))
+    got, bad = read_records(str(tmp_path / "objs.json"))
+    assert got == [alpaca(0), alpaca(2), alpaca(3)] and bad == [(1, "invalid_json")]
+
+
 def test_concatenated_pretty_objects_and_dot_json_lines(tmp_path):
     records = [alpaca(i) for i in range(5)]
     (tmp_path / "objs.json").write_text("\n".join(json.dumps(r, indent=2) for r in records))

@@ -9,10 +9,14 @@ file holds is decided from its first bytes, never from its name (`.json` files a
   `not_a_json_object`) and costs only that line. Line ends: LF, CRLF and lone CR (old Mac) all end a line; JSON
   strings cannot hold a raw CR, so splitting on it never cuts a record.
 * **JSON array** (first non-blank character `[`), pretty-printed or on one line: each element is a record, row_index
-  is its position in the array; an element that is not an object is a BadRow (`not_a_json_object`). A syntax error
-  inside the array stops the file with an InputError naming the character offset (no line to resume at).
+  is its position in the array; an element that is not an object is a BadRow (`not_a_json_object`). An element with
+  a syntax error (a missing comma, a trailing comma, single quotes, a string broken by a raw line end, ...) is a
+  BadRow (`invalid_json`) and costs only that element: its extent is found by matching brackets and strings
+  (`_value_end`), and reading resumes after it. A missing closing bracket makes the element run on to the next
+  bracket that balances it, so the elements it swallows go to rejects inside its raw text. A file cut short (the
+  array never closed) stops with an InputError naming the character offset, after the records before it.
 * **Concatenated objects** (a pretty-printed object first, as some exporters write `{...}\\n{...}`): each object is
-  a record, row_index its position.
+  a record, row_index its position; a broken object costs only itself, as in an array.
 * Anything else (CSV, HTML, parquet or gzip bytes under a JSON name, ...) is refused with an InputError naming the
   file and what it looks like.
 
@@ -28,6 +32,7 @@ import codecs
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -235,6 +240,46 @@ def _text_lines(text: io.TextIOWrapper) -> Iterator[tuple[int, dict | BadRow]]:
             yield line_no, record
 
 
+_STRUCTURE = re.compile(r'[\[\]{}",\n]')
+_STRING_REST = re.compile(r'(?:[^"\\\n]|\\.)*"')  # the rest of a JSON string after its opening quote
+
+
+def _value_end(buf: str, start: int, eof: bool) -> int | None:
+    """End (exclusive) of the JSON value that starts at buf[start], found by matching brackets and strings without
+    validating anything else; None when buf ends first and more text may follow (not eof).
+
+    A value ends after the bracket that balances its first one; a scalar (or a value opened by no bracket) ends
+    before the first ',' / ']' / line end outside brackets. A string broken by a raw line end (invalid JSON) ends at
+    that line end, so one broken string cannot swallow the rest of the file. At eof, an unbalanced value ends with
+    the text.
+    """
+    depth, i, bracketed = 0, start, buf[start] in "[{"
+    while True:
+        m = _STRUCTURE.search(buf, i)
+        if m is None:
+            return len(buf) if eof else None
+        char, i = m.group(), m.end()
+        if char == '"':
+            rest = _STRING_REST.match(buf, i)
+            if rest is not None:
+                i = rest.end()
+            elif "\n" in buf[i:] or eof:  # a raw line end (or the end of the file) inside a string: it ends there
+                line_end = buf.find("\n", i)
+                i = len(buf) if line_end < 0 else line_end
+            else:
+                return None
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            if depth == 0:  # the enclosing array's ']' (or a stray bracket) ends a scalar
+                return m.start()
+            depth -= 1
+            if depth == 0 and bracketed:
+                return i
+        elif depth == 0 and not bracketed:  # ',' or a line end after a scalar
+            return m.start()
+
+
 def _values(text: io.TextIOWrapper, url: str, in_array: bool) -> Iterator[tuple[int, dict | BadRow]]:
     """Stream the elements of a JSON array (or a run of concatenated values) without holding the file."""
     decoder = json.JSONDecoder()
@@ -286,9 +331,13 @@ def _values(text: io.TextIOWrapper, url: str, in_array: bool) -> Iterator[tuple[
             try:
                 value, end = decoder.raw_decode(buf, pos)
             except json.JSONDecodeError as exc:
-                if eof:
-                    pos = exc.pos
-                    raise fail(f"invalid JSON ({exc.msg})") from None
+                end = _value_end(buf, pos, eof)
+                if end is not None and (end < len(buf) or eof):
+                    if end == len(buf) and in_array:  # the array never closes: the file was cut short
+                        pos = exc.pos
+                        raise fail(f"invalid JSON ({exc.msg})") from None
+                    value = BadRow(index, "invalid_json", buf[pos:end][:RAW_LIMIT])  # costs this element only
+                    break
                 fill()
                 want *= 2  # a record larger than the buffer: read more, doubling, so retries stay linear
                 continue
@@ -297,7 +346,7 @@ def _values(text: io.TextIOWrapper, url: str, in_array: bool) -> Iterator[tuple[
                 continue
             break
         want = _READ_CHARS
-        if isinstance(value, dict):
+        if isinstance(value, (dict, BadRow)):
             yield index, value
         else:
             yield index, BadRow(index, "not_a_json_object", json.dumps(value)[:RAW_LIMIT])
