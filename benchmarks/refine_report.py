@@ -202,9 +202,10 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05))
         ax.set_title(title)
         ax.set_xlabel("greedy accuracy")
-    fig.suptitle(f"Continued SFT from the base ({result['mode']}): mean ± std over seeds; dashed: full pool, "
-                 "dotted: base", fontsize=10)
-    axes[0].set_yticks(y, [r["method"] for r in rows])
+    chosen = (result.get("choice") or {}).get("chosen")
+    fig.suptitle(f"Continued SFT from the base ({result['mode']}): mean ± std over seeds 0-2; dashed: full pool, "
+                 "dotted: base; * chosen on dev", fontsize=10)
+    axes[0].set_yticks(y, [r["method"] + (" *" if r["method"] == chosen else "") for r in rows])
     axes[0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
