@@ -263,11 +263,11 @@ def _value_end(buf: str, start: int, eof: bool) -> int | None:
             rest = _STRING_REST.match(buf, i)
             if rest is not None:
                 i = rest.end()
-            elif "\n" in buf[i:] or eof:  # a raw line end (or the end of the file) inside a string: it ends there
+            else:  # a raw line end (or the end of the file) inside a string: it ends there
                 line_end = buf.find("\n", i)
+                if line_end < 0 and not eof:
+                    return None
                 i = len(buf) if line_end < 0 else line_end
-            else:
-                return None
         elif char in "[{":
             depth += 1
         elif char in "]}":
