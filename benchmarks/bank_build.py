@@ -4,7 +4,7 @@
 
 Stages come from the bank manifest's `timings_s`: generation (HF generate), verification (numeric verifier),
 gradients (features of every rollout + reference losses) and preconditioner (features of the fisher rows, block
-Fisher fit, apply). Model: `drift_stream.testing.save_tiny_model` (Llama, hidden 32, 2 layers), nothing downloaded.
+Fisher fit, apply). Model: `drift_stream.embedded.tiny_models.save_tiny_model` (Llama, hidden 32, 2 layers), nothing downloaded.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def main(argv=None) -> None:
 
     import torch
 
-    from drift_stream.bank import BankConfig, build_bank
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.bank.build import build_bank
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
-    from drift_stream.testing import save_tiny_model
+    from drift_stream.embedded.tiny_models import save_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
     python benchmarks/encode_speed.py [--families qwen3,llama3_1,r1_distill] [--rows 200] [--repeats 3]
 
-For each family (real vocabularies and official templates, drift_stream.testing_vocabs) and number of turns, the
+For each family (real vocabularies and official templates, drift_stream.embedded.vocabs) and number of turns, the
 same rows are encoded by `ChatTokenizer.encode` (render once, tokenize once with offsets, locate each assistant
 turn) and by the baseline `tokenizer(apply_chat_template(messages, tokenize=False))`, alternating, best of
 --repeats. Prints rows/s of both and their ratio (encode / baseline) from the same run.
@@ -38,8 +38,8 @@ def make_rows(turns: int, rows: int, seed: int = 0) -> list[list[dict]]:
 
 
 def bench(tok, rows, repeats: int) -> tuple[float, float, int]:
-    from drift_stream.example_types import Example
-    from drift_stream.tokenization import ChatTokenizer
+    from drift_stream.data.example_types import Example
+    from drift_stream.data.tokenization import ChatTokenizer
 
     chat = ChatTokenizer(tok, max_tokens=1_000_000)
     examples = [Example(id=str(i), messages=tuple(m)) for i, m in enumerate(rows)]
@@ -58,7 +58,7 @@ def bench(tok, rows, repeats: int) -> tuple[float, float, int]:
 
 
 def main(argv=None) -> None:
-    from drift_stream.testing_vocabs import build_tokenizer
+    from drift_stream.embedded.vocabs import build_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", default="qwen3,llama3_1,r1_distill")

@@ -35,9 +35,11 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 from throughput import frozen_step, make_batch, measure, plain_step  # noqa: E402
 from throughput_shapes import floor_step  # noqa: E402
 
-from drift_stream.formats import TokenizedExample, collate  # noqa: E402
-from drift_stream.grads import FeatureConfig, GradientFeaturizer  # noqa: E402
-from drift_stream.testing import make_tiny_model  # noqa: E402
+from drift_stream.data.example_types import TokenizedExample  # noqa: E402
+from drift_stream.data.tokenization import collate
+from drift_stream.grads.projection import FeatureConfig  # noqa: E402
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.embedded.tiny_models import make_tiny_model  # noqa: E402
 
 FAILURES: list[str] = []
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 
 def make_inputs(root: str, rows: int, files: int) -> str:
-    from drift_stream.demo import demo_assets
+    from drift_stream.embedded.demo import demo_assets
 
     table = pq.read_table(demo_assets().pool).slice(0, rows)
     per = -(-rows // files)
@@ -38,8 +38,9 @@ def make_inputs(root: str, rows: int, files: int) -> str:
 
 
 def make_bank(root: str) -> str:
-    from drift_stream.bank import BankConfig, build_bank
-    from drift_stream.demo import demo_assets
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.bank.build import build_bank
+    from drift_stream.embedded.demo import demo_assets
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
 
@@ -85,10 +86,10 @@ def main() -> None:
     import ray
     import torch
 
-    from drift_stream.demo import demo_assets
-    from drift_stream.integrations.ray import RayEngine, score_on_ray
-    from drift_stream.pipeline import RunConfig, run_score
-    from drift_stream.scoring import build_scorer
+    from drift_stream.embedded.demo import demo_assets
+    from drift_stream.engines.ray import RayEngine, score_on_ray
+    from drift_stream.engines.local import RunConfig, run_score
+    from drift_stream.scoring.build import build_scorer
 
     if args.local_threads:
         torch.set_num_threads(args.local_threads)

@@ -23,13 +23,14 @@ def check_library_path(ctx, cached, bench) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from drift_stream import tasks
-    from drift_stream.bank import BankConfig, build_bank
-    from drift_stream.pipeline import RunConfig, run_score
-    from drift_stream.refine import refine_run
+    from drift_stream.embedded import tasks
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.bank.build import build_bank
+    from drift_stream.engines.local import RunConfig, run_score
+    from drift_stream.refine.policies import refine_run
     from drift_stream.rollouts.engine import Query, RolloutConfig
     from drift_stream.rollouts.verifiers import Verifier
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     class TaskVerifier(Verifier):
         """The benchmark's verifier: the task's reasoning-gym score on the answer after `####`."""
@@ -131,7 +132,7 @@ def variants(MAIN) -> dict:
 
 def explore_variants(ctx, bench) -> list[dict]:
     """Per variant: ROC-AUC clean vs corrupted (all rows, target-task rows), corrupted share and composition of top:P."""
-    from drift_stream.scoring import fit_beta
+    from drift_stream.scoring.drift import fit_beta
 
     pool = ctx["splits"].pool
     labels = np.array([r["corruption"] for r in pool])

@@ -203,7 +203,7 @@ class Timer:
 
 def make_data(cfg: BenchConfig):
     """Pool, validation queries (+ their reference worked responses) and test sets, all disjoint by question."""
-    from drift_stream import tasks
+    from drift_stream.embedded import tasks
 
     recipe = tasks.DataRecipe(
         seed=cfg.data_seed, pool_size=cfg.pool_size,
@@ -222,7 +222,7 @@ def make_data(cfg: BenchConfig):
 
 
 def train_base(cfg: BenchConfig, splits, tok, out: Path):
-    from drift_stream.integrations.trainers import TinyModelRecipe, greedy_accuracy, train_sft
+    from drift_stream.embedded.training import TinyModelRecipe, greedy_accuracy, train_sft
 
     recipe = TinyModelRecipe(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                              intermediate_size=cfg.intermediate_size, max_positions=cfg.max_tokens,
@@ -243,7 +243,7 @@ def train_base(cfg: BenchConfig, splits, tok, out: Path):
 
 
 def make_rollouts(cfg: BenchConfig, model, tok, chat, splits):
-    from drift_stream import tasks
+    from drift_stream.embedded import tasks
     from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts
 
     queries = [Query(id=q["id"], messages=({"role": "user", "content": q["question"]},), answer=q["answer"],
@@ -265,11 +265,12 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     """Everything the methods share, cached under workdir/<cfg.key()>: base model, rollouts, features."""
     import torch
 
-    from drift_stream.formats import ChatTokenizer, Example
-    from drift_stream.grads import FeatureConfig
-    from drift_stream.integrations.trainers import encode_rows
-    from drift_stream.models import load_model, load_tokenizer
-    from drift_stream.testing import make_char_tokenizer
+    from drift_stream.data.tokenization import ChatTokenizer
+    from drift_stream.data.example_types import Example
+    from drift_stream.grads.projection import FeatureConfig
+    from drift_stream.embedded.training import encode_rows
+    from drift_stream.model.loading import load_model, load_tokenizer
+    from drift_stream.embedded.tiny_models import make_char_tokenizer
 
     with timer("data"):
         splits = make_data(cfg)
@@ -281,7 +282,7 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     base_dir = cache / "base"
     with timer("base"):
         if cfg.base_model and not (base_dir / "base_eval.json").exists():  # a given base: copied, evaluated
-            from drift_stream.integrations.trainers import greedy_accuracy
+            from drift_stream.embedded.training import greedy_accuracy
 
             given = load_model(cfg.base_model, device="cpu")
             given.save_pretrained(str(base_dir))
@@ -352,7 +353,7 @@ def library_scores(ctx, name: str, seed: int):
     """loss / ifd / random through the library's scorers on an in-memory Arrow table of the pool."""
     import pyarrow as pa
 
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     scorer = build_scorer(name, model=None, tokenizer=ctx["tok"], model_obj=ctx["model"],
                           max_tokens=ctx["cfg"].max_tokens, batch_size=32, seed=seed, device="cpu")
@@ -423,7 +424,7 @@ def select(ctx, scores, selection: str, seed: int = 0, cached: dict | None = Non
 def continue_sft(ctx, weights, seed: int, return_model: bool = False):
     """Continued SFT from ctx's model on weighted rows; greedy accuracy on target and non-target tasks, test and
     dev (and the trained model when return_model)."""
-    from drift_stream.integrations.trainers import greedy_accuracy, train_sft
+    from drift_stream.embedded.training import greedy_accuracy, train_sft
 
     cfg = ctx["cfg"]
     model = copy.deepcopy(ctx["model"])

@@ -28,8 +28,8 @@ def featurize(model, examples, *, feature_config, batch_size: int = 32):
     """
     import torch
 
-    from drift_stream.formats import collate
-    from drift_stream.grads import GradientFeaturizer
+    from drift_stream.data.tokenization import collate
+    from drift_stream.grads.features import GradientFeaturizer
 
     featurizer = GradientFeaturizer(model, feature_config)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -179,7 +179,7 @@ def fit_preconditioner(kind: str, fisher_feats, block_sizes: Sequence[int], damp
     """The library's Preconditioner fitted on training features [n, D] (None for identity)."""
     if kind == "identity":
         return None
-    from drift_stream.grads import Preconditioner, PreconditionerConfig
+    from drift_stream.grads.precondition import Preconditioner, PreconditionerConfig
 
     pre = Preconditioner(PreconditionerConfig(kind=kind, damping=damping), block_sizes)
     pre.update(fisher_feats)
@@ -239,7 +239,7 @@ def stratified_top_mask(scores, fraction: float, ids: Sequence[str], strata: Seq
     The total kept is floor(P*n + 0.5) as for top:P, shared among strata in proportion to their sizes (largest
     remainders; ties by stratum name).
     """
-    from drift_stream.tasks import allocate
+    from drift_stream.embedded.tasks import allocate
 
     strata = np.asarray(strata)
     names = sorted(np.unique(strata).tolist())
@@ -285,7 +285,7 @@ def roc_auc(scores, positive) -> float:
 
 
 def spearman(x, y) -> float:
-    from drift_stream.scoring import spearman as _spearman
+    from drift_stream.scoring.stats import spearman as _spearman
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y)

@@ -34,8 +34,9 @@ STYLE_NAMES = {"worked": "pool style", "prose": "another author (prose)", "answe
 
 def _losses(model, examples, batch_size: int = 64):
     """(mean NLL [n], loss tokens [n]) of tokenized examples, input order (the library's one per-example loss)."""
-    from drift_stream.formats import collate
-    from drift_stream.grads import FeatureConfig, GradientFeaturizer
+    from drift_stream.data.tokenization import collate
+    from drift_stream.grads.projection import FeatureConfig
+    from drift_stream.grads.features import GradientFeaturizer
 
     featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=1, proj_dim_out=1))
     loss, num = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
@@ -48,7 +49,7 @@ def _losses(model, examples, batch_size: int = 64):
 
 
 def reference_examples(chat, queries, style: str):
-    from drift_stream.formats import Example
+    from drift_stream.data.example_types import Example
 
     key = {"worked": "reference_pool", "prose": "reference_prose", "answer": "answer"}[style]
     return [chat.encode(Example(id=q["id"], messages=({"role": "user", "content": q["question"]},
@@ -82,7 +83,7 @@ def extend_cache(ctx, fc) -> None:
 
 def adaptive_rollouts(ctx, fc) -> dict:
     """Rollouts beyond the first K for queries without a contrast, up to cfg.max_rollouts (the library's loop)."""
-    from drift_stream import tasks
+    from drift_stream.embedded import tasks
     from drift_stream.bank.contrast import top_up_rollouts
     from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts
 

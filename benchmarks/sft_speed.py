@@ -25,8 +25,8 @@ def main() -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drift_stream.demo import demo_assets
-    from drift_stream.integrations.trainers import train_sft
+    from drift_stream.embedded.demo import demo_assets
+    from drift_stream.embedded.training import train_sft
     from drift_stream.integrations.trl import SFTConfig, WeightedSFTTrainer
 
     torch.set_num_threads(1)

@@ -39,8 +39,8 @@ def make_pool(directory: Path, rows: int, rows_per_file: int) -> None:
 
 def child(pool: str, out: str, model: str, batch_rows: int) -> None:
     """Score `pool` into `out`; print one JSON line with rows, seconds and peak RSS."""
-    from drift_stream.pipeline import RunConfig, run_score
-    from drift_stream.scoring import build_scorer
+    from drift_stream.engines.local import RunConfig, run_score
+    from drift_stream.scoring.build import build_scorer
 
     scorer = build_scorer("random", model=model, adapter="messages")
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         child(*args.child, batch_rows=args.batch_rows)
         return 0
 
-    from drift_stream.testing import save_tiny_model
+    from drift_stream.embedded.tiny_models import save_tiny_model
 
     results = []
     with tempfile.TemporaryDirectory(prefix="drift-stream-bench-") as tmp:

@@ -36,8 +36,9 @@ from functools import partial
 
 import torch
 
-from drift_stream.grads import FeatureConfig, GradientFeaturizer
-from drift_stream.testing import make_tiny_model
+from drift_stream.grads.projection import FeatureConfig
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.embedded.tiny_models import make_tiny_model
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 from throughput_shapes import floor_step  # noqa: E402
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from drift_stream.testing import make_char_tokenizer
+    from drift_stream.embedded.tiny_models import make_char_tokenizer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

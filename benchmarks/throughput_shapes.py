@@ -3,7 +3,7 @@
 Per shape and loss fraction, three measurements, each in its OWN subprocess so that its peak memory is its own:
   plain     plain forward + backward of the summed per-example losses, weights trainable, full [B, T, V] logits
             (what a training step costs without the optimizer);
-  features  GradientFeaturizer.featurize (16 x 16 per module), i.e. drift_stream.losses at loss positions only;
+  features  GradientFeaturizer.featurize (16 x 16 per module), i.e. drift_stream.model.losses at loss positions only;
   floor     the frozen floor computed the cheap way, written here in plain torch independently of the library:
             weights frozen, forward from input embeddings that require grad, hidden states gathered at the loss
             positions, lm_head and float32 cross-entropy there only, per-example means summed, one input-gradient
@@ -46,7 +46,7 @@ def build(shape: str, loss_frac: float, dtype: str = "float32"):
     """(model, batch): random weights (seed 0), random tokens, the last `loss_frac` of each row in the loss."""
     import torch
 
-    from drift_stream.testing import make_tiny_model
+    from drift_stream.embedded.tiny_models import make_tiny_model
 
     arch, kwargs, batch_size, seq_len = SHAPES[shape]
     kwargs = dict(kwargs)
@@ -96,7 +96,8 @@ def child(spec: dict) -> dict:
     model, batch = build(spec["shape"], spec["loss_frac"], spec.get("dtype", "float32"))
     kind = spec["kind"]
     if kind == "features":
-        from drift_stream.grads import FeatureConfig, GradientFeaturizer
+        from drift_stream.grads.projection import FeatureConfig
+        from drift_stream.grads.features import GradientFeaturizer
 
         featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=spec["proj_dim"],
                                                              proj_dim_out=spec["proj_dim"]))
@@ -185,7 +186,7 @@ def bergson_per_batch(python: str, shape: str, loss_frac: float, proj_dim: int, 
     """
     import datasets
 
-    from drift_stream.testing import make_char_tokenizer
+    from drift_stream.embedded.tiny_models import make_char_tokenizer
 
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
     from throughput import run_bergson

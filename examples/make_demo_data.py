@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                         help="after writing, compare the files byte for byte with this directory (exit 1 if not)")
     args = parser.parse_args(argv)
 
-    from drift_stream.tasks import DataRecipe, make_splits
+    from drift_stream.embedded.tasks import DataRecipe, make_splits
 
     splits = make_splits(DataRecipe(seed=args.seed))
     write_splits(splits, args.out)

@@ -3,7 +3,7 @@
     python examples/train_tiny_model.py                          # rewrites drift_stream/assets/tiny-reasoner/
     python examples/train_tiny_model.py --out /tmp/tiny --check drift_stream/assets/tiny-reasoner
 
-A 4-layer Llama with the character tokenizer of drift_stream.testing, trained with loss on assistant tokens only on
+A 4-layer Llama with the character tokenizer of drift_stream.embedded.tiny_models, trained with loss on assistant tokens only on
 the shipped noisy pool (the model's own SFT data), stopped at partial competence. Prints greedy accuracy per task on
 the validation queries and the test set and writes them to training_summary.json. Deterministic under the seed for a
 fixed torch thread count (--threads, default 1). Needs reasoning-gym for the verifiers.
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from drift_stream.integrations.trainers import TinyModelRecipe, greedy_accuracy, train_sft
-    from drift_stream.testing import make_char_tokenizer
+    from drift_stream.embedded.training import TinyModelRecipe, greedy_accuracy, train_sft
+    from drift_stream.embedded.tiny_models import make_char_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)

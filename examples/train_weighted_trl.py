@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def run(argv: list[str]) -> None:
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
 
     print("$ drift-stream " + " ".join(argv), flush=True)
     code = main(argv)
@@ -26,7 +26,7 @@ def run(argv: list[str]) -> None:
 
 def prepare(out: Path, quick: bool) -> Path:
     """A scored demo run, refined to weights and exported for TRL. Returns the export directory."""
-    from drift_stream.demo import demo_assets
+    from drift_stream.embedded.demo import demo_assets
 
     assets = demo_assets()
     common = ["--threads", "1", "-q"]
@@ -58,7 +58,7 @@ def train(exported: Path, out: Path, steps: int) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
-    from drift_stream.demo import demo_assets
+    from drift_stream.embedded.demo import demo_assets
     from drift_stream.integrations.trl import WeightedSFTTrainer
 
     model_dir = demo_assets().model

@@ -198,7 +198,7 @@ def s3_server(tmp_path_factory) -> S3Server:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny Llama-architecture model + char tokenizer saved as a HF directory (built in code, nothing downloaded)."""
-    from drift_stream.testing import save_tiny_model
+    from drift_stream.embedded.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), arch="llama")
 

@@ -5,7 +5,7 @@ argv: DATA_URL OUT_URL MODEL_DIR. With no storage_options, an S3 endpoint and cr
 
 KILLABLE_RUN = """
 import sys, time
-from drift_stream.pipeline import RunConfig, run_score
+from drift_stream.engines.local import RunConfig, run_score
 from drift_stream.scoring import build_scorer
 
 inner = build_scorer("random", model=sys.argv[3], adapter="messages")

@@ -1,6 +1,6 @@
 """Conversation shapes and an independent mask oracle for tests/test_templates.py (and its results table).
 
-The oracle does not use drift_stream.template_spans. For assistant turn i of a conversation rendered as R:
+The oracle does not use drift_stream.data.template_spans. For assistant turn i of a conversation rendered as R:
 - start: the end of the rendered generation prompt of messages[:i] (a quadratic prefix render) when it is a prefix
   of R; else the same without the system message (Mistral moves it into the last user turn); else the longest common
   prefix of the two (the template renders the turn differently once it is not last: Qwen3.6 and R1 drop the

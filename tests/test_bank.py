@@ -11,24 +11,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from drift_stream.bank import (
-    BankConfig,
-    ValidationBank,
-    build_bank,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    signed_weights,
-    write_bank,
-)
+from drift_stream.bank.config import BankConfig
+from drift_stream.bank.store import ValidationBank, fingerprint_model, fingerprint_tokenizer, write_bank
+from drift_stream.bank.build import build_bank
+from drift_stream.bank.targets import signed_weights
 from drift_stream.errors import BankError, BankMismatchError, ConfigError
-from drift_stream.formats import ChatTokenizer, Example, collate
+from drift_stream.data.tokenization import ChatTokenizer, collate
+from drift_stream.data.example_types import Example
 from drift_stream.grads.features import GradientFeaturizer
 from drift_stream.grads.precondition import Preconditioner
 from drift_stream.grads.projection import FeatureConfig
-from drift_stream.models import load_model, load_tokenizer
+from drift_stream.model.loading import load_model, load_tokenizer
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
-from drift_stream.testing import save_tiny_model
+from drift_stream.embedded.tiny_models import save_tiny_model
 
 FEATURES = FeatureConfig(proj_dim_in=4, proj_dim_out=4)
 ROLLOUTS = RolloutConfig(num_rollouts=4, max_new_tokens=12, seed=3, batch_size=8)
@@ -274,7 +270,7 @@ def test_block_preconditioner_from_fisher_data(model_dir, tmp_path):
     # explicit: the fitted Fisher is the mean outer product of the first 20 usable pool rows' features
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, device="cpu")
     chat = ChatTokenizer(tokenizer, max_tokens=2048)
-    from drift_stream.formats import load_adapter
+    from drift_stream.data.formats import load_adapter
 
     rows = [chat.encode(load_adapter("messages").to_example(r)) for r in pool if r["messages"][0]["role"] == "user"]
     feats = GradientFeaturizer(model, FEATURES).featurize(collate(rows[:20], chat.pad_token_id)).features.double()

@@ -12,10 +12,10 @@ import pytest
 
 from drift_stream.refine.chain import Prefilter
 from drift_stream.errors import ConfigError
-from drift_stream.pipeline import RunConfig, run_score
-from drift_stream.refine import refine_run
-from drift_stream.scoring import build_scorer
-from drift_stream.testing import save_tiny_model
+from drift_stream.engines.local import RunConfig, run_score
+from drift_stream.refine.policies import refine_run
+from drift_stream.scoring.build import build_scorer
+from drift_stream.embedded.tiny_models import save_tiny_model
 
 N = 60
 
@@ -105,7 +105,7 @@ def test_prefilter_config_errors_and_cli(runs, tmp_path):
     with pytest.raises(ConfigError, match="does not combine"):
         refine_run(str(root / "random"), "top:0.5", str(tmp_path / "s"), stratify_by=("id",), progress=False,
                    prefilters=[(str(root / "loss"), 0.2)])
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
 
     assert main(["refine", str(root / "random"), "--policy", "top:0.5", "--out", str(tmp_path / "cli"),
                  "--prefilter", str(root / "loss"), "0.2", "--quiet"]) == 0

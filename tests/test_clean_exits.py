@@ -40,7 +40,7 @@ def write_pool(root: Path, files: int, rows: int) -> list[str]:
 
 def cli(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "drift_stream.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "drift_stream.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
@@ -86,7 +86,7 @@ def test_sigint_mid_run_exits_cleanly_and_a_rerun_resumes(tmp_path, tiny_model_d
     args = ["score", "--data", *data, "--model", tiny_model_dir, "--scorer", "loss", "--batch-rows", "8",
             "--max-tokens", "128", "-q"]
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "drift_stream.cli", *args, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "drift_stream.cli.main", *args, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 240
@@ -135,7 +135,7 @@ def test_s3_server_restart_mid_run_then_output_identical(tmp_path, tiny_model_di
         fs.put_file(path, f"{bucket}/pool/{Path(path).name}")
     args = ["score", "--data", f"s3://{bucket}/pool/", "--model", tiny_model_dir, "--scorer", "loss",
             "--batch-rows", "8", "--max-tokens", "128", "--out", f"s3://{bucket}/run", "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "drift_stream.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "drift_stream.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(server.env(), OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 240
     while True:  # wait for the first finished input file, then take the server away for a few seconds

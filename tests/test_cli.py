@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.cli import main
+from drift_stream.cli.main import main
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
@@ -20,7 +20,7 @@ ROWS = [
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "drift_stream.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "drift_stream.cli.main", *args], capture_output=True, text=True, timeout=300
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

@@ -13,16 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.bank import BankConfig, build_bank
-from drift_stream.cli import build_parser, main
-from drift_stream.config_fields import execution_dict, output_dict
+from drift_stream.bank.config import BankConfig
+from drift_stream.bank.build import build_bank
+from drift_stream.cli.main import build_parser, main
+from drift_stream.io.config_fields import execution_dict, output_dict
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.io.run_dir import RunDirectory
-from drift_stream.pipeline import RunConfig
+from drift_stream.engines.local import RunConfig
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
-from drift_stream.scoring import ScoreConfig, build_scorer
-from drift_stream.testing import save_tiny_model
+from drift_stream.scoring.base import ScoreConfig
+from drift_stream.scoring.build import build_scorer
+from drift_stream.embedded.tiny_models import save_tiny_model
 
 CLI_ONLY = {"config", "threads", "quiet", "verbose", "engine", "version", "help"}  # no library counterpart
 
@@ -38,12 +40,12 @@ def _param_default(fn, name):
 
 def library_defaults() -> dict[tuple[str, str], object]:
     """(subcommand, argparse dest) -> the default of the library object the flag feeds."""
-    from drift_stream.bank import build_bank
-    from drift_stream.demo import run_demo
-    from drift_stream.integrations.ray import RayEngine, score_on_ray
-    from drift_stream.refine import refine_run
+    from drift_stream.bank.build import build_bank
+    from drift_stream.embedded.demo import run_demo
+    from drift_stream.engines.ray import RayEngine, score_on_ray
+    from drift_stream.refine.policies import refine_run
     from drift_stream.refine.report import write_report
-    from drift_stream.scoring import build_scorer as build
+    from drift_stream.scoring.build import build_scorer as build
 
     out: dict[tuple[str, str], object] = {}
     for f in dataclasses.fields(ScoreConfig):
@@ -214,7 +216,7 @@ def test_concurrent_shards_of_an_array_score_with_one_beta(tmp_path, model_and_b
     model, bank = model_and_bank
     files = write_pool(tmp_path)
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "drift_stream.cli", "score", "--data", *files, "--model", model, "--bank", bank,
+    args = [sys.executable, "-m", "drift_stream.cli.main", "score", "--data", *files, "--model", model, "--bank", bank,
             "--out", str(out), "--beta", "auto", "--calibration-rows", "16", "--num-shards", "2", "--quiet",
             "--threads", "1"]
     procs = [subprocess.Popen([*args, "--shard-index", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

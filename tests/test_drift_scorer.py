@@ -10,14 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.bank import BankConfig, build_bank
+from drift_stream.bank.config import BankConfig
+from drift_stream.bank.build import build_bank
 from drift_stream.errors import BankMismatchError, ConfigError
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
-from drift_stream.scoring import DriftScorer, build_scorer
-from drift_stream.stats import spearman
-from drift_stream.testing import save_tiny_model
+from drift_stream.scoring.drift import DriftScorer
+from drift_stream.scoring.build import build_scorer
+from drift_stream.scoring.stats import spearman
+from drift_stream.embedded.tiny_models import save_tiny_model
 
 FEATURES = FeatureConfig(proj_dim_in=8, proj_dim_out=8)
 ROLLOUTS = RolloutConfig(num_rollouts=8, max_new_tokens=16, seed=5, batch_size=16)
@@ -124,7 +126,7 @@ def test_debiasing_removes_the_pull_of_the_gradient_norm(setup):
 def test_datasets_streaming_map_filter_equals_cli_run(setup, tmp_path):
     from datasets import load_dataset
 
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
     from drift_stream.integrations.hf_datasets import keep_positive
 
     _, model_dir, banks = setup
@@ -146,7 +148,7 @@ def test_datasets_streaming_map_filter_equals_cli_run(setup, tmp_path):
 
 
 def test_beta_auto_is_fitted_on_the_input_head_and_recorded(setup, tmp_path):
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
 
     _, model_dir, banks = setup
     pool = tmp_path / "pool.parquet"
@@ -201,7 +203,7 @@ def test_off_policy_baselines_need_an_off_policy_bank(setup):
 def test_score_dataset_with_beta_auto_equals_the_cli(setup, tmp_path):
     from datasets import Dataset
 
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
     from drift_stream.integrations.hf_datasets import score_dataset
 
     _, model_dir, banks = setup

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.cli import main
+from drift_stream.cli.main import main
 from drift_stream.errors import ConfigError, IncompleteRunError, InputError, RunDirMismatchError
 from drift_stream.refine.export import export_run
 
@@ -114,7 +114,7 @@ def test_llamafactory_export_through_its_own_data_engine(runs, tmp_path):
     # CI does not have it; checked by hand with the wheel's sources, see the export module docstring).
     engine = pytest.importorskip("llamafactory.v1.core.data_engine")
     rendering = pytest.importorskip("llamafactory.v1.core.utils.rendering")
-    from drift_stream.testing import make_char_tokenizer
+    from drift_stream.embedded.tiny_models import make_char_tokenizer
 
     out = tmp_path / "lf"
     export_run(str(runs / "weights"), "llamafactory", str(out))

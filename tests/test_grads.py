@@ -10,15 +10,11 @@ import pytest
 import torch
 
 from drift_stream.errors import ConfigError
-from drift_stream.formats import TokenizedExample, collate
-from drift_stream.grads import (
-    FeatureConfig,
-    GradientFeaturizer,
-    GradientProjector,
-    random_projection,
-    stable_seed,
-)
-from drift_stream.testing import make_tiny_model
+from drift_stream.data.example_types import TokenizedExample
+from drift_stream.data.tokenization import collate
+from drift_stream.grads.projection import FeatureConfig, GradientProjector, random_projection, stable_seed
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.embedded.tiny_models import make_tiny_model
 
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox", "lora_llama"]
 VOCAB = 102

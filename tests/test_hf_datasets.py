@@ -14,7 +14,7 @@ SCORE_TYPES = {"drift_score": pa.float32(), "drift_grad_norm": pa.float32(), "dr
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model_dir):
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     return build_scorer("random", model=tiny_model_dir, adapter="messages")
 

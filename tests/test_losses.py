@@ -1,4 +1,4 @@
-"""The one per-example loss (drift_stream.losses) against the model's full logits, in float64.
+"""The one per-example loss (drift_stream.model.losses) against the model's full logits, in float64.
 
 Covers models that do something after the LM head (Gemma2/Gemma3 final-logit soft-capping, Cohere's logit_scale,
 Granite's logits_scaling), tied embeddings, left/right padding, chunk boundaries, rows without loss tokens,
@@ -13,10 +13,12 @@ import pytest
 import torch
 import transformers as tf
 
-from drift_stream.formats import TokenizedExample, collate
-from drift_stream.grads import FeatureConfig, GradientFeaturizer
-from drift_stream.losses import example_losses, prepare_batch, resolve_head
-from drift_stream.testing import make_tiny_model
+from drift_stream.data.example_types import TokenizedExample
+from drift_stream.data.tokenization import collate
+from drift_stream.grads.projection import FeatureConfig
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.model.losses import example_losses, prepare_batch, resolve_head
+from drift_stream.embedded.tiny_models import make_tiny_model
 
 VOCAB = 102
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -194,7 +196,7 @@ def test_unknown_head_transform_falls_back_to_full_logits(caplog):
     torch.manual_seed(0)
     model = _ScaledLlama(tf.LlamaConfig(**_COMMON)).double().eval()
     examples = make_examples()
-    with caplog.at_level(logging.WARNING, logger="drift_stream.losses"):
+    with caplog.at_level(logging.WARNING, logger="drift_stream.model.losses"):
         assert resolve_head(model) is None
     assert "_ScaledLlama: using full [B, T, V] logits" in caplog.text
     with torch.no_grad():
@@ -205,8 +207,8 @@ def test_unknown_head_transform_falls_back_to_full_logits(caplog):
 
 def test_every_caller_gives_the_same_loss():
     """models.sequence_losses, the featurizer (loss_only and featurize) and the trainer loss are one function."""
-    from drift_stream.integrations.trainers import example_losses as trainer_losses
-    from drift_stream.models import sequence_losses
+    from drift_stream.embedded.training import example_losses as trainer_losses
+    from drift_stream.model.loading import sequence_losses
 
     model = make_model("gemma2", torch.float32)
     examples = make_examples()
@@ -224,7 +226,7 @@ def test_every_caller_gives_the_same_loss():
 
 def test_completion_logprobs_equal_generate_step_logits():
     """Rollout log-probs from the one loss equal those of generate()'s own step logits (left-padded prompts)."""
-    from drift_stream.losses import completion_logprobs
+    from drift_stream.model.losses import completion_logprobs
 
     model = make_model("llama")
     prompts = [[7, 8, 9, 10, 11], [12, 13, 14]]
@@ -249,7 +251,7 @@ def test_completion_logprobs_equal_generate_step_logits():
 @pytest.mark.parametrize("arch", ["gemma2", "cohere", "granite", "llama_tied"])
 def test_fused_head_gradient_equals_autograd_through_the_head(arch):
     """The in-place softmax gradient (nn.Linear heads) equals autograd through the head's own forward, float64."""
-    from drift_stream.losses import _frozen_head_nll
+    from drift_stream.model.losses import _frozen_head_nll
 
     model = make_model(arch)
     head = resolve_head(model)

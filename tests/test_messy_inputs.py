@@ -18,12 +18,12 @@ import pytest
 
 from drift_stream.errors import AllRejectedError, InputError
 from drift_stream.io.streams import expand_inputs, iter_chunks, plan_inputs
-from drift_stream.pipeline import RunConfig, run_score
+from drift_stream.engines.local import RunConfig, run_score
 
 
 @pytest.fixture(scope="module")
 def make_scorer(tiny_model_dir):
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     return lambda adapter="messages", seed=0: build_scorer("random", model=tiny_model_dir, adapter=adapter, seed=seed)
 
@@ -256,7 +256,7 @@ def two_writer_pool(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("policy", ["top:0.5", "positive", "weights", "repeat"])
 def test_one_schema_out_for_score_and_every_refine_policy(tmp_path, make_scorer, policy):
-    from drift_stream.refine import refine_run
+    from drift_stream.refine.policies import refine_run
 
     paths = two_writer_pool(tmp_path / "pool")
     manifest = score(tmp_path, paths, make_scorer(), batch_rows=5)
@@ -279,7 +279,7 @@ def test_one_schema_out_for_score_and_every_refine_policy(tmp_path, make_scorer,
 
 def test_refine_unifies_shards_of_an_older_run_with_different_schemas(tmp_path, make_scorer):
     """A run scored before one-schema-out (or by another tool): shard 1 with large types and a missing column."""
-    from drift_stream.refine import refine_run
+    from drift_stream.refine.policies import refine_run
 
     rows = [chat(i, task="t") for i in range(20)]
     pq.write_table(pa.Table.from_pylist(rows[:10]), tmp_path / "a.parquet")
@@ -299,7 +299,7 @@ def test_refine_unifies_shards_of_an_older_run_with_different_schemas(tmp_path, 
 
 
 def test_paths_with_brackets_spaces_and_a_literal_that_wins_over_its_glob(tmp_path, make_scorer):
-    from drift_stream.refine import refine_run
+    from drift_stream.refine.policies import refine_run
     from drift_stream.refine.report import write_report
 
     folder = tmp_path / "exports [2024]"
@@ -344,7 +344,7 @@ def test_all_rejected_raises_unless_allowed_and_mostly_rejected_warns(tmp_path, 
 
 
 def test_cli_all_rejected_exit_code_and_one_line_errors(tmp_path, tiny_model_dir, capsys):
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
 
     (tmp_path / "alpaca.json").write_text(json.dumps([alpaca(i) for i in range(4)]))
     base = ["score", "--data", str(tmp_path / "alpaca.json"), "--model", tiny_model_dir, "--scorer", "random", "-q"]
@@ -374,7 +374,7 @@ def test_rows_in_equals_scored_plus_rejected_over_mixed_kinds(tmp_path, make_sco
 
 
 def test_s3_keys_with_brackets_and_spaces_through_score_and_refine(tmp_path, make_scorer, s3_server):
-    from drift_stream.refine import refine_run
+    from drift_stream.refine.policies import refine_run
 
     fs = s3_server.filesystem()
     bucket = s3_server.new_bucket("brackets")
@@ -397,7 +397,7 @@ def test_s3_keys_with_brackets_and_spaces_through_score_and_refine(tmp_path, mak
 
 
 def test_quiet_hides_the_weights_loading_bar(tmp_path, tiny_model_dir, capsys):
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
 
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(3)))
     assert main(["score", "--data", str(tmp_path / "p.jsonl"), "--model", tiny_model_dir, "--scorer", "loss",

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drift_stream.errors import AllRejectedError
-from drift_stream.pipeline import RunConfig, run_score
+from drift_stream.engines.local import RunConfig, run_score
 
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**40), 2**40)
            | st.floats(allow_nan=False, allow_infinity=False, width=32) | st.text(max_size=4))
@@ -86,7 +86,7 @@ def write(root: Path, i: int, spec) -> str:
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model_dir):
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     return build_scorer("random", model=tiny_model_dir, adapter="messages")
 

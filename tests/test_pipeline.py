@@ -21,14 +21,14 @@ import pytest
 from killable import KILLABLE_RUN
 
 from drift_stream.errors import BadRowError, ConfigError, RunDirMismatchError
-from drift_stream.pipeline import RunConfig, run_score
+from drift_stream.engines.local import RunConfig, run_score
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "schemas" / "run_manifest.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def make_scorer(tiny_model_dir):
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     return lambda seed=0: build_scorer("random", model=tiny_model_dir, adapter="messages", seed=seed)
 

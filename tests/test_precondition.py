@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drift_stream.errors import ConfigError
-from drift_stream.grads import Preconditioner, PreconditionerConfig
+from drift_stream.grads.precondition import Preconditioner, PreconditionerConfig
 
 SIZES = [4, 6, 3]
 

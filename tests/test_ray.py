@@ -39,13 +39,14 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def assets():
-    from drift_stream.demo import demo_assets
+    from drift_stream.embedded.demo import demo_assets
 
     return demo_assets()
 
 
 def build_small_bank(assets, out):
-    from drift_stream.bank import BankConfig, build_bank
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.bank.build import build_bank
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
 
@@ -87,7 +88,7 @@ def scorer_kwargs(assets, bank_dir):
 
 
 def run_config(pool, out, s3_server):
-    from drift_stream.pipeline import RunConfig
+    from drift_stream.engines.local import RunConfig
 
     return RunConfig(data=(pool,), out=str(out), batch_rows=8, storage_options=s3_server.storage_options)
 
@@ -95,8 +96,8 @@ def run_config(pool, out, s3_server):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, pool, scorer_kwargs, s3_server):
     """The local engine's run directory over the same input."""
-    from drift_stream.pipeline import run_score
-    from drift_stream.scoring import build_scorer
+    from drift_stream.engines.local import run_score
+    from drift_stream.scoring.build import build_scorer
 
     out = tmp_path_factory.mktemp("ray_reference") / "run"
     kwargs = dict(scorer_kwargs)
@@ -174,7 +175,7 @@ def _wait_for(predicate, timeout_s, what):
 
 
 def _score_actors():
-    from drift_stream.integrations.ray import ACTOR_NAME_PREFIX
+    from drift_stream.engines.ray import ACTOR_NAME_PREFIX
 
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_NAME_PREFIX)]
 
@@ -183,9 +184,9 @@ def _score_actors():
 @pytest.mark.s3
 def test_two_actors_s3_in_and_out_equal_the_local_engine_and_refine_report_export_read_it(
         local_ray, pool, reference, scorer_kwargs, s3_server, tmp_path):
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
     from drift_stream.refine.export import export_run
-    from drift_stream.refine import refine_run
+    from drift_stream.refine.policies import refine_run
     from drift_stream.refine.report import write_report
 
     out = f"s3://{s3_server.new_bucket('rayout')}/run"
@@ -221,7 +222,7 @@ def test_two_actors_s3_in_and_out_equal_the_local_engine_and_refine_report_expor
 @pytest.mark.slow
 def test_an_actor_killed_mid_run_is_replaced_and_its_file_redone(local_ray, pool, reference, scorer_kwargs,
                                                                  s3_server, tmp_path):
-    from drift_stream.integrations.ray import RayEngine, score_on_ray
+    from drift_stream.engines.ray import RayEngine, score_on_ray
 
     out = tmp_path / "run"
     engine = RayEngine(scorer_kwargs, actors=2)
@@ -243,7 +244,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_its_file_redone(local_ray, pool
 @pytest.mark.slow
 def test_driver_killed_then_rerun_resumes_and_equals_the_local_engine(local_ray, pool, reference, scorer_kwargs,
                                                                       s3_server, tmp_path):
-    from drift_stream.integrations.ray import RayEngine, score_on_ray
+    from drift_stream.engines.ray import RayEngine, score_on_ray
 
     out = tmp_path / "run"
     config = tmp_path / "score.yaml"
@@ -251,7 +252,7 @@ def test_driver_killed_then_rerun_resumes_and_equals_the_local_engine(local_ray,
     config.write_text("\n".join([*lines, f"data: [{json.dumps(pool)}]", "batch_rows: 8", "engine: ray", "actors: 2",
                                  f"ray_address: {json.dumps(local_ray)}", "quiet: true"]) + "\n")
     driver = subprocess.Popen(
-        [sys.executable, "-m", "drift_stream.cli", "score", "--config", str(config), "--out", str(out),
+        [sys.executable, "-m", "drift_stream.cli.main", "score", "--config", str(config), "--out", str(out),
          "--storage-options", json.dumps(s3_server.storage_options)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -277,8 +278,8 @@ def test_driver_killed_then_rerun_resumes_and_equals_the_local_engine(local_ray,
 def test_map_batches_on_actor_pool_equals_direct_scoring(local_ray, tiny_model_dir):
     import ray.data
 
-    from drift_stream.integrations.ray import score_with_ray
-    from drift_stream.scoring import build_scorer
+    from drift_stream.engines.ray import score_with_ray
+    from drift_stream.scoring.build import build_scorer
 
     rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"{i} + 2?"},
                                          {"role": "assistant", "content": f"{i} + 2 = {i + 2}"}]} for i in range(24)]
@@ -299,8 +300,8 @@ def test_map_batches_on_actor_pool_equals_direct_scoring(local_ray, tiny_model_d
 
 @pytest.mark.slow
 def test_bank_build_on_two_actors_equals_the_local_build(local_ray, assets, bank_dir, tmp_path):
-    from drift_stream.bank import ValidationBank
-    from drift_stream.cli import main
+    from drift_stream.bank.store import ValidationBank
+    from drift_stream.cli.main import main
 
     # the same bank as `bank_dir`, through the CLI
     queries = tmp_path / "queries.parquet"

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import ScoreSummary
-from drift_stream.refine import Policy, RefineConfig, refine_run
+from drift_stream.io.manifest import ScoreSummary
+from drift_stream.refine.policies import Policy, RefineConfig, refine_run
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "refine_manifest.schema.json"
 META = pa.struct([("source", pa.string()), ("level", pa.int64())])

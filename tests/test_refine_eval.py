@@ -219,7 +219,7 @@ def test_quick_run_statistics_gaps_and_contribution_aucs(quick):
 def test_query_targets_follow_the_library_contrast_rules():
     import refine_lib as rl
 
-    from drift_stream.bank import signed_weights
+    from drift_stream.bank.targets import signed_weights
     from drift_stream.bank.contrast import contrast_plan
 
     rng = np.random.default_rng(4)

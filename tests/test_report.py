@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_refine import MESSAGES, mark_complete, write_run
 
-from drift_stream.refine.report import _extreme_rows, rankdata, spearman, summarize_run, write_report
+from drift_stream.refine.report import _extreme_rows, summarize_run, write_report
+from drift_stream.scoring.stats import rankdata, spearman
 from drift_stream.refine.report_html import render_example
 
 

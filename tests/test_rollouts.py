@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from drift_stream.errors import ConfigError
-from drift_stream.formats import ChatTokenizer
+from drift_stream.data.tokenization import ChatTokenizer
 from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts, rollout_seed
-from drift_stream.testing import make_char_tokenizer, make_tiny_model
+from drift_stream.embedded.tiny_models import make_char_tokenizer, make_tiny_model
 
 
 @pytest.fixture(scope="module")

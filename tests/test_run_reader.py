@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.cli import main
+from drift_stream.cli.main import main
 from drift_stream.errors import IncompleteRunError
 from drift_stream.io.run_dir import RunDirectory
-from drift_stream.refine import refine_run
+from drift_stream.refine.policies import refine_run
 from drift_stream.refine.report import write_report
 
 NUM_FILES, ROWS_PER_FILE = 8, 5

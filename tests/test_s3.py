@@ -21,7 +21,7 @@ import zstandard
 from drift_stream.errors import InputError
 from drift_stream.io.run_dir import RunDirectory
 from drift_stream.io.streams import InputFile, expand_inputs, input_schema, iter_chunks
-from drift_stream.pipeline import RunConfig, run_score
+from drift_stream.engines.local import RunConfig, run_score
 
 pytestmark = pytest.mark.s3
 
@@ -30,7 +30,7 @@ SCHEMA = json.loads((Path(__file__).parent.parent / "schemas" / "run_manifest.sc
 
 @pytest.fixture(scope="module")
 def make_scorer(tiny_model_dir):
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     return lambda seed=0: build_scorer("random", model=tiny_model_dir, adapter="messages", seed=seed)
 

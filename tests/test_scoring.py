@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from drift_stream.errors import ConfigError
-from drift_stream.scoring import ScoreConfig, build_scorer, fit_beta, random_unit, spearman
+from drift_stream.scoring.base import ScoreConfig, random_unit
+from drift_stream.scoring.build import build_scorer
+from drift_stream.scoring.drift import fit_beta
+from drift_stream.scoring.stats import spearman
 
 ROWS = [
     {"id": "a", "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]},
@@ -33,7 +36,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from drift_stream.testing import save_tiny_model
+    from drift_stream.embedded.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", arch="llama", seed=3)
 
@@ -81,7 +84,7 @@ def test_loss_scorer_equals_explicit_nll(model_dir):
 
 
 def test_ifd_is_conditional_over_unconditional_loss(model_dir):
-    from drift_stream.formats import TokenizedExample
+    from drift_stream.data.example_types import TokenizedExample
 
     scorer = build_scorer("ifd", model=model_dir, adapter="messages")
     table = pa.Table.from_pylist([ROWS[0], ROWS[2]])

@@ -20,11 +20,11 @@ from drift_stream.io.streams import (
     input_schema,
     iter_chunks,
     plan_inputs,
-    prefetch,
     redact_url,
     resolve_storage_options,
     shard_files,
 )
+from drift_stream.io.background import prefetch
 
 
 def rows(n: int, start: int = 0) -> list[dict]:

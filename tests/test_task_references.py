@@ -1,4 +1,4 @@
-"""Reference solutions in a second author's style (drift_stream.task_references): correct, worked, another layout."""
+"""Reference solutions in a second author's style (drift_stream.embedded.task_references): correct, worked, another layout."""
 
 import re
 
@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("reasoning_gym")
 
-from drift_stream import tasks as T  # noqa: E402
+from drift_stream.embedded import tasks as T  # noqa: E402
 from drift_stream.errors import ConfigError  # noqa: E402
-from drift_stream.task_references import REFERENCE_STYLES, prose_answer, prose_response, reference_solution  # noqa: E402
+from drift_stream.embedded.task_references import REFERENCE_STYLES, prose_answer, prose_response, reference_solution  # noqa: E402
 
 _OPS = {
     r"add (-?\d+) and (-?\d+) to get (-?\d+)": lambda a, b: a + b,

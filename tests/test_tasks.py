@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("reasoning_gym")
 
-from drift_stream import tasks as T  # noqa: E402
+from drift_stream.embedded import tasks as T  # noqa: E402
 from drift_stream.errors import ConfigError  # noqa: E402
 
 DEMO = Path(T.__file__).parent / "assets" / "demo"

@@ -1,6 +1,6 @@
 """Real vocabularies and official chat templates: masks from one render against an independent oracle.
 
-Tokenizers are built once per machine (drift_stream.testing_vocabs, cached under the temp dir) and once per
+Tokenizers are built once per machine (drift_stream.embedded.vocabs, cached under the temp dir) and once per
 session in memory. `python tests/test_templates.py` prints the families x shapes table.
 """
 
@@ -18,9 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from template_oracle import SHAPES, expected_mask, hf_generation_mask, render  # noqa: E402
 
-from drift_stream.example_types import Example, RowError  # noqa: E402
-from drift_stream.testing_vocabs import FAMILIES, build_tokenizer  # noqa: E402
-from drift_stream.tokenization import ChatTokenizer  # noqa: E402
+from drift_stream.data.example_types import Example, RowError  # noqa: E402
+from drift_stream.embedded.vocabs import FAMILIES, build_tokenizer  # noqa: E402
+from drift_stream.data.tokenization import ChatTokenizer  # noqa: E402
 
 _CACHE: dict = {}
 VOCAB_DIR = Path(os.environ.get("DRIFT_VOCAB_CACHE", Path(tempfile.gettempdir()) / "drift-stream-vocabs-v1"))
@@ -110,7 +110,7 @@ def test_training_template_masks_match_hf_generation_mask(family, shape):
 def test_reasoning_dropped_is_counted_and_warned_once(caplog):
     ct = ChatTokenizer(tokenizer("qwen3"), max_tokens=100_000)
     row = Example(id="r", messages=tuple(SHAPES["reasoning every"]))
-    with caplog.at_level(logging.WARNING, logger="drift_stream.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="drift_stream.data.tokenization"):
         ct.encode(row)
         ct.encode(row)
     assert ct.stats() == {"reasoning_dropped": 2}  # the first turn's, each time; the last turn keeps its own
@@ -157,7 +157,7 @@ def test_no_warning_where_nothing_is_wrong(family, caplog):
 
 
 def test_empty_system_prompt_same_through_messages_and_sharegpt():
-    from drift_stream.formats import load_adapter
+    from drift_stream.data.formats import load_adapter
 
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     via_messages = load_adapter("messages").to_example({"messages": [{"role": "system", "content": ""}] + turns})
@@ -171,7 +171,7 @@ def test_empty_system_prompt_same_through_messages_and_sharegpt():
 
 
 def test_tool_turns_reach_the_template_and_carry_no_loss():
-    from drift_stream.formats import load_adapter
+    from drift_stream.data.formats import load_adapter
 
     row = {"messages": copy.deepcopy(SHAPES["tool call+result"])}
     ex = load_adapter("messages").to_example(row)
@@ -214,7 +214,7 @@ if __name__ == "__main__":
 
 def _model_dir(root: Path, family: str) -> str:
     """A tiny random qwen2 model (2 layers, hidden 16) over the family's real vocabulary, saved with the tokenizer."""
-    from drift_stream.testing import make_tiny_model
+    from drift_stream.embedded.tiny_models import make_tiny_model
 
     tok = tokenizer(family)
     model = make_tiny_model("qwen2", vocab_size=len(tok), hidden_size=16, num_layers=2, num_heads=2,
@@ -235,7 +235,7 @@ def test_bank_build_and_drift_score_end_to_end(tmp_path, family):
 
     import pyarrow.parquet as pq
 
-    from drift_stream.cli import main
+    from drift_stream.cli.main import main
 
     model = _model_dir(tmp_path, family)
     queries = tmp_path / "queries.jsonl"
@@ -280,10 +280,10 @@ def test_prefill_rollout_and_pool_row_give_identical_features():
     reasoning) a rollout and the same conversation as a pool row get the same gradient features."""
     import torch
 
-    from drift_stream.grads import FeatureConfig
+    from drift_stream.grads.projection import FeatureConfig
     from drift_stream.grads.features import GradientFeaturizer
-    from drift_stream.testing import make_tiny_model
-    from drift_stream.tokenization import collate
+    from drift_stream.embedded.tiny_models import make_tiny_model
+    from drift_stream.data.tokenization import collate
 
     tok = tokenizer("r1_distill", training=True)
     ct = ChatTokenizer(tok, max_tokens=4096)
@@ -307,11 +307,12 @@ def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
     it out of its query's vector (failure_reason "truncated"), negative (the default) signs it like any other."""
     import pyarrow.parquet as pq
 
-    from drift_stream.bank import BankConfig, build_bank
-    from drift_stream.grads import FeatureConfig
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.bank.build import build_bank
+    from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
     from drift_stream.rollouts.verifiers import FunctionVerifier
-    from drift_stream.testing import save_tiny_model
+    from drift_stream.embedded.tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "m", "llama")
     queries = [{"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)]
@@ -344,11 +345,11 @@ def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
 
 
 def test_chat_template_choice_on_cli_and_python_entry_points(tmp_path):
-    from drift_stream.bank import BankConfig
-    from drift_stream.cli import build_parser
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.cli.main import build_parser
     from drift_stream.errors import ConfigError
-    from drift_stream.scoring import build_scorer
-    from drift_stream.testing_vocabs import site_file
+    from drift_stream.scoring.build import build_scorer
+    from drift_stream.embedded.vocabs import site_file
 
     training = site_file("trl", "chat_templates", "qwen3_training.jinja")
     tok = tokenizer("qwen3")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from drift_stream.errors import ConfigError
-from drift_stream.formats import collate
+from drift_stream.data.tokenization import collate
 from drift_stream.integrations import trainers as TR
-from drift_stream.testing import make_char_tokenizer, make_tiny_model
+from drift_stream.embedded.tiny_models import make_char_tokenizer, make_tiny_model
 
 ASSET = Path(TR.__file__).parents[1] / "assets" / "tiny-reasoner"
 

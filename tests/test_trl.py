@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from drift_stream.errors import ConfigError, InputError  # noqa: E402
 from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
-from drift_stream.testing import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model  # noqa: E402
+from drift_stream.embedded.tiny_models import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model  # noqa: E402
 
 # The shipped template plus TRL's {% generation %} markers around what the assistant says (assistant_only_loss); the
 # newline is an expression because the template engine trims the first newline after a block tag.
@@ -219,7 +219,7 @@ def _packing_config(tmp_path):
 
 def test_train_sft_and_weighted_trainer_share_one_loss(tmp_path):
     """The benchmark's SFT (`train_sft`) and the TRL trainer: same tokens, same mask, same loss, same gradients."""
-    from drift_stream.formats import collate
+    from drift_stream.data.tokenization import collate
     from drift_stream.integrations import trainers as TR
 
     rows = _rows(6, layout="messages")

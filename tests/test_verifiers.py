@@ -15,12 +15,12 @@ from drift_stream.rollouts.engine import Query
 from drift_stream.rollouts.verifiers import (
     FunctionVerifier,
     VerifyResult,
-    extract_answer,
     load_verifier,
     parse_number,
     run_verifier,
     verify_rollouts,
 )
+from drift_stream.data.answers import extract_answer
 
 GSM8K_REFERENCE = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

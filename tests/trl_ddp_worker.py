@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trl import DDP_WEIGHTS, _config, _dataset, _rows, _tok  # noqa: E402
 
 from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
-from drift_stream.testing import make_tiny_model  # noqa: E402
+from drift_stream.embedded.tiny_models import make_tiny_model  # noqa: E402
 
 
 def main(out: str) -> None:

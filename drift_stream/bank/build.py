@@ -44,7 +44,7 @@ from drift_stream.bank.store import (
     write_bank,
 )
 from drift_stream.bank.targets import _encode_all, _off_policy, _on_policy, _Targets
-from drift_stream.batching import plan_batches
+from drift_stream.model.batching import plan_batches
 from drift_stream.errors import BankError, ConfigError
 from drift_stream.rollouts.engine import (
     generate_rollouts,
@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 def _fisher_examples(fisher_data, adapter, chat_tokenizer, limit: int, storage_options=None):
     """Tokenized training rows (at most `limit`) and {reason: count} of the rows that could not be used."""
-    from drift_stream.formats import Example, RowError, TokenizedExample, load_adapter
+    from drift_stream.data.example_types import Example, RowError, TokenizedExample
+    from drift_stream.data.formats import load_adapter
 
     adapter = load_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
     rejected: dict[str, int] = {}
@@ -82,7 +83,7 @@ def _fisher_examples(fisher_data, adapter, chat_tokenizer, limit: int, storage_o
 
 
 def _fit_preconditioner(kind, config: BankConfig, featurizer, fisher_data, fisher_adapter, chat_tok, storage_options):
-    from drift_stream.formats import collate
+    from drift_stream.data.tokenization import collate
     from drift_stream.grads.precondition import Preconditioner, PreconditionerConfig
 
     info = {"examples_used": 0, "rejected": {}}
@@ -130,7 +131,8 @@ def build_bank(
     """
     import torch
 
-    from drift_stream.formats import ChatTokenizer, Example
+    from drift_stream.data.tokenization import ChatTokenizer
+    from drift_stream.data.example_types import Example
     from drift_stream.grads.features import GradientFeaturizer
     from drift_stream.rollouts.verifiers import VerifyResult, load_verifier, verify_rollouts
 
@@ -142,7 +144,7 @@ def build_bank(
     verifier = load_verifier(verifier) if on_policy else None
     model_path = str(model) if isinstance(model, (str, os.PathLike)) else None
     if model_path is not None:
-        from drift_stream.models import load_model, load_tokenizer
+        from drift_stream.model.loading import load_model, load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(model_path)
     elif tokenizer is None:

@@ -262,7 +262,7 @@ class ValidationBank:
     @property
     def feature_config(self):
         """The FeatureConfig the bank's vectors were made with: a scorer must featurize rows the same way."""
-        from drift_stream.grads import FeatureConfig
+        from drift_stream.grads.projection import FeatureConfig
 
         spec = dict(self.manifest["config"]["features"])
         spec["module_patterns"] = tuple(spec.get("module_patterns") or ())

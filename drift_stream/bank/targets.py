@@ -8,7 +8,7 @@ import math
 from typing import Sequence
 
 from drift_stream.bank.contrast import contrast_plan
-from drift_stream.batching import plan_batches
+from drift_stream.model.batching import plan_batches
 
 
 # --------------------------------------------------------------------------------------------------- signing
@@ -42,7 +42,7 @@ def _featurize_all(featurizer, examples, pad_id: int, batch_size: int, desc: str
     """
     import torch
 
-    from drift_stream.formats import collate
+    from drift_stream.data.tokenization import collate
 
     feats, losses, counts, bad, order = [], [], [], [], []
     bar = None
@@ -97,7 +97,7 @@ class _Targets:
 
 def _encode_all(items: dict, encode) -> tuple[dict, dict]:
     """({key: TokenizedExample}, {key: RowError reason}) for {key: args} through `encode(*args)`."""
-    from drift_stream.formats import RowError
+    from drift_stream.data.example_types import RowError
 
     done, errors = {}, {}
     for key, args in items.items():

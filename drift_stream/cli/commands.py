@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def list_adapters_cmd() -> int:
-    from drift_stream.formats import list_adapters
+    from drift_stream.data.formats import list_adapters
 
     rows = list_adapters()
     width = max(len(name) for name, _ in rows)
@@ -20,9 +20,9 @@ def list_adapters_cmd() -> int:
 
 
 def score_cmd(args, progress: bool = True) -> int:
-    from drift_stream.pipeline import RunConfig, run_score
+    from drift_stream.engines.local import RunConfig, run_score
     from drift_stream.refine.report import summarize_run
-    from drift_stream.scoring import build_scorer
+    from drift_stream.scoring.build import build_scorer
 
     scorer_kwargs = dict(
         scorer=args.scorer,
@@ -55,7 +55,7 @@ def score_cmd(args, progress: bool = True) -> int:
         storage_options=args.storage_options,
     )
     if getattr(args, "engine", "local") == "ray":
-        from drift_stream.integrations.ray import RayEngine, score_on_ray
+        from drift_stream.engines.ray import RayEngine, score_on_ray
 
         engine = RayEngine(scorer_kwargs, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                            cpus_per_actor=args.cpus_per_actor, threads=args.threads)
@@ -69,8 +69,10 @@ def score_cmd(args, progress: bool = True) -> int:
 
 
 def bank_build_cmd(args, progress: bool = True) -> int:
-    from drift_stream.bank import BankConfig, ValidationBank, build_bank
-    from drift_stream.grads import FeatureConfig
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.bank.store import ValidationBank
+    from drift_stream.bank.build import build_bank
+    from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
 
     config = BankConfig(
@@ -102,7 +104,7 @@ def bank_build_cmd(args, progress: bool = True) -> int:
 
     workers = contextlib.nullcontext()
     if getattr(args, "engine", "local") == "ray":
-        from drift_stream.integrations.ray_bank import RayBankWorkers
+        from drift_stream.engines.ray_bank import RayBankWorkers
 
         workers = RayBankWorkers(args.model, config.features, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                                  cpus_per_actor=args.cpus_per_actor, device=args.device, threads=args.threads,
@@ -130,14 +132,14 @@ def bank_build_cmd(args, progress: bool = True) -> int:
 
 
 def bank_info_cmd(bank_dir: str) -> int:
-    from drift_stream.bank import ValidationBank
+    from drift_stream.bank.store import ValidationBank
 
     print(ValidationBank.load(bank_dir).summary())
     return 0
 
 
 def refine_cmd(args, progress: bool = True) -> int:
-    from drift_stream.refine import refine_run
+    from drift_stream.refine.policies import refine_run
 
     manifest = refine_run(
         args.run_dir,
@@ -187,7 +189,7 @@ def export_cmd(args) -> int:
 
 
 def demo_cmd(args, progress: bool = True) -> int:
-    from drift_stream.demo import run_demo
+    from drift_stream.embedded.demo import run_demo
 
     run_demo(args.out, policy=args.policy, progress=progress)
     return 0

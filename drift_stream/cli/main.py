@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Sequence
 
-logger = logging.getLogger("drift_stream.cli")
+logger = logging.getLogger("drift_stream.cli.main")
 
 
 def _json_arg(text: str) -> dict:
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # One tokenizer call per row from one thread: the Rust thread pool only adds contention (2x slower on 2 cores).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from drift_stream.cli_config import apply_config_file
+    from drift_stream.cli.config_file import apply_config_file
     from drift_stream.errors import DriftError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -266,7 +266,7 @@ def _quiet_progress_bars() -> None:
 
 
 def _dispatch(args) -> int:
-    from drift_stream import commands
+    from drift_stream.cli import commands
 
     progress = not args.quiet
     threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)

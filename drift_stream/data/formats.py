@@ -7,8 +7,7 @@ Row ids (`Adapter.row_id`): the adapter's `id_field` column as str when present 
 digest of the row as canonical JSON (sorted keys, no spaces, UTF-8), leaving out columns whose name starts with
 `drift_`. Identical rows therefore share an id.
 
-Reject reasons: see example_types.py. Tokenization (ChatTokenizer, collate) lives in tokenization.py; it and the
-example types are re-exported here, so `from drift_stream.formats import ChatTokenizer, Example` keeps working.
+Reject reasons: see example_types.py. Tokenization (ChatTokenizer, collate) lives in tokenization.py.
 """
 
 from __future__ import annotations
@@ -23,14 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from drift_stream.errors import AdapterError
-from drift_stream.example_types import Example, Message, RowError, TokenizedExample
-from drift_stream.tokenization import OVERLONG_POLICIES, ChatTemplateError, ChatTokenizer, collate
-
-__all__ = [  # the types and tokenization's names are re-exported: they were defined here before the split
-    "Adapter", "ChatTemplateError", "ChatTokenizer", "Example", "Message", "OVERLONG_POLICIES", "ROLES", "RowError",
-    "TokenizedExample", "collate", "content_hash", "list_adapters", "load_adapter", "reference_example",
-    "validate_adapter_spec",
-]
+from drift_stream.data.example_types import Example, Message, RowError
 
 ROLES = ("system", "user", "assistant", "tool")
 # Message keys passed on to the chat template besides role and content (OpenAI tool calls, reasoning).

@@ -24,7 +24,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from drift_stream.example_types import RowError
+from drift_stream.data.example_types import RowError
 
 # End-of-turn tokens of common chat formats (ChatML, Llama 3, Phi-3, GPT-OSS, Gemma, DeepSeek, Mistral/Llama 2).
 END_OF_TURN_TEXTS = (

@@ -14,8 +14,8 @@ import logging
 from typing import Any, Mapping, Sequence
 
 from drift_stream.errors import ConfigError
-from drift_stream.example_types import Example, Message, RowError, TokenizedExample
-from drift_stream.template_spans import END_OF_TURN_TEXTS, cut_points, locate_assistant_turns, token_mask
+from drift_stream.data.example_types import Example, Message, RowError, TokenizedExample
+from drift_stream.data.template_spans import END_OF_TURN_TEXTS, cut_points, locate_assistant_turns, token_mask
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from drift_stream.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from drift_stream.tasks import TaskItem
+    from drift_stream.embedded.tasks import TaskItem
 
 REFERENCE_STYLES = ("pool", "prose", "answer")
 _STEP = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")

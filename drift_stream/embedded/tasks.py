@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from drift_stream import answers
+from drift_stream.data import answers
 from drift_stream.errors import ConfigError
 
 ANSWER_MARKER = answers.HASHES
@@ -100,7 +100,7 @@ def _rg():
     try:
         import reasoning_gym
     except ImportError as exc:  # pragma: no cover - the dev extra installs it
-        raise ImportError("drift_stream.tasks needs reasoning-gym: pip install 'drift-stream[gym]'") from exc
+        raise ImportError("drift_stream.embedded.tasks needs reasoning-gym: pip install 'drift-stream[gym]'") from exc
     return reasoning_gym
 
 
@@ -377,7 +377,7 @@ def make_queries(
 
     Each style in `reference_styles` (task_references.REFERENCE_STYLES) adds a column `reference_<style>`: the
     item's correct worked solution as that style's author writes it (off-policy targets for less / if)."""
-    from drift_stream.task_references import REFERENCE_STYLES, reference_solution
+    from drift_stream.embedded.task_references import REFERENCE_STYLES, reference_solution
 
     unknown = sorted(set(reference_styles) - set(REFERENCE_STYLES))
     if unknown:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from drift_stream.errors import ConfigError
-from drift_stream.formats import ChatTokenizer, Example, RowError, TokenizedExample, collate
+from drift_stream.data.tokenization import ChatTokenizer, collate
+from drift_stream.data.example_types import Example, RowError, TokenizedExample
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ def encode_rows(tokenizer, rows: Sequence[Mapping[str, Any]], *, max_tokens: int
 
 def example_losses(model, batch: Mapping[str, Any]):
     """Per-example mean NLL over loss-masked tokens: `batch` from `collate` -> loss [B] (float32), NaN for a row
-    without loss tokens. Differentiable; the one loss of `drift_stream.losses` (LM head at loss positions only)."""
-    from drift_stream.losses import example_losses as _losses
+    without loss tokens. Differentiable; the one loss of `drift_stream.model.losses` (LM head at loss positions only)."""
+    from drift_stream.model.losses import example_losses as _losses
 
     return _losses(model, batch).loss
 
@@ -254,7 +255,7 @@ class AccuracyResult:
 
 def default_score(response: str, query: Mapping[str, Any]) -> float:
     """The task's reasoning-gym verifier when the query names a known task, else exact match after `####`."""
-    from drift_stream import tasks
+    from drift_stream.embedded import tasks
 
     task = query.get("task")
     if task in tasks.TASK_SPECS:
@@ -352,7 +353,7 @@ class TinyModelRecipe:
 
     def build(self, tokenizer):
         """A freshly initialised LlamaForCausalLM sized for `tokenizer` (seeded by `init_seed`)."""
-        from drift_stream.testing import make_tiny_model
+        from drift_stream.embedded.tiny_models import make_tiny_model
 
         return make_tiny_model(
             "llama", vocab_size=len(tokenizer), hidden_size=self.hidden_size, num_layers=self.num_layers,

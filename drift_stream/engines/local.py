@@ -31,19 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drift_stream.beta import resolve_beta
-from drift_stream.config_fields import execution_only
+from drift_stream.scoring.beta import resolve_beta
+from drift_stream.io.config_fields import execution_only
 from drift_stream.errors import BadRowError, ConfigError, DriftError
-from drift_stream.io.run_dir import (
-    RAW_LINE_COLUMN,
-    ROW_INDEX_COLUMN,
-    RunDirectory,
-    ScoreSummary,
-    ShardWriter,
-    reason_code,
-)
+from drift_stream.io.run_dir import RAW_LINE_COLUMN, ROW_INDEX_COLUMN, RunDirectory, ShardWriter, reason_code
+from drift_stream.io.manifest import ScoreSummary
 from drift_stream.io.schema import SchemaPlan, conform_table
-from drift_stream.run_checks import check_rejections
+from drift_stream.engines.run_checks import check_rejections
 from drift_stream.io.streams import (
     Chunk,
     InputFile,
@@ -52,9 +46,9 @@ from drift_stream.io.streams import (
     is_iterable_dataset,
     iter_chunks,
     plan_inputs,
-    prefetch,
     shard_files,
 )
+from drift_stream.io.background import prefetch
 
 logger = logging.getLogger(__name__)
 

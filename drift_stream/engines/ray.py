@@ -74,7 +74,7 @@ class ScoreWorker:
     """One actor: builds the scorer once from plain arguments, then scores whole input files into the run directory."""
 
     def __init__(self, scorer_kwargs: Mapping[str, Any], scorer_info: Mapping[str, Any], threads: int | None = None):
-        from drift_stream.scoring import build_scorer
+        from drift_stream.scoring.build import build_scorer
 
         if threads:
             import torch
@@ -88,7 +88,7 @@ class ScoreWorker:
 
     def score_file(self, file, config) -> dict:
         from drift_stream.io.run_dir import RunDirectory
-        from drift_stream.pipeline import score_file
+        from drift_stream.engines.local import score_file
 
         return score_file(file, RunDirectory(config.out, config.storage_options), self.scorer, config)
 
@@ -207,8 +207,8 @@ def score_on_ray(config, scorer_kwargs: Mapping[str, Any], engine: RayEngine | N
                  address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """`drift-stream score --engine ray`: build the driver's scorer, then `run_score` with `engine` (2 actors by
     default). Connects with `connect(address)` and shuts Ray down afterwards only if this call started it."""
-    from drift_stream.pipeline import run_score
-    from drift_stream.scoring import build_scorer
+    from drift_stream.engines.local import run_score
+    from drift_stream.scoring.build import build_scorer
 
     kwargs = dict(scorer_kwargs)
     engine = engine or RayEngine(kwargs)
@@ -230,7 +230,7 @@ class RayScorer:
     """Ray Data callable class: constructed once per actor from plain arguments (paths), so it pickles cheaply."""
 
     def __init__(self, scorer: str = "drift", **kwargs: Any):
-        from drift_stream.scoring import build_scorer
+        from drift_stream.scoring.build import build_scorer
 
         self._scorer = build_scorer(scorer, **kwargs)
 

@@ -33,7 +33,7 @@ class BankWorker:
 
     def __init__(self, model_path: str, feature_config, device: str = "auto", dtype: str = "auto",
                  threads: int | None = None):
-        from drift_stream.models import load_model
+        from drift_stream.model.loading import load_model
 
         if threads:
             import torch
@@ -87,7 +87,7 @@ class RayBankWorkers:
     def __enter__(self) -> "RayBankWorkers":
         import ray
 
-        from drift_stream.integrations.ray import connect
+        from drift_stream.engines.ray import connect
 
         self._started_ray = connect(self.address)
         worker = ray.remote(BankWorker).options(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0)

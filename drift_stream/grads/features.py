@@ -25,7 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
 from drift_stream.errors import ConfigError
-from drift_stream.losses import eval_mode, example_losses, input_device, prepare_batch, resolve_head
+from drift_stream.model.losses import eval_mode, example_losses, input_device, prepare_batch, resolve_head
 from drift_stream.grads.projection import FeatureConfig, GradientProjector
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
     return tracked
 
 
-_eval_mode = eval_mode  # one definition, in drift_stream.losses
+_eval_mode = eval_mode  # one definition, in drift_stream.model.losses
 
 
 class _Capture:
@@ -285,7 +285,7 @@ class GradientFeaturizer:
     def _per_example_loss(self, ids, attn, lmask, positions):
         """Forward pass; (loss [B] in the accumulation dtype, NaN where no tokens; num_tokens [B] int64).
 
-        The one per-example loss (drift_stream.losses): LM head only at loss positions, in chunks.
+        The one per-example loss (drift_stream.model.losses): LM head only at loss positions, in chunks.
         """
         out = example_losses(self.model, None, prepared=(ids, attn, lmask, positions),
                              autocast_dtype=self.config.autocast_dtype)

@@ -54,7 +54,7 @@ def score_dataset(dataset, scorer, *, batch_size: int = 64, calibration_rows: in
 
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
         raise TypeError(f"score_dataset takes a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
-    from drift_stream.beta import resolve_beta
+    from drift_stream.scoring.beta import resolve_beta
 
     def head():
         n = calibration_rows or scorer.config.calibration_rows

@@ -13,8 +13,7 @@ upload that an error discards). In both cases the completion marker is written (
 after the data and rejects shards are complete, so a marker is the only proof of a finished input file: a rerun skips
 files with markers and overwrites anything else.
 
-Score summaries, the provenance header and config diffs are io/manifest.py's; this module re-exports them and the
-atomic writers, so `from drift_stream.io.run_dir import X` keeps working for each of them.
+Score summaries, the provenance header and config diffs are io/manifest.py's; the atomic writers are io/atomic.py's.
 """
 
 from __future__ import annotations
@@ -29,26 +28,16 @@ import pyarrow as pa
 
 from drift_stream import __version__
 from drift_stream.errors import InputError, RunDirMismatchError
-from drift_stream.io.atomic import _AtomicParquet, atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.atomic import _AtomicParquet, write_bytes_atomic
 from drift_stream.io.manifest import (
-    ORDER_STATS_POINTS,
-    QUANTILES,
     ScoreSummary,
     config_diff,
     git_sha,
     merge_score_summaries,
-    provenance,
 )
 from drift_stream.io.streams import InputFile, filesystem, redact_url
 
 logger = logging.getLogger(__name__)
-
-__all__ = [  # io.manifest's and io.atomic's names are re-exported: they were defined here before the split
-    "CONFIG_FILE", "MANIFEST_FILE", "MANIFEST_FORMAT", "ORDER_STATS_POINTS", "QUANTILES", "RAW_LINE_COLUMN",
-    "ROW_INDEX_COLUMN", "RunDirectory", "ScoreSummary", "ShardWriter", "atomic_parquet_writer", "config_diff",
-    "conform_table", "empty_data_schema", "git_sha", "is_local_fs", "merge_score_summaries", "open_path",
-    "provenance", "reason_code", "rejects_schema", "shard_name", "write_bytes_atomic",
-]
 
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -393,10 +382,3 @@ def _sum_padding(markers: list[dict]) -> dict[str, Any]:
     return {"real_tokens": real, "padded_tokens": padded, "batches": batches,
             "padding_efficiency": real / padded if padded else None}
 
-
-def __getattr__(name: str):  # CompletedShards / resume_command live in io/run_reader.py
-    if name in ("CompletedShards", "resume_command"):
-        from drift_stream.io import run_reader
-
-        return getattr(run_reader, name)
-    raise AttributeError(name)

@@ -148,7 +148,7 @@ def resume_command(url: str, config: Mapping[str, Any]) -> str:
         if scorer.get(key) not in (None, ""):
             parts.append(f"{flag} {scorer[key]}")
     try:
-        from drift_stream.scoring import ScoreConfig
+        from drift_stream.scoring.base import ScoreConfig
         from dataclasses import fields
 
         for f in fields(ScoreConfig):

@@ -43,7 +43,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError
-from drift_stream.io.background import prefetch  # noqa: F401 - re-exported: the readers' prefetch lives there
 from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
 from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text, to_plain_string
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def prepare_batch(batch: Mapping[str, Any], device):
 
     missing = [k for k in ("input_ids", "attention_mask", "loss_mask") if k not in batch]
     if missing:
-        raise ValueError(f"batch is missing {missing}: build it with drift_stream.formats.collate")
+        raise ValueError(f"batch is missing {missing}: build it with drift_stream.data.formats.collate")
     ids = torch.as_tensor(batch["input_ids"]).to(device, torch.long)
     attn = torch.as_tensor(batch["attention_mask"]).to(device, torch.long)
     lmask = torch.as_tensor(batch["loss_mask"]).to(device, torch.float32)
@@ -395,8 +395,8 @@ def completion_logprobs(model, prompts, completions, pad_token_id: int, *, chunk
     """
     import torch
 
-    from drift_stream.example_types import TokenizedExample
-    from drift_stream.tokenization import collate
+    from drift_stream.data.example_types import TokenizedExample
+    from drift_stream.data.tokenization import collate
 
     rows = [
         TokenizedExample(id=str(i), input_ids=[*p, *c], loss_mask=[0] * len(p) + [1] * len(c))

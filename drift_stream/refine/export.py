@@ -42,7 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, IncompleteRunError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, open_path, provenance, write_bytes_atomic
+from drift_stream.io.run_dir import RunDirectory, open_path
+from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.manifest import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class _Source:
 
 def _open_refined(run_dir: str, storage_options, allow_incomplete: bool) -> _Source:
     """The data shards of a refine output and the adapter its source run was scored with."""
-    from drift_stream.formats import Adapter
+    from drift_stream.data.formats import Adapter
 
     fs, root = open_path(run_dir, storage_options)
     manifest = _read_json(fs, f"{root}/manifest.json")
@@ -149,7 +151,7 @@ def _row_weights(table: pa.Table, path: str, first_row: int = 0) -> np.ndarray:
 
 
 def _conversation(adapter, row: dict, path: str, index: int):
-    from drift_stream.formats import RowError
+    from drift_stream.data.example_types import RowError
 
     try:
         example = adapter.to_example(row)

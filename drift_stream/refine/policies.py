@@ -35,7 +35,9 @@ import pyarrow.parquet as pq
 
 from drift_stream.refine.chain import Prefilter, mask_scores, survivor_mask
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import RunDirectory, atomic_parquet_writer, open_path, provenance, write_bytes_atomic
+from drift_stream.io.run_dir import RunDirectory, open_path
+from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.manifest import provenance
 from drift_stream.io.schema import conform_table, one_output_schema
 from drift_stream.refine.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
 

@@ -15,12 +15,13 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from drift_stream.io.run_dir import RunDirectory, open_path, write_bytes_atomic
+from drift_stream.io.run_dir import RunDirectory, open_path
+from drift_stream.io.atomic import write_bytes_atomic
 from drift_stream.io.run_reader import CompletedShards
 from drift_stream.refine.policies import read_json
 from drift_stream.refine.report_html import NORM, RAW, SCORE, TOKENS, _fmt, render_html
 
-from drift_stream.stats import rankdata, spearman  # noqa: F401  (re-exported)
+from drift_stream.scoring.stats import spearman
 
 logger = logging.getLogger(__name__)
 

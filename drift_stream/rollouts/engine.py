@@ -142,7 +142,7 @@ def generate_rollouts(
     if backend == "vllm":
         return _generate_vllm(model, tokenizer, queries, prompts, config, progress, stops)
     if isinstance(model, str):
-        raise ConfigError("the hf rollout backend needs a loaded model, not a path: load it with drift_stream.models")
+        raise ConfigError("the hf rollout backend needs a loaded model, not a path: load it with drift_stream.model.loading")
     return _generate_hf(model, tokenizer, queries, prompts, config, progress, stops)
 
 
@@ -176,7 +176,7 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from drift_stream.losses import completion_logprobs
+    from drift_stream.model.losses import completion_logprobs
 
     eos_ids = sorted(set(eos_token_ids(model, tokenizer)) | set(stop_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -235,7 +235,7 @@ def _generate_hf(model, tokenizer, queries, prompts, config: RolloutConfig, prog
                 else:
                     completion, reason = tokens[: end + 1], "eos"
                 finished.append((j, k, completion, reason))
-            # log-probs from the one loss path (drift_stream.losses), not generate()'s [B, N, V] step logits
+            # log-probs from the one loss path (drift_stream.model.losses), not generate()'s [B, N, V] step logits
             mean_lps = completion_logprobs(model, [prompts[j] for j, _, _, _ in finished],
                                            [c for _, _, c, _ in finished], pad_id)
             for (j, k, completion, reason), mean_lp in zip(finished, mean_lps.tolist()):
@@ -295,7 +295,7 @@ def _generate_vllm(model, tokenizer, queries, prompts, config: RolloutConfig, pr
 
 
 def _parse_metadata(value: Any) -> Mapping | None:
-    from drift_stream.formats import RowError
+    from drift_stream.data.example_types import RowError
 
     if value is None or isinstance(value, Mapping):
         return value
@@ -312,7 +312,7 @@ def _parse_metadata(value: Any) -> Mapping | None:
 def query_from_example(example, row: Mapping[str, Any] | None = None) -> Query:
     """A Query from an adapter's Example (a trailing assistant turn becomes the reference) plus the row's optional
     `task` and `metadata` (a dict or a JSON string) columns."""
-    from drift_stream.formats import RowError
+    from drift_stream.data.example_types import RowError
 
     row = row or {}
     messages = list(example.messages or ())
@@ -349,7 +349,8 @@ def iter_input_rows(source, storage_options=None) -> Iterator[tuple[Any, str | N
 def load_queries(source, adapter="qa", storage_options=None) -> tuple[list[Query], list[dict]]:
     """(queries, rejected [{"index", "id", "reason"}]) from URL(s) or rows (read with `adapter`), Examples or
     Queries. Rejected rows are returned and logged, never dropped silently; duplicate ids are rejected."""
-    from drift_stream.formats import Example, RowError, load_adapter
+    from drift_stream.data.example_types import Example, RowError
+    from drift_stream.data.formats import load_adapter
 
     adapter = load_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
     queries, rejected, seen = [], [], set()

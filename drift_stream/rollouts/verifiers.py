@@ -19,7 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable
 
-from drift_stream.answers import extract_answer  # the one extractor (re-exported: rollouts.extract_answer)
+from drift_stream.data.answers import extract_answer
 from drift_stream.errors import ConfigError
 from drift_stream.rollouts.engine import Query
 

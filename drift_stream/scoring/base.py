@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from drift_stream.config_fields import execution_dict, execution_only, output_dict
-from drift_stream.batching import PaddingStats, plan_batches, validate_max_batch_tokens
+from drift_stream.io.config_fields import execution_dict, execution_only, output_dict
+from drift_stream.model.batching import PaddingStats, plan_batches, validate_max_batch_tokens
 from drift_stream.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class BatchScorer:
     # -- the shared path ---------------------------------------------------------------------------------------
     def prepare(self, table: pa.Table) -> tuple[list[str], list[Any], list[str | None]]:
         """ids, tokenized examples (None where rejected) and reject reasons, one per row."""
-        from drift_stream.formats import RowError
+        from drift_stream.data.example_types import RowError
 
         rows = table.to_pylist()
         ids: list[str] = []
@@ -280,7 +280,7 @@ class _ModelScorer(BatchScorer):
     @property
     def model(self):
         if self._model is None:
-            from drift_stream.models import load_model
+            from drift_stream.model.loading import load_model
 
             self._model = load_model(self.model_path, device=self.config.device, dtype=self.config.dtype)
             positions = getattr(self._model.config, "max_position_embeddings", None)
@@ -293,7 +293,7 @@ class _ModelScorer(BatchScorer):
         return self._model
 
     def _collate(self, chunk):
-        from drift_stream.formats import collate
+        from drift_stream.data.tokenization import collate
 
         batch = collate(chunk, pad_token_id=self.chat.pad_token_id)
         device = next(self.model.parameters()).device
@@ -308,7 +308,7 @@ class _ModelScorer(BatchScorer):
             yield idx, self._collate([examples[i] for i in idx])
 
     def _losses(self, examples) -> tuple[np.ndarray, list[str | None]]:
-        from drift_stream.models import sequence_losses
+        from drift_stream.model.loading import sequence_losses
 
         arr = np.full(len(examples), np.nan)
         for idx, batch in self._planned(examples):
@@ -320,7 +320,7 @@ class _ModelScorer(BatchScorer):
 
 def chat_tokenizer_for(tokenizer: Any, cfg: ScoreConfig):
     """The ChatTokenizer a ScoreConfig describes (max_tokens, overlong, chat template choice, stop tokens)."""
-    from drift_stream.formats import ChatTokenizer
+    from drift_stream.data.tokenization import ChatTokenizer
 
     return ChatTokenizer.from_options(tokenizer, max_tokens=cfg.max_tokens, overlong=cfg.overlong,
                                       chat_template=cfg.chat_template, use_chat_template=cfg.use_chat_template,

@@ -22,8 +22,8 @@ def build_scorer(
     **config: Any,
 ) -> BatchScorer:
     """Build any scorer by name from paths (what the CLI calls). `model_obj`/`tokenizer` reuse loaded objects."""
-    from drift_stream.formats import load_adapter
-    from drift_stream.models import load_tokenizer
+    from drift_stream.data.formats import load_adapter
+    from drift_stream.model.loading import load_tokenizer
 
     cfg = ScoreConfig(scorer=scorer, adapter=adapter, **config)
     if scorer in GRADIENT_SCORERS and bank is None:
@@ -39,7 +39,7 @@ def build_scorer(
         return LossScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
     if scorer == "ifd":
         return IFDScorer(adapter_obj, chat, cfg, model_path=model, model=model_obj)
-    from drift_stream.bank import ValidationBank
+    from drift_stream.bank.store import ValidationBank
 
     vb = ValidationBank.load(bank)
     return DriftScorer(adapter_obj, chat, cfg, vb, model_path=model, model=model_obj, allow_mismatch=allow_mismatch)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from drift_stream.bank.contrast import weighted_query_mean
-from drift_stream.batching import PaddingStats
+from drift_stream.model.batching import PaddingStats
 from drift_stream.errors import ConfigError
 from drift_stream.scoring.base import ExampleScores, ScoreConfig, _ModelScorer, _to_table, chat_tokenizer_for
-from drift_stream.stats import spearman
+from drift_stream.scoring.stats import spearman
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class DriftScorer(_ModelScorer):
         **config: Any,
     ) -> "DriftScorer":
         """Build a scorer from paths: `DriftScorer.from_pretrained("model_dir", bank="bank_dir", adapter="messages")`."""
-        from drift_stream.bank import ValidationBank
-        from drift_stream.formats import load_adapter
-        from drift_stream.models import load_tokenizer
+        from drift_stream.bank.store import ValidationBank
+        from drift_stream.data.formats import load_adapter
+        from drift_stream.model.loading import load_tokenizer
 
         cfg = ScoreConfig(scorer=config.pop("scorer", "drift"), adapter=adapter, **config)
         tokenizer = load_tokenizer(model_path)
@@ -128,7 +128,7 @@ class DriftScorer(_ModelScorer):
     def calibrate(self, batch: Any) -> float:
         """Fit beta on a calibration sample of rows (beta: auto) and score with it. Returns the fitted beta.
 
-        Prefer `drift_stream.beta.resolve_beta`, which fits once per run directory and records the value."""
+        Prefer `drift_stream.scoring.beta.resolve_beta`, which fits once per run directory and records the value."""
         beta, debias = self.fit_beta(batch)
         self.use_beta(beta, debias)
         return beta
