@@ -30,11 +30,11 @@ def main(argv=None) -> None:
 
     import torch
 
-    from drift_stream.bank.config import BankConfig
     from drift_stream.bank.build import build_bank
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.embedded.tiny_models import save_tiny_model
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
-    from drift_stream.embedded.tiny_models import save_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

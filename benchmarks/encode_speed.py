@@ -10,7 +10,6 @@ turn) and by the baseline `tokenizer(apply_chat_template(messages, tokenize=Fals
 
 from __future__ import annotations
 
-
 import argparse
 import random
 import tempfile

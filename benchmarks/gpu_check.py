@@ -37,9 +37,9 @@ from throughput_shapes import floor_step  # noqa: E402
 
 from drift_stream.data.example_types import TokenizedExample  # noqa: E402
 from drift_stream.data.tokenization import collate
-from drift_stream.grads.projection import FeatureConfig  # noqa: E402
-from drift_stream.grads.features import GradientFeaturizer
 from drift_stream.embedded.tiny_models import make_tiny_model  # noqa: E402
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.grads.projection import FeatureConfig  # noqa: E402
 
 FAILURES: list[str] = []
 

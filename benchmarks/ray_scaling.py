@@ -38,8 +38,8 @@ def make_inputs(root: str, rows: int, files: int) -> str:
 
 
 def make_bank(root: str) -> str:
-    from drift_stream.bank.config import BankConfig
     from drift_stream.bank.build import build_bank
+    from drift_stream.bank.config import BankConfig
     from drift_stream.embedded.demo import demo_assets
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
@@ -87,8 +87,8 @@ def main() -> None:
     import torch
 
     from drift_stream.embedded.demo import demo_assets
-    from drift_stream.engines.ray import RayEngine, score_on_ray
     from drift_stream.engines.local import RunConfig, run_score
+    from drift_stream.engines.ray import RayEngine, score_on_ray
     from drift_stream.scoring.build import build_scorer
 
     if args.local_threads:

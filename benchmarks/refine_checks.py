@@ -8,7 +8,6 @@ import logging
 from dataclasses import replace
 
 import numpy as np
-
 import refine_lib as rl
 import refine_v3 as v3
 
@@ -23,9 +22,9 @@ def check_library_path(ctx, cached, bench) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from drift_stream.embedded import tasks
-    from drift_stream.bank.config import BankConfig
     from drift_stream.bank.build import build_bank
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.embedded import tasks
     from drift_stream.engines.local import RunConfig, run_score
     from drift_stream.refine.policies import refine_run
     from drift_stream.rollouts.engine import Query, RolloutConfig

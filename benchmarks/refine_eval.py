@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-
 import refine_lib as rl  # noqa: E402
 import refine_v3 as v3  # noqa: E402
 from refine_checks import check_library_path, explore_variants  # noqa: E402
-from refine_report import markdown, v3_markdown as v3_markdown_diag, variants_markdown, versions, write_outputs  # noqa: E402
+from refine_report import markdown, variants_markdown, versions, write_outputs  # noqa: E402
+from refine_report import v3_markdown as v3_markdown_diag
 
 logger = logging.getLogger("refine_eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,11 @@ def make_data(cfg: BenchConfig):
 
 
 def train_base(cfg: BenchConfig, splits, tok, out: Path):
-    from drift_stream.embedded.training import TinyModelRecipe, greedy_accuracy, train_sft
+    from drift_stream.embedded.training import (
+        TinyModelRecipe,
+        greedy_accuracy,
+        train_sft,
+    )
 
     recipe = TinyModelRecipe(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                              intermediate_size=cfg.intermediate_size, max_positions=cfg.max_tokens,
@@ -265,12 +269,12 @@ def build_cache(cfg: BenchConfig, workdir: Path, timer: Timer):
     """Everything the methods share, cached under workdir/<cfg.key()>: base model, rollouts, features."""
     import torch
 
-    from drift_stream.data.tokenization import ChatTokenizer
     from drift_stream.data.example_types import Example
-    from drift_stream.grads.projection import FeatureConfig
-    from drift_stream.embedded.training import encode_rows
-    from drift_stream.model.loading import load_model, load_tokenizer
+    from drift_stream.data.tokenization import ChatTokenizer
     from drift_stream.embedded.tiny_models import make_char_tokenizer
+    from drift_stream.embedded.training import encode_rows
+    from drift_stream.grads.projection import FeatureConfig
+    from drift_stream.model.loading import load_model, load_tokenizer
 
     with timer("data"):
         splits = make_data(cfg)

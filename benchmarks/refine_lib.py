@@ -17,7 +17,6 @@ import numpy as np
 
 from drift_stream.errors import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------- features
 
 

@@ -8,7 +8,6 @@ import platform
 from pathlib import Path
 
 import numpy as np
-
 import refine_lib as rl
 
 logger = logging.getLogger("refine_eval")

@@ -20,7 +20,6 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
-
 import refine_lib as rl
 
 logger = logging.getLogger("refine_eval")
@@ -35,8 +34,8 @@ STYLE_NAMES = {"worked": "pool style", "prose": "another author (prose)", "answe
 def _losses(model, examples, batch_size: int = 64):
     """(mean NLL [n], loss tokens [n]) of tokenized examples, input order (the library's one per-example loss)."""
     from drift_stream.data.tokenization import collate
-    from drift_stream.grads.projection import FeatureConfig
     from drift_stream.grads.features import GradientFeaturizer
+    from drift_stream.grads.projection import FeatureConfig
 
     featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=1, proj_dim_out=1))
     loss, num = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
@@ -83,8 +82,8 @@ def extend_cache(ctx, fc) -> None:
 
 def adaptive_rollouts(ctx, fc) -> dict:
     """Rollouts beyond the first K for queries without a contrast, up to cfg.max_rollouts (the library's loop)."""
-    from drift_stream.embedded import tasks
     from drift_stream.bank.contrast import top_up_rollouts
+    from drift_stream.embedded import tasks
     from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts
 
     cfg, cache = ctx["cfg"], ctx["cache"]

@@ -36,9 +36,9 @@ from functools import partial
 
 import torch
 
-from drift_stream.grads.projection import FeatureConfig
-from drift_stream.grads.features import GradientFeaturizer
 from drift_stream.embedded.tiny_models import make_tiny_model
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.grads.projection import FeatureConfig
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 from throughput_shapes import floor_step  # noqa: E402

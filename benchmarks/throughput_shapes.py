@@ -96,8 +96,8 @@ def child(spec: dict) -> dict:
     model, batch = build(spec["shape"], spec["loss_frac"], spec.get("dtype", "float32"))
     kind = spec["kind"]
     if kind == "features":
-        from drift_stream.grads.projection import FeatureConfig
         from drift_stream.grads.features import GradientFeaturizer
+        from drift_stream.grads.projection import FeatureConfig
 
         featurizer = GradientFeaturizer(model, FeatureConfig(proj_dim_in=spec["proj_dim"],
                                                              proj_dim_out=spec["proj_dim"]))

@@ -36,7 +36,14 @@ class BankMismatchError(BankError):
 
 
 class IncompleteRunError(InputError):
-    """A run directory is missing completion markers: some input files were never scored (or not yet)."""
+    """A run directory is missing completion markers: some input files were never scored (or not yet).
+
+    `url` and `config` (config.json's "config") let the CLI print the score command that completes the run.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, config: dict | None = None) -> None:
+        super().__init__(message)
+        self.url, self.config = url, config
 
 
 class AllRejectedError(DriftError):

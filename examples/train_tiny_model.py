@@ -41,8 +41,12 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from drift_stream.embedded.training import TinyModelRecipe, greedy_accuracy, train_sft
     from drift_stream.embedded.tiny_models import make_char_tokenizer
+    from drift_stream.embedded.training import (
+        TinyModelRecipe,
+        greedy_accuracy,
+        train_sft,
+    )
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)

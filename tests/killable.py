@@ -6,7 +6,7 @@ argv: DATA_URL OUT_URL MODEL_DIR. With no storage_options, an S3 endpoint and cr
 KILLABLE_RUN = """
 import sys, time
 from drift_stream.engines.local import RunConfig, run_score
-from drift_stream.scoring import build_scorer
+from drift_stream.scoring.build import build_scorer
 
 inner = build_scorer("random", model=sys.argv[3], adapter="messages")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from drift_stream.data import answers
+from drift_stream.data.answers import extract_answer as verifier_extract
 from drift_stream.embedded import tasks
 from drift_stream.rollouts.engine import Query
-from drift_stream.data.answers import extract_answer as verifier_extract
 from drift_stream.rollouts.verifiers import load_verifier
 
 

@@ -11,20 +11,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from drift_stream.bank.config import BankConfig
-from drift_stream.bank.store import ValidationBank, fingerprint_model, fingerprint_tokenizer, write_bank
 from drift_stream.bank.build import build_bank
+from drift_stream.bank.config import BankConfig
+from drift_stream.bank.store import (
+    ValidationBank,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    write_bank,
+)
 from drift_stream.bank.targets import signed_weights
-from drift_stream.errors import BankError, BankMismatchError, ConfigError
-from drift_stream.data.tokenization import ChatTokenizer, collate
 from drift_stream.data.example_types import Example
+from drift_stream.data.tokenization import ChatTokenizer, collate
+from drift_stream.embedded.tiny_models import save_tiny_model
+from drift_stream.errors import BankError, BankMismatchError, ConfigError
 from drift_stream.grads.features import GradientFeaturizer
 from drift_stream.grads.precondition import Preconditioner
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.model.loading import load_model, load_tokenizer
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 FEATURES = FeatureConfig(proj_dim_in=4, proj_dim_out=4)
 ROLLOUTS = RolloutConfig(num_rollouts=4, max_new_tokens=12, seed=3, batch_size=8)

@@ -10,18 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from drift_stream.bank.build import build_bank
 from drift_stream.bank.config import BankConfig
 from drift_stream.bank.store import ValidationBank
-from drift_stream.bank.build import build_bank
-from drift_stream.model.batching import PaddingStats, plan_batches
+from drift_stream.embedded.tiny_models import save_tiny_model
+from drift_stream.engines.local import RunConfig, run_score
 from drift_stream.errors import ConfigError
 from drift_stream.grads.projection import FeatureConfig
-from drift_stream.engines.local import RunConfig, run_score
+from drift_stream.model.batching import PaddingStats, plan_batches
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
 from drift_stream.scoring.base import ScoreConfig
 from drift_stream.scoring.build import build_scorer
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 QUESTIONS = [{"id": f"q{i}", "question": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)} for i in range(3)]
 ROWS = [

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.refine.chain import Prefilter
-from drift_stream.errors import ConfigError
+from drift_stream.embedded.tiny_models import save_tiny_model
 from drift_stream.engines.local import RunConfig, run_score
+from drift_stream.errors import ConfigError
+from drift_stream.refine.chain import Prefilter
 from drift_stream.refine.policies import refine_run
 from drift_stream.scoring.build import build_scorer
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 N = 60
 

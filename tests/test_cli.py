@@ -71,3 +71,27 @@ def test_bad_beta_and_storage_options_are_argparse_errors():
         main(["score", "--data", "x", "--model", "m", "--out", "o", "--beta", "lots"])
     with pytest.raises(SystemExit):
         main(["score", "--data", "x", "--model", "m", "--out", "o", "--storage-options", "[1]"])
+
+
+def test_resume_command_is_valid_cli_that_restores_the_settings():
+    """The score command printed for an incomplete run parses with the real parser into the recorded settings
+    (issue 22: it printed `--use-chat-template False` and `--stop-tokens ('<x>',)`, which argparse refuses)."""
+    import shlex
+
+    from drift_stream.cli.main import build_parser
+    from drift_stream.cli.resume import resume_command
+
+    scorer = {"model": "/m dir", "scorer": "less", "bank": "/b", "adapter": "sharegpt", "use_chat_template": False,
+              "stop_tokens": ["<x>", "<|end|>"], "beta": "auto", "keep_query_scores": True, "overlong": "truncate",
+              "max_tokens": 512, "seed": 3, "dtype": "bfloat16", "calibration_rows": 256}
+    config = {"scorer": scorer, "input_files": ["/data/a b.jsonl", "/data/c.parquet"]}
+    command = resume_command("/runs/r 1", config)
+    argv = shlex.split(command)
+    assert argv[:2] == ["drift-stream", "score"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.data == config["input_files"] and args.out == "/runs/r 1" and args.model == "/m dir"
+    for key in ("scorer", "bank", "adapter", "use_chat_template", "keep_query_scores", "overlong", "max_tokens",
+                "seed", "dtype", "calibration_rows"):
+        assert getattr(args, key) == scorer[key], key
+    assert args.stop_tokens == scorer["stop_tokens"] and args.beta == "auto"
+    assert "--calibration-rows" not in command  # defaults are left out

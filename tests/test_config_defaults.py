@@ -13,18 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.bank.config import BankConfig
 from drift_stream.bank.build import build_bank
+from drift_stream.bank.config import BankConfig
 from drift_stream.cli.main import build_parser, main
-from drift_stream.io.config_fields import execution_dict, output_dict
-from drift_stream.grads.projection import FeatureConfig
-from drift_stream.io.run_dir import RunDirectory
+from drift_stream.embedded.tiny_models import save_tiny_model
 from drift_stream.engines.local import RunConfig
+from drift_stream.grads.projection import FeatureConfig
+from drift_stream.io.config_fields import execution_dict, output_dict
+from drift_stream.io.run_dir import RunDirectory
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
 from drift_stream.scoring.base import ScoreConfig
 from drift_stream.scoring.build import build_scorer
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 CLI_ONLY = {"config", "threads", "quiet", "verbose", "engine", "version", "help"}  # no library counterpart
 

@@ -8,9 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from drift_stream.bank.config import BankConfig
 from drift_stream.bank.build import build_bank
-from drift_stream.bank.targets import signed_weights
+from drift_stream.bank.config import BankConfig
 from drift_stream.bank.contrast import (
     contrast_counts,
     contrast_plan,
@@ -19,16 +18,17 @@ from drift_stream.bank.contrast import (
     query_weights,
     weighted_query_mean,
 )
-from drift_stream.errors import ConfigError
-from drift_stream.data.tokenization import ChatTokenizer, collate
+from drift_stream.bank.targets import signed_weights
 from drift_stream.data.example_types import Example
+from drift_stream.data.tokenization import ChatTokenizer, collate
+from drift_stream.embedded.tiny_models import save_tiny_model
+from drift_stream.errors import ConfigError
 from drift_stream.grads.features import GradientFeaturizer
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.model.loading import load_model, load_tokenizer
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
 from drift_stream.scoring.build import build_scorer
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 FEATURES = FeatureConfig(proj_dim_in=4, proj_dim_out=4)
 K = 4

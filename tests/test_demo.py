@@ -5,7 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drift_stream.embedded.demo import corruption_table, demo_assets, format_corruption_table
+from drift_stream.embedded.demo import (
+    corruption_table,
+    demo_assets,
+    format_corruption_table,
+)
 
 
 def test_shipped_assets_are_present_and_labelled():

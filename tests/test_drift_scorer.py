@@ -10,16 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_stream.bank.config import BankConfig
 from drift_stream.bank.build import build_bank
+from drift_stream.bank.config import BankConfig
+from drift_stream.embedded.tiny_models import save_tiny_model
 from drift_stream.errors import BankMismatchError, ConfigError
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
-from drift_stream.scoring.drift import DriftScorer
 from drift_stream.scoring.build import build_scorer
+from drift_stream.scoring.drift import DriftScorer
 from drift_stream.scoring.stats import spearman
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 FEATURES = FeatureConfig(proj_dim_in=8, proj_dim_out=8)
 ROLLOUTS = RolloutConfig(num_rollouts=8, max_new_tokens=16, seed=5, batch_size=16)

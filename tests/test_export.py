@@ -15,7 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.cli.main import main
-from drift_stream.errors import ConfigError, IncompleteRunError, InputError, RunDirMismatchError
+from drift_stream.errors import (
+    ConfigError,
+    IncompleteRunError,
+    InputError,
+    RunDirMismatchError,
+)
 from drift_stream.refine.export import export_run
 
 ASSETS = Path(__file__).resolve().parents[1] / "drift_stream" / "assets"

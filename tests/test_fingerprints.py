@@ -12,16 +12,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from drift_stream.bank.config import BankConfig
 from drift_stream.bank.build import build_bank
+from drift_stream.bank.config import BankConfig
 from drift_stream.bank.store import compare_model_fingerprints, fingerprint_model
+from drift_stream.embedded.tiny_models import save_tiny_model
 from drift_stream.errors import BankMismatchError
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.model.loading import load_model
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
 from drift_stream.scoring.build import build_scorer
-from drift_stream.embedded.tiny_models import save_tiny_model
 
 QUESTIONS = [{"id": f"q{i}", "question": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)} for i in range(3)]
 ROWS = pa.Table.from_pylist([{"messages": [{"role": "user", "content": f"What is {i} + 3?"},

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from drift_stream.errors import AdapterError, ConfigError
-from drift_stream.data.tokenization import ChatTemplateError, ChatTokenizer, collate
 from drift_stream.data.example_types import Example, RowError, TokenizedExample
-from drift_stream.data.formats import content_hash, list_adapters, load_adapter, reference_example
+from drift_stream.data.formats import (
+    content_hash,
+    list_adapters,
+    load_adapter,
+    reference_example,
+)
+from drift_stream.data.tokenization import ChatTemplateError, ChatTokenizer, collate
 from drift_stream.embedded.tiny_models import make_char_tokenizer
+from drift_stream.errors import AdapterError, ConfigError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -9,12 +9,17 @@ import sys
 import pytest
 import torch
 
-from drift_stream.errors import ConfigError
 from drift_stream.data.example_types import TokenizedExample
 from drift_stream.data.tokenization import collate
-from drift_stream.grads.projection import FeatureConfig, GradientProjector, random_projection, stable_seed
-from drift_stream.grads.features import GradientFeaturizer
 from drift_stream.embedded.tiny_models import make_tiny_model
+from drift_stream.errors import ConfigError
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.grads.projection import (
+    FeatureConfig,
+    GradientProjector,
+    random_projection,
+    stable_seed,
+)
 
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox", "lora_llama"]
 VOCAB = 102
@@ -302,7 +307,7 @@ def test_projections_identical_in_a_separate_process():
     kinds = ("rademacher", "gaussian")
     here = [GradientProjector(FeatureConfig(projection=k, seed=11)).checksum(shapes) for k in kinds]
     code = (
-        "from drift_stream.grads import FeatureConfig, GradientProjector\n"
+        "from drift_stream.grads.projection import FeatureConfig, GradientProjector\n"
         f"for k in {kinds!r}:\n"
         f"    print(GradientProjector(FeatureConfig(projection=k, seed=11)).checksum({shapes!r}))"
     )

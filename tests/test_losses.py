@@ -15,10 +15,10 @@ import transformers as tf
 
 from drift_stream.data.example_types import TokenizedExample
 from drift_stream.data.tokenization import collate
-from drift_stream.grads.projection import FeatureConfig
-from drift_stream.grads.features import GradientFeaturizer
-from drift_stream.model.losses import example_losses, prepare_batch, resolve_head
 from drift_stream.embedded.tiny_models import make_tiny_model
+from drift_stream.grads.features import GradientFeaturizer
+from drift_stream.grads.projection import FeatureConfig
+from drift_stream.model.losses import example_losses, prepare_batch, resolve_head
 
 VOCAB = 102
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -206,18 +206,21 @@ def test_unknown_head_transform_falls_back_to_full_logits(caplog):
 
 
 def test_every_caller_gives_the_same_loss():
-    """models.sequence_losses, the featurizer (loss_only and featurize) and the trainer loss are one function."""
-    from drift_stream.embedded.training import example_losses as trainer_losses
-    from drift_stream.model.loading import sequence_losses
+    """The scorers' loss, the featurizer (loss_only and featurize) and the trainers' weighted loss are one function."""
+    from drift_stream.model.losses import weighted_example_loss
 
     model = make_model("gemma2", torch.float32)
     examples = make_examples()
     batch = collate(examples, 0, "right")
-    seq, num = sequence_losses(model, batch)
+    with torch.no_grad():
+        out = example_losses(model, batch)
+    seq, num = out.loss, out.num_tokens
     featurizer = GradientFeaturizer(model)
     only, num_only = featurizer.loss_only(batch)
     feat = featurizer.featurize(batch).loss
-    train = trainer_losses(model, batch).detach()
+    # one-hot weights pick out each row's loss: w = e_i, denominator 1 -> l_i
+    train = torch.stack([weighted_example_loss(model, batch, torch.eye(len(examples))[i], denominator=1).detach()
+                         for i in range(len(examples))])
     assert seq.dtype == torch.float32 and torch.equal(num, num_only)
     torch.testing.assert_close(only, seq, rtol=0, atol=0)
     torch.testing.assert_close(feat, seq, rtol=1e-6, atol=1e-6)

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from drift_stream.engines.local import RunConfig, run_score
 from drift_stream.errors import AllRejectedError, InputError
 from drift_stream.io.streams import expand_inputs, iter_chunks, plan_inputs
-from drift_stream.engines.local import RunConfig, run_score
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drift_stream.errors import AllRejectedError
 from drift_stream.engines.local import RunConfig, run_score
+from drift_stream.errors import AllRejectedError
 
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**40), 2**40)
            | st.floats(allow_nan=False, allow_infinity=False, width=32) | st.text(max_size=4))

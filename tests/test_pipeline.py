@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from killable import KILLABLE_RUN
 
-from drift_stream.errors import BadRowError, ConfigError, RunDirMismatchError
 from drift_stream.engines.local import RunConfig, run_score
+from drift_stream.errors import BadRowError, ConfigError, RunDirMismatchError
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "schemas" / "run_manifest.schema.json").read_text())
 

@@ -45,8 +45,8 @@ def assets():
 
 
 def build_small_bank(assets, out):
-    from drift_stream.bank.config import BankConfig
     from drift_stream.bank.build import build_bank
+    from drift_stream.bank.config import BankConfig
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
 

@@ -219,8 +219,8 @@ def test_quick_run_statistics_gaps_and_contribution_aucs(quick):
 def test_query_targets_follow_the_library_contrast_rules():
     import refine_lib as rl
 
-    from drift_stream.bank.targets import signed_weights
     from drift_stream.bank.contrast import contrast_plan
+    from drift_stream.bank.targets import signed_weights
 
     rng = np.random.default_rng(4)
     m, k, d = 5, 3, 6

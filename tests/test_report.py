@@ -12,8 +12,8 @@ import pytest
 from test_refine import MESSAGES, mark_complete, write_run
 
 from drift_stream.refine.report import _extreme_rows, summarize_run, write_report
-from drift_stream.scoring.stats import rankdata, spearman
 from drift_stream.refine.report_html import render_example
+from drift_stream.scoring.stats import rankdata, spearman
 
 
 def write_bank(path, rates: dict[str, tuple[int, int]], gap: float = 0.8) -> None:

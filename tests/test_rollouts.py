@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drift_stream.errors import ConfigError
 from drift_stream.data.tokenization import ChatTokenizer
-from drift_stream.rollouts.engine import Query, RolloutConfig, generate_rollouts, rollout_seed
 from drift_stream.embedded.tiny_models import make_char_tokenizer, make_tiny_model
+from drift_stream.errors import ConfigError
+from drift_stream.rollouts.engine import (
+    Query,
+    RolloutConfig,
+    generate_rollouts,
+    rollout_seed,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.errors import RunDirMismatchError
-from drift_stream.io.manifest import ORDER_STATS_POINTS, QUANTILES, ScoreSummary, config_diff, merge_score_summaries
-from drift_stream.io.run_dir import RunDirectory, reason_code, rejects_schema, shard_name
+from drift_stream.io.manifest import (
+    ORDER_STATS_POINTS,
+    QUANTILES,
+    ScoreSummary,
+    config_diff,
+    merge_score_summaries,
+)
+from drift_stream.io.run_dir import (
+    RunDirectory,
+    reason_code,
+    rejects_schema,
+    shard_name,
+)
 from drift_stream.io.streams import InputFile
 
 SCHEMA = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "schemas", "run_manifest.schema.json")).read())

@@ -13,6 +13,7 @@ import pytest
 from drift_stream.cli.main import main
 from drift_stream.errors import IncompleteRunError
 from drift_stream.io.run_dir import RunDirectory
+from drift_stream.io.run_reader import read_completed_shards
 from drift_stream.refine.policies import refine_run
 from drift_stream.refine.report import write_report
 
@@ -51,13 +52,17 @@ def test_refine_and_report_refuse_an_incomplete_run_and_allow_it_with_the_flag(t
         assert f"part-{f}.parquet" in text
     for f in (0, 1, 4, 5):
         assert f"  {pool[f]}\n" not in text
-    assert "drift-stream score --data" in text and f"--out {run}" in text and "--scorer random" in text
     assert "4 of 8 input files (50.0%)" in text and "--allow-incomplete" in text
+    assert err.value.url == str(run) and err.value.config["scorer"]["scorer"] == "random"
     assert not (tmp_path / "r").exists()
 
-    # The CLI: exit 2 with the same message; with --allow-incomplete, exit 0 and the fraction on stderr.
+    # The CLI: exit 2 with the same message and the score command that completes the run (valid CLI: parsed back).
     assert main(["refine", str(run), "--policy", "top:0.1", "--out", str(tmp_path / "r")]) == 2
-    assert "is not complete" in capsys.readouterr().err
+    err_text = capsys.readouterr().err
+    assert "is not complete" in err_text
+    command = err_text.split("the score command of this run:\n  ")[1].strip()
+    assert command.startswith("drift-stream score --data") and f"--out {run}" in command
+    assert "--scorer random" in command
     assert main(["refine", str(run), "--policy", "top:0.5", "--out", str(tmp_path / "r"), "--allow-incomplete"]) == 0
     assert "refined 50.0% of its input files" in capsys.readouterr().err
     kept = pq.read_table(tmp_path / "r" / "data")
@@ -80,14 +85,14 @@ def test_a_shard_without_its_marker_is_never_handed_out(tmp_path, pool, tiny_mod
     # A writer killed between publishing its data shard and writing the marker leaves exactly this.
     (run / "completions" / "00003.json").unlink()
     (run / "manifest.json").unlink()
-    shards = RunDirectory.open(str(run)).read_completed_shards(allow_incomplete=True)
+    shards = read_completed_shards(RunDirectory.open(str(run)), allow_incomplete=True)
     assert not shards.complete and shards.missing_input_files == [pool[3]]
     assert [p.rsplit("/", 1)[-1] for p in shards.data_files] == [
         f"train-{i:05d}-of-00008.parquet" for i in range(NUM_FILES) if i != 3]
     assert shards.rows_scored == 7 * ROWS_PER_FILE and shards.fraction_files == 7 / 8
     assert shards.scan().collect().height == 7 * ROWS_PER_FILE
     with pytest.raises(IncompleteRunError, match=r"part-3\.parquet"):
-        RunDirectory.open(str(run)).read_completed_shards()
+        read_completed_shards(RunDirectory.open(str(run)))
 
 
 def test_refine_finds_s3_through_aws_endpoint_url_and_records_once(s3_server, tmp_path, monkeypatch):

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from killable import KILLABLE_RUN
 import zstandard
+from killable import KILLABLE_RUN
 
+from drift_stream.engines.local import RunConfig, run_score
 from drift_stream.errors import InputError
 from drift_stream.io.run_dir import RunDirectory
 from drift_stream.io.streams import InputFile, expand_inputs, input_schema, iter_chunks
-from drift_stream.engines.local import RunConfig, run_score
 
 pytestmark = pytest.mark.s3
 

@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 from drift_stream.errors import ConfigError, InputError
+from drift_stream.io.background import prefetch
 from drift_stream.io.streams import (
     as_plan,
     expand_inputs,
@@ -24,7 +25,6 @@ from drift_stream.io.streams import (
     resolve_storage_options,
     shard_files,
 )
-from drift_stream.io.background import prefetch
 
 
 def rows(n: int, start: int = 0) -> list[dict]:

@@ -7,8 +7,13 @@ import pytest
 pytest.importorskip("reasoning_gym")
 
 from drift_stream.embedded import tasks as T  # noqa: E402
+from drift_stream.embedded.task_references import (  # noqa: E402
+    REFERENCE_STYLES,
+    prose_answer,
+    prose_response,
+    reference_solution,
+)
 from drift_stream.errors import ConfigError  # noqa: E402
-from drift_stream.embedded.task_references import REFERENCE_STYLES, prose_answer, prose_response, reference_solution  # noqa: E402
 
 _OPS = {
     r"add (-?\d+) and (-?\d+) to get (-?\d+)": lambda a, b: a + b,

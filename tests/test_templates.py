@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from template_oracle import SHAPES, expected_mask, hf_generation_mask, render  # noqa: E402
 
 from drift_stream.data.example_types import Example, RowError  # noqa: E402
-from drift_stream.embedded.vocabs import FAMILIES, build_tokenizer  # noqa: E402
 from drift_stream.data.tokenization import ChatTokenizer  # noqa: E402
+from drift_stream.embedded.vocabs import FAMILIES, build_tokenizer  # noqa: E402
 
 _CACHE: dict = {}
 VOCAB_DIR = Path(os.environ.get("DRIFT_VOCAB_CACHE", Path(tempfile.gettempdir()) / "drift-stream-vocabs-v1"))
@@ -280,10 +280,10 @@ def test_prefill_rollout_and_pool_row_give_identical_features():
     reasoning) a rollout and the same conversation as a pool row get the same gradient features."""
     import torch
 
-    from drift_stream.grads.projection import FeatureConfig
-    from drift_stream.grads.features import GradientFeaturizer
-    from drift_stream.embedded.tiny_models import make_tiny_model
     from drift_stream.data.tokenization import collate
+    from drift_stream.embedded.tiny_models import make_tiny_model
+    from drift_stream.grads.features import GradientFeaturizer
+    from drift_stream.grads.projection import FeatureConfig
 
     tok = tokenizer("r1_distill", training=True)
     ct = ChatTokenizer(tok, max_tokens=4096)
@@ -307,12 +307,12 @@ def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
     it out of its query's vector (failure_reason "truncated"), negative (the default) signs it like any other."""
     import pyarrow.parquet as pq
 
-    from drift_stream.bank.config import BankConfig
     from drift_stream.bank.build import build_bank
+    from drift_stream.bank.config import BankConfig
+    from drift_stream.embedded.tiny_models import save_tiny_model
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
     from drift_stream.rollouts.verifiers import FunctionVerifier
-    from drift_stream.embedded.tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "m", "llama")
     queries = [{"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)]
@@ -347,9 +347,9 @@ def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
 def test_chat_template_choice_on_cli_and_python_entry_points(tmp_path):
     from drift_stream.bank.config import BankConfig
     from drift_stream.cli.main import build_parser
+    from drift_stream.embedded.vocabs import site_file
     from drift_stream.errors import ConfigError
     from drift_stream.scoring.build import build_scorer
-    from drift_stream.embedded.vocabs import site_file
 
     training = site_file("trl", "chat_templates", "qwen3_training.jinja")
     tok = tokenizer("qwen3")

@@ -13,9 +13,13 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from drift_stream.embedded.tiny_models import (  # noqa: E402
+    CHAT_TEMPLATE,
+    make_char_tokenizer,
+    make_tiny_model,
+)
 from drift_stream.errors import ConfigError, InputError  # noqa: E402
 from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
-from drift_stream.embedded.tiny_models import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model  # noqa: E402
 
 # The shipped template plus TRL's {% generation %} markers around what the assistant says (assistant_only_loss); the
 # newline is an expression because the template engine trims the first newline after a block tag.
@@ -220,7 +224,8 @@ def _packing_config(tmp_path):
 def test_train_sft_and_weighted_trainer_share_one_loss(tmp_path):
     """The benchmark's SFT (`train_sft`) and the TRL trainer: same tokens, same mask, same loss, same gradients."""
     from drift_stream.data.tokenization import collate
-    from drift_stream.integrations import trainers as TR
+    from drift_stream.embedded import training as TR
+    from drift_stream.model.losses import weighted_example_loss
 
     rows = _rows(6, layout="messages")
     rows[2]["messages"] = rows[2]["messages"] + [{"role": "user", "content": "Twice?"},
@@ -245,7 +250,7 @@ def test_train_sft_and_weighted_trainer_share_one_loss(tmp_path):
     loss = trainer.compute_loss(model, dict(batch))
     grads = torch.autograd.grad(loss, list(model.parameters()))
     ours = collate([ex for ex, _ in order], pad_token_id=0)
-    ref = TR.weighted_example_loss(model, ours, [w for _, w in order], denominator=len(order))
+    ref = weighted_example_loss(model, ours, [w for _, w in order], denominator=len(order))
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
     for g, r in zip(grads, ref_grads):

@@ -11,12 +11,17 @@ import time
 
 import pytest
 
-from drift_stream.bank.config import BankConfig
 from drift_stream.bank.build import build_bank
+from drift_stream.bank.config import BankConfig
+from drift_stream.embedded.tiny_models import save_tiny_model
 from drift_stream.grads.projection import FeatureConfig
 from drift_stream.rollouts.engine import Query, RolloutConfig
-from drift_stream.rollouts.verifiers import FunctionVerifier, VerifyResult, load_verifier, verify_rollouts
-from drift_stream.embedded.tiny_models import save_tiny_model
+from drift_stream.rollouts.verifiers import (
+    FunctionVerifier,
+    VerifyResult,
+    load_verifier,
+    verify_rollouts,
+)
 
 EVIL = "a" * 40 + "b"  # (a+)+$ backtracks through ~2^40 ways to split the a's before failing at the b
 

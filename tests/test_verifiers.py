@@ -10,6 +10,7 @@ from fractions import Fraction
 
 import pytest
 
+from drift_stream.data.answers import extract_answer
 from drift_stream.errors import ConfigError
 from drift_stream.rollouts.engine import Query
 from drift_stream.rollouts.verifiers import (
@@ -20,7 +21,6 @@ from drift_stream.rollouts.verifiers import (
     run_verifier,
     verify_rollouts,
 )
-from drift_stream.data.answers import extract_answer
 
 GSM8K_REFERENCE = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trl import DDP_WEIGHTS, _config, _dataset, _rows, _tok  # noqa: E402
 
-from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
 from drift_stream.embedded.tiny_models import make_tiny_model  # noqa: E402
+from drift_stream.integrations.trl import WeightedSFTTrainer  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -44,8 +44,8 @@ from drift_stream.bank.store import (
     write_bank,
 )
 from drift_stream.bank.targets import _encode_all, _off_policy, _on_policy, _Targets
-from drift_stream.model.batching import plan_batches
 from drift_stream.errors import BankError, ConfigError
+from drift_stream.model.batching import plan_batches
 from drift_stream.rollouts.engine import (
     generate_rollouts,
     iter_input_rows,
@@ -131,10 +131,14 @@ def build_bank(
     """
     import torch
 
-    from drift_stream.data.tokenization import ChatTokenizer
     from drift_stream.data.example_types import Example
+    from drift_stream.data.tokenization import ChatTokenizer
     from drift_stream.grads.features import GradientFeaturizer
-    from drift_stream.rollouts.verifiers import VerifyResult, load_verifier, verify_rollouts
+    from drift_stream.rollouts.verifiers import (
+        VerifyResult,
+        load_verifier,
+        verify_rollouts,
+    )
 
     config = config or BankConfig()
     out_dir = Path(out_dir)

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from drift_stream.bank.contrast import NO_CONTRAST, QUERY_WEIGHTINGS
-from drift_stream.model.batching import validate_max_batch_tokens
-from drift_stream.io.config_fields import execution_only
 from drift_stream.errors import ConfigError
 from drift_stream.grads.projection import FeatureConfig
+from drift_stream.io.config_fields import execution_only
+from drift_stream.model.batching import validate_max_batch_tokens
 from drift_stream.rollouts.engine import RolloutConfig
 
 SIGNINGS = ("sign", "advantage", "advantage_std", "positive")

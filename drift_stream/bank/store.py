@@ -310,7 +310,11 @@ class ValidationBank:
         ]
         trunc = m.get("truncation")
         if trunc and trunc["rollouts"]:
-            from drift_stream.bank.config import TRUNCATION_WARN_SHARE, truncated_share, truncation_warning
+            from drift_stream.bank.config import (
+                TRUNCATION_WARN_SHARE,
+                truncated_share,
+                truncation_warning,
+            )
 
             lines.append(f"  truncated  {trunc['truncated']} of {trunc['rollouts']} rollouts (policy {trunc['policy']})")
             if truncated_share(trunc) >= TRUNCATION_WARN_SHARE:

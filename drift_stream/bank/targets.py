@@ -10,7 +10,6 @@ from typing import Sequence
 from drift_stream.bank.contrast import contrast_plan
 from drift_stream.model.batching import plan_batches
 
-
 # --------------------------------------------------------------------------------------------------- signing
 
 

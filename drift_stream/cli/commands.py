@@ -69,9 +69,9 @@ def score_cmd(args, progress: bool = True) -> int:
 
 
 def bank_build_cmd(args, progress: bool = True) -> int:
+    from drift_stream.bank.build import build_bank
     from drift_stream.bank.config import BankConfig
     from drift_stream.bank.store import ValidationBank
-    from drift_stream.bank.build import build_bank
     from drift_stream.grads.projection import FeatureConfig
     from drift_stream.rollouts.engine import RolloutConfig
 

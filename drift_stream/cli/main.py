@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One tokenizer call per row from one thread: the Rust thread pool only adds contention (2x slower on 2 cores).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from drift_stream.cli.config_file import apply_config_file
-    from drift_stream.errors import DriftError
+    from drift_stream.errors import DriftError, IncompleteRunError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -235,6 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_progress_bars()
     try:
         return _dispatch(args)
+    except IncompleteRunError as err:
+        from drift_stream.cli.resume import resume_command
+
+        hint = f"\nthe score command of this run:\n  {resume_command(err.url, err.config)}" if err.url else ""
+        print(f"drift-stream: error: {err}{hint}", file=sys.stderr)
+        return 2
     except DriftError as err:
         print(f"drift-stream: error: {err}", file=sys.stderr)
         return 2

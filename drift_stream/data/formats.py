@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from drift_stream.errors import AdapterError
 from drift_stream.data.example_types import Example, Message, RowError
+from drift_stream.errors import AdapterError
 
 ROLES = ("system", "user", "assistant", "tool")
 # Message keys passed on to the chat template besides role and content (OpenAI tool calls, reasoning).

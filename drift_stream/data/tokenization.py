@@ -13,9 +13,14 @@ import hashlib
 import logging
 from typing import Any, Mapping, Sequence
 
-from drift_stream.errors import ConfigError
 from drift_stream.data.example_types import Example, Message, RowError, TokenizedExample
-from drift_stream.data.template_spans import END_OF_TURN_TEXTS, cut_points, locate_assistant_turns, token_mask
+from drift_stream.data.template_spans import (
+    END_OF_TURN_TEXTS,
+    cut_points,
+    locate_assistant_turns,
+    token_mask,
+)
+from drift_stream.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

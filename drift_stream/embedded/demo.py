@@ -68,10 +68,10 @@ def format_corruption_table(rows: list[tuple[str, int, int]]) -> str:
 
 
 def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> dict:
-    from drift_stream.bank.config import BankConfig
     from drift_stream.bank.build import build_bank
-    from drift_stream.grads.projection import FeatureConfig
+    from drift_stream.bank.config import BankConfig
     from drift_stream.engines.local import RunConfig, run_score
+    from drift_stream.grads.projection import FeatureConfig
     from drift_stream.refine.policies import refine_run
     from drift_stream.refine.report import summarize_run, write_report
     from drift_stream.rollouts.engine import RolloutConfig

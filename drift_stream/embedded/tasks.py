@@ -377,7 +377,10 @@ def make_queries(
 
     Each style in `reference_styles` (task_references.REFERENCE_STYLES) adds a column `reference_<style>`: the
     item's correct worked solution as that style's author writes it (off-policy targets for less / if)."""
-    from drift_stream.embedded.task_references import REFERENCE_STYLES, reference_solution
+    from drift_stream.embedded.task_references import (
+        REFERENCE_STYLES,
+        reference_solution,
+    )
 
     unknown = sorted(set(reference_styles) - set(REFERENCE_STYLES))
     if unknown:

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from drift_stream.errors import ConfigError
-from drift_stream.data.tokenization import ChatTokenizer, collate
 from drift_stream.data.example_types import Example, RowError, TokenizedExample
+from drift_stream.data.tokenization import ChatTokenizer, collate
+from drift_stream.errors import ConfigError
+from drift_stream.model.losses import weighted_example_loss
 
 logger = logging.getLogger(__name__)
 
@@ -87,59 +88,6 @@ def encode_rows(tokenizer, rows: Sequence[Mapping[str, Any]], *, max_tokens: int
         messages = tuple(dict(m) for m in row["messages"])
         out.append(chat.encode(Example(id=str(row.get("id", i)), messages=messages)))
     return out
-
-
-def example_losses(model, batch: Mapping[str, Any]):
-    """Per-example mean NLL over loss-masked tokens: `batch` from `collate` -> loss [B] (float32), NaN for a row
-    without loss tokens. Differentiable; the one loss of `drift_stream.model.losses` (LM head at loss positions only)."""
-    from drift_stream.model.losses import example_losses as _losses
-
-    return _losses(model, batch).loss
-
-
-WEIGHTINGS = ("example", "token")
-
-
-def loss_denominator(loss_mask, weighting: str = "example"):
-    """The count a weighted loss divides by: rows with >= 1 loss token ("example") or loss tokens ("token").
-
-    loss_mask [B, T] (1 where token t is a target predicted from < t; position 0 never is) -> 0-dim int64 tensor.
-    Summed over every micro-batch of an optimiser step (and every data-parallel rank) it is the step's N.
-    """
-    import torch
-
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    counts = (torch.as_tensor(loss_mask)[:, 1:] > 0).sum(1)  # [B] loss tokens per row
-    return (counts > 0).sum() if weighting == "example" else counts.sum()
-
-
-def weighted_example_loss(model, batch: Mapping[str, Any], weights, *, denominator=None, weighting: str = "example"):
-    """The weighted SFT loss of one (micro-)batch: sum_i w_i * l_i / N (`weighting="example"`, the default).
-
-    model: a HF causal LM. batch: `input_ids`, `attention_mask`, `loss_mask` [B, T] (`formats.collate`; a TRL batch
-    maps `labels != -100` to loss_mask). weights [B] (>= 0, finite). l_i: row i's mean NLL over its loss tokens (DESIGN.md
-    section 2; `example_losses`). denominator: N, the rows of the whole optimiser step across gradient-accumulation
-    micro-batches and data-parallel ranks (default: this batch's rows, `loss_denominator`), so that micro-batches summed
-    equal one big batch. With mean-1 weights the loss keeps the scale of the unweighted mean.
-
-    `weighting="token"`: sum_i w_i * sum_t nll_it / (loss tokens of the step): every token of row i weighted by w_i,
-    TRL's and LLaMA-Factory's token-mean convention; with all weights 1 it is `SFTTrainer`'s own loss.
-    Rows without loss tokens contribute 0. Returns a 0-dim float32 tensor (differentiable under grad mode).
-    """
-    import torch
-
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    mask = torch.as_tensor(batch["loss_mask"])
-    losses = example_losses(model, batch)  # [B]
-    w = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)  # [B]
-    counts = (mask[:, 1:] > 0).sum(1).to(losses.device)  # [B]
-    if denominator is None:
-        denominator = loss_denominator(mask, weighting)
-    per_row = losses if weighting == "example" else losses * counts
-    per_row = torch.where(counts > 0, per_row, torch.zeros_like(per_row))  # no loss tokens: 0, never NaN
-    return (w * per_row).sum() / torch.as_tensor(denominator, dtype=losses.dtype, device=losses.device).clamp_min(1)
 
 
 def _resolve_weights(rows, weights) -> list[float]:

@@ -75,7 +75,9 @@ def site_file(package: str, *parts: str) -> Path:
 def template_text(name: str) -> str:
     """An official template by file name in trl/chat_templates, or "mistral_v3" (mistral-common's generator)."""
     if name == "mistral_v3":
-        from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
+        from mistral_common.integrations.chat_templates.chat_templates import (
+            convert_tokenizer_to_chat_template,
+        )
 
         return convert_tokenizer_to_chat_template(str(_mistral_model()))
     return site_file("trl", "chat_templates", name).read_text(encoding="utf-8")

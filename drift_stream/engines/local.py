@@ -31,13 +31,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drift_stream.scoring.beta import resolve_beta
-from drift_stream.io.config_fields import execution_only
-from drift_stream.errors import BadRowError, ConfigError, DriftError
-from drift_stream.io.run_dir import RAW_LINE_COLUMN, ROW_INDEX_COLUMN, RunDirectory, ShardWriter, reason_code
-from drift_stream.io.manifest import ScoreSummary
-from drift_stream.io.schema import SchemaPlan, conform_table
 from drift_stream.engines.run_checks import check_rejections
+from drift_stream.errors import BadRowError, ConfigError, DriftError
+from drift_stream.io.background import prefetch
+from drift_stream.io.config_fields import execution_only
+from drift_stream.io.manifest import ScoreSummary
+from drift_stream.io.run_dir import (
+    RAW_LINE_COLUMN,
+    ROW_INDEX_COLUMN,
+    RunDirectory,
+    ShardWriter,
+    reason_code,
+)
+from drift_stream.io.schema import SchemaPlan, conform_table
 from drift_stream.io.streams import (
     Chunk,
     InputFile,
@@ -48,7 +54,7 @@ from drift_stream.io.streams import (
     plan_inputs,
     shard_files,
 )
-from drift_stream.io.background import prefetch
+from drift_stream.scoring.beta import resolve_beta
 
 logger = logging.getLogger(__name__)
 

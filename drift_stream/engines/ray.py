@@ -87,8 +87,8 @@ class ScoreWorker:
         return os.getpid()
 
     def score_file(self, file, config) -> dict:
-        from drift_stream.io.run_dir import RunDirectory
         from drift_stream.engines.local import score_file
+        from drift_stream.io.run_dir import RunDirectory
 
         return score_file(file, RunDirectory(config.out, config.storage_options), self.scorer, config)
 
@@ -134,7 +134,6 @@ class RayEngine:
 
     def __call__(self, todo, run, scorer, config, progress: bool = True) -> None:
         import ray
-
         from tqdm.auto import tqdm
 
         if any(file.format == "dataset" for file in todo):

@@ -25,8 +25,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
 from drift_stream.errors import ConfigError
-from drift_stream.model.losses import eval_mode, example_losses, input_device, prepare_batch, resolve_head
 from drift_stream.grads.projection import FeatureConfig, GradientProjector
+from drift_stream.model.losses import (
+    eval_mode,
+    example_losses,
+    input_device,
+    prepare_batch,
+    resolve_head,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -33,7 +33,11 @@ import math
 from typing import Any
 
 from drift_stream.errors import ConfigError, InputError
-from drift_stream.embedded.training import WEIGHTINGS, loss_denominator, weighted_example_loss
+from drift_stream.model.losses import (
+    WEIGHTINGS,
+    loss_denominator,
+    weighted_example_loss,
+)
 
 try:
     from trl import SFTConfig, SFTTrainer

@@ -168,7 +168,7 @@ class RunDirectory:
     """A run directory at a local path or fsspec URL (`storage_options` are used, never recorded).
 
     Writers (`drift-stream score`, the Ray engine) construct it directly (the directory is created); readers
-    (refine, report, export) use `RunDirectory.open(url)` and then `read_completed_shards()`, which hands out the
+    (refine, report, export) use `io.run_reader.read_completed_shards(RunDirectory.open(url))`, which hands out the
     data shards of finished input files only (see `CompletedShards`).
     """
 
@@ -361,17 +361,6 @@ class RunDirectory:
     def read_config(self) -> dict | None:
         """config.json as recorded by the first writer ({"config": ..., "version": ...}), or None."""
         return self._read_json(CONFIG_FILE)
-
-    def read_completed_shards(self, *, allow_incomplete: bool = False, command: str = "this command") -> "CompletedShards":
-        """The data shards of the run's finished input files: THE way to read a run directory (io/run_reader.py).
-
-        Only input files with a completion marker count. Raises IncompleteRunError when some input file has none,
-        naming them and the command that completes the run, unless `allow_incomplete` (then a warning says what
-        fraction of the input files was seen); InputError when this is not a score run directory.
-        """
-        from drift_stream.io.run_reader import read_completed_shards
-
-        return read_completed_shards(self, allow_incomplete=allow_incomplete, command=command)
 
 
 def _sum_padding(markers: list[dict]) -> dict[str, Any]:

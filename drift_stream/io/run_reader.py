@@ -1,6 +1,6 @@
 """Reading a run directory: the data shards of finished input files only (completion markers), or a refusal.
 
-`RunDirectory.open(url).read_completed_shards(allow_incomplete=False, command="refine")` is the one way refine,
+`read_completed_shards(RunDirectory.open(url), allow_incomplete=False, command="refine")` is the one way refine,
 report, export and the Ray engine read a `drift-stream score` run. A data shard without its marker (a killed writer's,
 or a file still being scored) is never handed out; a run with unfinished input files raises IncompleteRunError naming
 them and the score command that completes it, unless `allow_incomplete`.
@@ -9,7 +9,6 @@ them and the score command that completes it, unless `allow_incomplete`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
 
 from drift_stream.errors import IncompleteRunError, InputError
 from drift_stream.io.run_dir import CONFIG_FILE, MANIFEST_FILE, RunDirectory
@@ -48,7 +47,7 @@ def read_completed_shards(run: RunDirectory, *, allow_incomplete: bool = False, 
     shards = CompletedShards(run, tuple(inputs), dict(sorted(markers.items())), manifest, config)
     if not shards.complete:
         if not allow_incomplete:
-            raise IncompleteRunError(shards.incomplete_message(command))
+            raise IncompleteRunError(shards.incomplete_message(command), url=run.url, config=config)
         logger.warning("%s of an incomplete run (allowed): %s", command, shards.describe())
     elif manifest is None or not manifest.get("complete"):
         # every marker is there but the last writer died before recomputing the manifest: the data is complete
@@ -58,7 +57,7 @@ def read_completed_shards(run: RunDirectory, *, allow_incomplete: bool = False, 
 
 
 class CompletedShards:
-    """The finished part of a run directory, from `RunDirectory.read_completed_shards()`.
+    """The finished part of a run directory, from `read_completed_shards(run)`.
 
     `data_files` / `rejects_files` are paths inside `fs` (use `scan()` or `open_data`), in input order; counts come
     from the completion markers; `fraction_files` is finished input files / input files (1.0 for a complete run).
@@ -110,10 +109,9 @@ class CompletedShards:
         return (f"run directory {self.url} is not complete: {len(missing)} of {len(self.input_files)} input files "
                 f"have no completion marker:\n{shown}\n"
                 f"{command} would see only {self.describe()}.\n"
-                f"Complete the run by rerunning the score command (finished files are skipped):\n"
-                f"  {resume_command(self.url, self.config)}\n"
-                "(for a Slurm array: rerun the tasks whose --shard-index is (input position) % --num-shards), "
-                f"or pass --allow-incomplete (allow_incomplete=True) to {command} the finished part")
+                "Complete the run by rerunning its score command (finished files are skipped; its settings are in "
+                f"{CONFIG_FILE}; for a Slurm array: rerun the tasks whose --shard-index is (input position) % "
+                f"--num-shards), or pass --allow-incomplete (allow_incomplete=True) to {command} the finished part")
 
     def scan(self):
         """A polars LazyFrame over the data shards in input order (native scan locally, pyarrow dataset else)."""
@@ -130,33 +128,3 @@ class CompletedShards:
     def open_data(self, path: str):
         """A binary file object for one of `data_files` / `rejects_files` (close it, or use `with`)."""
         return self.fs.open(path, "rb")
-
-
-def resume_command(url: str, config: Mapping[str, Any]) -> str:
-    """The `drift-stream score` command that completes the run recorded in `config` (config.json's "config").
-
-    Built from the recorded, output-changing settings; flags left at their defaults are omitted. Inputs are listed
-    when there are at most 8 of them.
-    """
-    scorer = dict(config.get("scorer") or {})
-    inputs = list(config.get("input_files") or [])
-    data = " ".join(inputs) if 0 < len(inputs) <= 8 else f"<the {len(inputs)} inputs of the first run>"
-    parts = ["drift-stream score", f"--data {data}", f"--out {url}"]
-    if scorer.get("model"):
-        parts.append(f"--model {scorer['model']}")
-    for key, flag in (("scorer", "--scorer"), ("bank", "--bank"), ("adapter", "--adapter")):
-        if scorer.get(key) not in (None, ""):
-            parts.append(f"{flag} {scorer[key]}")
-    try:
-        from drift_stream.scoring.base import ScoreConfig
-        from dataclasses import fields
-
-        for f in fields(ScoreConfig):
-            if f.name in ("scorer", "adapter") or f.name not in scorer or scorer[f.name] == f.default:
-                continue
-            value = scorer[f.name]
-            flag = "--" + f.name.replace("_", "-")
-            parts.append(flag if value is True else f"{flag} {value}")
-    except ImportError:  # pragma: no cover - scoring needs torch; the message still names the main flags
-        pass
-    return " ".join(parts) + " [the other flags of the first run]"

@@ -44,7 +44,14 @@ import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError
 from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
-from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text, to_plain_string
+from drift_stream.io.schema import (
+    SchemaPlan,
+    TypeStats,
+    conform_table,
+    plan_schema,
+    to_json_text,
+    to_plain_string,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -58,18 +58,3 @@ def _check_model_dir(path: str) -> None:
             f"--model {path!r} is not a Hugging Face model directory (no config.json there). "
             "Pass a local directory saved with save_pretrained(); nothing is downloaded from a hub."
         )
-
-
-def sequence_losses(model, batch: dict):
-    """Per-example mean NLL over loss-masked tokens, without backward: `drift_stream.model.losses.example_losses`.
-
-    batch: input_ids/attention_mask [B, T] long, loss_mask [B, T] (1 where token t is a target predicted from t-1).
-    Returns (loss [B] float32 (float64 for a float64 model), num_tokens [B] long). Rows with no masked token get NaN.
-    """
-    import torch
-
-    from drift_stream.model.losses import example_losses
-
-    with torch.no_grad():
-        out = example_losses(model, batch)
-    return out.loss, out.num_tokens

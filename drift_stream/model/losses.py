@@ -34,6 +34,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from drift_stream.errors import ConfigError
+
 if TYPE_CHECKING:
     pass
 
@@ -407,3 +409,50 @@ def completion_logprobs(model, prompts, completions, pad_token_id: int, *, chunk
     with torch.no_grad(), eval_mode(model):
         out = example_losses(model, collate(rows, pad_token_id, padding_side="right"), chunk_tokens=chunk_tokens)
     return -out.loss.double().cpu()
+
+
+# The weighted SFT loss: every trainer here (embedded.training.train_sft, integrations.trl.WeightedSFTTrainer)
+# calls it, so the benchmark trains through the same loss users get.
+WEIGHTINGS = ("example", "token")
+
+
+def loss_denominator(loss_mask, weighting: str = "example"):
+    """The count a weighted loss divides by: rows with >= 1 loss token ("example") or loss tokens ("token").
+
+    loss_mask [B, T] (1 where token t is a target predicted from < t; position 0 never is) -> 0-dim int64 tensor.
+    Summed over every micro-batch of an optimiser step (and every data-parallel rank) it is the step's N.
+    """
+    import torch
+
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    counts = (torch.as_tensor(loss_mask)[:, 1:] > 0).sum(1)  # [B] loss tokens per row
+    return (counts > 0).sum() if weighting == "example" else counts.sum()
+
+
+def weighted_example_loss(model, batch: Mapping[str, Any], weights, *, denominator=None, weighting: str = "example"):
+    """The weighted SFT loss of one (micro-)batch: sum_i w_i * l_i / N (`weighting="example"`, the default).
+
+    model: a HF causal LM. batch: `input_ids`, `attention_mask`, `loss_mask` [B, T] (`formats.collate`; a TRL batch
+    maps `labels != -100` to loss_mask). weights [B] (>= 0, finite). l_i: row i's mean NLL over its loss tokens (DESIGN.md
+    section 2; `example_losses`). denominator: N, the rows of the whole optimiser step across gradient-accumulation
+    micro-batches and data-parallel ranks (default: this batch's rows, `loss_denominator`), so that micro-batches summed
+    equal one big batch. With mean-1 weights the loss keeps the scale of the unweighted mean.
+
+    `weighting="token"`: sum_i w_i * sum_t nll_it / (loss tokens of the step): every token of row i weighted by w_i,
+    TRL's and LLaMA-Factory's token-mean convention; with all weights 1 it is `SFTTrainer`'s own loss.
+    Rows without loss tokens contribute 0. Returns a 0-dim float32 tensor (differentiable under grad mode).
+    """
+    import torch
+
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    mask = torch.as_tensor(batch["loss_mask"])
+    losses = example_losses(model, batch).loss  # [B]
+    w = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)  # [B]
+    counts = (mask[:, 1:] > 0).sum(1).to(losses.device)  # [B]
+    if denominator is None:
+        denominator = loss_denominator(mask, weighting)
+    per_row = losses if weighting == "example" else losses * counts
+    per_row = torch.where(counts > 0, per_row, torch.zeros_like(per_row))  # no loss tokens: 0, never NaN
+    return (w * per_row).sum() / torch.as_tensor(denominator, dtype=losses.dtype, device=losses.device).clamp_min(1)

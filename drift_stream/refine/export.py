@@ -41,10 +41,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drift_stream.errors import ConfigError, IncompleteRunError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import RunDirectory, open_path
+from drift_stream.errors import (
+    ConfigError,
+    IncompleteRunError,
+    InputError,
+    RunDirMismatchError,
+)
 from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
 from drift_stream.io.manifest import provenance
+from drift_stream.io.run_dir import RunDirectory, open_path
 
 logger = logging.getLogger(__name__)
 

@@ -33,13 +33,22 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drift_stream.refine.chain import Prefilter, mask_scores, survivor_mask
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
 from drift_stream.io.manifest import provenance
+from drift_stream.io.run_dir import RunDirectory, open_path
+from drift_stream.io.run_reader import read_completed_shards
 from drift_stream.io.schema import conform_table, one_output_schema
-from drift_stream.refine.selection import ID, SCORE, TopCut, stratified_cuts, stratified_mask, top_cut, top_mask
+from drift_stream.refine.chain import Prefilter, mask_scores, survivor_mask
+from drift_stream.refine.selection import (
+    ID,
+    SCORE,
+    TopCut,
+    stratified_cuts,
+    stratified_mask,
+    top_cut,
+    top_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +233,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
                prefilters: tuple = ()) -> dict:
     """Apply `policy` to the scored shards of `run_dir`, write `out/data/train-*.parquet` and `out/manifest.json`.
 
-    Only finished input files are read (`RunDirectory.read_completed_shards`); a run with unfinished input files
+    Only finished input files are read (`io.run_reader.read_completed_shards`); a run with unfinished input files
     is refused (IncompleteRunError naming them and the command that completes the run) unless `allow_incomplete`,
     in which case the finished part is refined and the manifest records `source_fraction_files` < 1.
     prefilters: Prefilter(run, drop_worst) or (run, fraction) pairs, applied first (filters in sequence, chain.py).
@@ -249,7 +258,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
             f"{out} holds a refine of {old.get('source_run')} with config {old.get('config')}; this one is of "
             f"{source} with {recorded}: choose another --out or delete it")
 
-    completed = source_run.read_completed_shards(allow_incomplete=allow_incomplete, command="refine")
+    completed = read_completed_shards(source_run, allow_incomplete=allow_incomplete, command="refine")
     shards = completed.data_files
     if not shards:
         raise InputError(f"{run_dir} has no finished input file: nothing to refine")
@@ -279,9 +288,9 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     logger.info("refine %s: %d scored rows in %d shards, policy %s", run_dir, n, len(shards), policy)
     survive, chained, n_policy = None, None, n  # rows the policy sees: all, or those the prefilters keep
     if config.prefilters:
-        survive, chained = survivor_mask(lf, config.prefilters, lambda run: RunDirectory.open(run, storage_options)
-                                         .read_completed_shards(allow_incomplete=allow_incomplete, command="refine")
-                                         .scan().select(ID, SCORE))
+        survive, chained = survivor_mask(lf, config.prefilters, lambda run: read_completed_shards(
+                                             RunDirectory.open(run, storage_options), allow_incomplete=allow_incomplete,
+                                             command="refine").scan().select(ID, SCORE))
         n_policy = int(survive.sum())
         if not n_policy:
             raise ConfigError(f"the prefilters {[str(p.run) for p in config.prefilters]} leave no row of {run_dir}")

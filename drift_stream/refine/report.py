@@ -15,12 +15,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.atomic import write_bytes_atomic
-from drift_stream.io.run_reader import CompletedShards
+from drift_stream.io.run_dir import RunDirectory, open_path
+from drift_stream.io.run_reader import CompletedShards, read_completed_shards
 from drift_stream.refine.policies import read_json
 from drift_stream.refine.report_html import NORM, RAW, SCORE, TOKENS, _fmt, render_html
-
 from drift_stream.scoring.stats import spearman
 
 logger = logging.getLogger(__name__)
@@ -175,7 +174,7 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     unless `allow_incomplete` (then `RunSummary.completed` says what fraction was seen)."""
     run = RunDirectory.open(run_dir, storage_options)
     fs, root = run.fs, run.root
-    completed = run.read_completed_shards(allow_incomplete=allow_incomplete, command=command)
+    completed = read_completed_shards(run, allow_incomplete=allow_incomplete, command=command)
     manifest = completed.manifest
     if manifest is None or not completed.complete:  # counts of what is read: recomputed from its markers
         manifest = run.build_manifest(completed.config, list(completed.input_files), completed.markers)

@@ -27,9 +27,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from drift_stream.io.config_fields import execution_dict, execution_only, output_dict
-from drift_stream.model.batching import PaddingStats, plan_batches, validate_max_batch_tokens
 from drift_stream.errors import ConfigError
+from drift_stream.io.config_fields import execution_dict, execution_only, output_dict
+from drift_stream.model.batching import (
+    PaddingStats,
+    plan_batches,
+    validate_max_batch_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +312,14 @@ class _ModelScorer(BatchScorer):
             yield idx, self._collate([examples[i] for i in idx])
 
     def _losses(self, examples) -> tuple[np.ndarray, list[str | None]]:
-        from drift_stream.model.loading import sequence_losses
+        import torch
+
+        from drift_stream.model.losses import example_losses
 
         arr = np.full(len(examples), np.nan)
         for idx, batch in self._planned(examples):
-            loss, _ = sequence_losses(self.model, batch)
+            with torch.no_grad():
+                loss = example_losses(self.model, batch).loss
             arr[idx] = loss.double().cpu().numpy()
         bad = [None if math.isfinite(v) else "nonfinite_loss" for v in arr]
         return arr, bad

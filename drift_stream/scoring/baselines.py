@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from drift_stream.scoring.base import BatchScorer, ExampleScores, _ModelScorer, random_unit
+from drift_stream.scoring.base import (
+    BatchScorer,
+    ExampleScores,
+    _ModelScorer,
+    random_unit,
+)
 
 
 class RandomScorer(BatchScorer):

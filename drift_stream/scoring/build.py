@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from drift_stream.errors import ConfigError
-from drift_stream.scoring.base import GRADIENT_SCORERS, BatchScorer, ScoreConfig, chat_tokenizer_for
+from drift_stream.scoring.base import (
+    GRADIENT_SCORERS,
+    BatchScorer,
+    ScoreConfig,
+    chat_tokenizer_for,
+)
 from drift_stream.scoring.baselines import IFDScorer, LossScorer, RandomScorer
 from drift_stream.scoring.drift import DriftScorer
 

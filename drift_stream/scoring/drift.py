@@ -11,9 +11,15 @@ from typing import Any
 import numpy as np
 
 from drift_stream.bank.contrast import weighted_query_mean
-from drift_stream.model.batching import PaddingStats
 from drift_stream.errors import ConfigError
-from drift_stream.scoring.base import ExampleScores, ScoreConfig, _ModelScorer, _to_table, chat_tokenizer_for
+from drift_stream.model.batching import PaddingStats
+from drift_stream.scoring.base import (
+    ExampleScores,
+    ScoreConfig,
+    _ModelScorer,
+    _to_table,
+    chat_tokenizer_for,
+)
 from drift_stream.scoring.stats import spearman
 
 logger = logging.getLogger(__name__)
