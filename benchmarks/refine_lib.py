@@ -191,7 +191,7 @@ def drift_scores(variant: DriftVariant, pool_feats, pool_norm, g, preconditioner
     weights [m]: S = sum_j w_j score_j / sum_j w_j (the library's query weighting); None: the plain mean."""
     import torch
 
-    from drift_stream.bank.contrast import weighted_query_mean
+    from drift_stream.scoring.drift import weighted_query_mean
 
     b = g
     if preconditioner is not None:

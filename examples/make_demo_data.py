@@ -1,7 +1,7 @@
-"""Write the demo data shipped in drift_stream/assets/demo/: a noisy SFT pool, validation queries, a test set.
+"""Write the demo data shipped in drift_stream/embedded/assets/demo/: a noisy SFT pool, validation queries, a test set.
 
-    python examples/make_demo_data.py                      # writes drift_stream/assets/demo/*.parquet
-    python examples/make_demo_data.py --out /tmp/demo --check drift_stream/assets/demo
+    python examples/make_demo_data.py                      # writes drift_stream/embedded/assets/demo/*.parquet
+    python examples/make_demo_data.py --out /tmp/demo --check drift_stream/embedded/assets/demo
 
 pool.parquet     id, messages (list<struct<role, content>>), task, corruption   (~30% corrupted; docs/demo_data.md)
 queries.parquet  id, question, answer, task   (validation queries, target tasks only, `qa` form)
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "drift_stream" / "assets" / "demo"
+DEFAULT_OUT = REPO / "drift_stream" / "embedded" / "assets" / "demo"
 FILES = ("pool.parquet", "queries.parquet", "test.parquet")
 
 

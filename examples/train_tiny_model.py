@@ -1,7 +1,7 @@
-"""Train the embedded default model (drift_stream/assets/tiny-reasoner/) from scratch on the demo pool.
+"""Train the embedded default model (drift_stream/embedded/assets/tiny-reasoner/) from scratch on the demo pool.
 
-    python examples/train_tiny_model.py                          # rewrites drift_stream/assets/tiny-reasoner/
-    python examples/train_tiny_model.py --out /tmp/tiny --check drift_stream/assets/tiny-reasoner
+    python examples/train_tiny_model.py                          # rewrites drift_stream/embedded/assets/tiny-reasoner/
+    python examples/train_tiny_model.py --out /tmp/tiny --check drift_stream/embedded/assets/tiny-reasoner
 
 A 4-layer Llama with the character tokenizer of drift_stream.embedded.tiny_models, trained with loss on assistant tokens only on
 the shipped noisy pool (the model's own SFT data), stopped at partial competence. Prints greedy accuracy per task on
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "drift_stream" / "assets"
+ASSETS = REPO / "drift_stream" / "embedded" / "assets"
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
     python examples/train_weighted_trl.py --out drift-trl            # the demo (minutes), then 40 training steps
     python examples/train_weighted_trl.py --out /tmp/x --quick       # CI: 16 queries, 96 pool rows, 8 steps
 
-Everything runs on CPU with the shipped tiny model (drift_stream/assets/tiny-reasoner); nothing is downloaded.
+Everything runs on CPU with the shipped tiny model (drift_stream/embedded/assets/tiny-reasoner); nothing is downloaded.
 The four commands are the ones a user types; the training part is what a user copies into their own script.
 """
 

@@ -16,7 +16,6 @@ from drift_stream.bank.contrast import (
     has_contrast,
     learnability,
     query_weights,
-    weighted_query_mean,
 )
 from drift_stream.bank.targets import signed_weights
 from drift_stream.data.example_types import Example
@@ -29,6 +28,7 @@ from drift_stream.model.loading import load_model, load_tokenizer
 from drift_stream.rollouts.engine import RolloutConfig
 from drift_stream.rollouts.verifiers import FunctionVerifier
 from drift_stream.scoring.build import build_scorer
+from drift_stream.scoring.drift import weighted_query_mean
 
 FEATURES = FeatureConfig(proj_dim_in=4, proj_dim_out=4)
 K = 4

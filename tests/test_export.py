@@ -23,7 +23,7 @@ from drift_stream.errors import (
 )
 from drift_stream.refine.export import export_run
 
-ASSETS = Path(__file__).resolve().parents[1] / "drift_stream" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "drift_stream" / "embedded" / "assets"
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "export_manifest.schema.json"
 MODEL = ASSETS / "tiny-reasoner"
 

@@ -179,6 +179,11 @@ def test_scored_rows_match_the_published_schema(model_dir):
     out = build_scorer("loss", model=model_dir, adapter="messages")(pa.Table.from_pylist(ROWS))
     for row in out.to_pylist():
         jsonschema.validate(row, schema)
+    from drift_stream.io import columns
+
     types = schema["properties"]
-    for name in ("drift_score", "drift_grad_norm", "drift_num_tokens", "drift_loss", "drift_reject_reason"):
-        assert out.schema.field(name).type == getattr(pa, types[name]["x-arrow-type"])(), name
+    # the published schema names exactly the columns io/columns.py defines (scored, id, and refine's two)
+    assert set(types) == {*columns.SCORE_COLUMNS, columns.ID, columns.KEEP, columns.WEIGHT}
+    for name in columns.SCORE_COLUMNS:
+        if name != columns.QUERY_SCORES:  # only with --keep-query-scores
+            assert out.schema.field(name).type == getattr(pa, types[name]["x-arrow-type"])(), name

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from drift_stream.data.tokenization import collate
+from drift_stream.embedded import training as TR
 from drift_stream.embedded.tiny_models import make_char_tokenizer, make_tiny_model
 from drift_stream.errors import ConfigError
-from drift_stream.embedded import training as TR
 
-ASSET = Path(TR.__file__).parents[1] / "assets" / "tiny-reasoner"
+ASSET = Path(TR.__file__).parent / "assets" / "tiny-reasoner"
 
 
 def _rows(n):

@@ -301,6 +301,6 @@ def _mean(values) -> float | None:
 
 
 def _package_version() -> str:
-    from drift_stream import __version__
+    from drift_stream.version import __version__
 
     return __version__

@@ -70,14 +70,6 @@ def query_weights(pass_rates: Sequence[float], kind: str) -> np.ndarray:
     raise ConfigError(f"query_weighting must be one of {QUERY_WEIGHTINGS}, got {kind!r}")
 
 
-def weighted_query_mean(per_query: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """S [n] = sum_j w_j per_query[:, j] / sum_j w_j for per_query [n, m]; the plain mean when weights is None."""
-    if weights is None:
-        return per_query.mean(axis=1)
-    w = np.asarray(weights, dtype=np.float64)
-    return per_query @ w / w.sum()
-
-
 def top_up_rollouts(generate: Callable, verify: Callable, queries: Sequence, rollouts: list, results: list, *,
                     num_rollouts: int, max_rollouts: int | None, seed: int, correct_threshold: float):
     """Adaptive K: more rollouts for queries without a contrast, in rounds of `num_rollouts`.

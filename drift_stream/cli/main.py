@@ -53,7 +53,9 @@ def _add_template(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine(p: argparse.ArgumentParser, work: str) -> None:
-    p.add_argument("--engine", default="local", choices=("local", "ray"),
+    from drift_stream.engines.local import ENGINES
+
+    p.add_argument("--engine", default="local", choices=ENGINES,
                    help=f"local: this process; ray: {work} on a pool of Ray actors (same output)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, as `ray job submit` sets, else a new local one)")
@@ -67,7 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="drift-stream",
         description="Refine SFT data by on-policy data attribution (DRIFT).",
     )
-    from drift_stream import __version__
+    # choices= come from the library's own option tuples (tests/test_cli.py checks both ways)
+    from drift_stream.bank.config import PRECONDITIONERS, SIGNINGS, TARGETS, TRUNCATED
+    from drift_stream.bank.contrast import NO_CONTRAST, QUERY_WEIGHTINGS
+    from drift_stream.data.tokenization import OVERLONG_POLICIES
+    from drift_stream.engines.local import ON_BAD_ROW
+    from drift_stream.model.loading import DTYPES
+    from drift_stream.refine.export import FORMATS, LAYOUTS
+    from drift_stream.scoring.base import SCORERS
+    from drift_stream.version import __version__
 
     parser.add_argument("--version", action="version", version=f"drift-stream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="messages", help="built-in adapter name or path to a YAML spec")
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--out", required=True, help="run directory (local path or s3://...)")
-    p.add_argument("--scorer", default="drift", choices=("drift", "less", "if", "loss", "ifd", "random"))
+    p.add_argument("--scorer", default="drift", choices=SCORERS)
     p.add_argument("--bank", help="bank directory (drift / less / if)")
     p.add_argument("--allow-mismatch", action="store_true", help="use a bank built for another model or projector")
     p.add_argument("--beta", type=_beta_arg, default=1.0, help="debiasing exponent: a number or 'auto' (default 1)")
@@ -93,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch sorted by length and cut at N (speed and memory only; scores are the same)")
     p.add_argument("--batch-rows", type=int, default=1024, help="rows read and written per batch")
     p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--overlong", choices=("reject", "truncate"), default="reject")
+    p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="reject")
     _add_template(p)
-    p.add_argument("--on-bad-row", choices=("reject", "error"), default="reject")
+    p.add_argument("--on-bad-row", choices=ON_BAD_ROW, default="reject")
     p.add_argument("--allow-all-rejected", action="store_true",
                    help="exit 0 even when every row is rejected (default: exit 2 with the top reasons)")
     p.add_argument("--num-shards", type=int, default=1, help="split input files over N processes")
@@ -103,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=_json_arg, default=None, help="fsspec options as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     _add_engine(p, "score input files")
     _add_common(p)
 
@@ -117,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "module:function")
     b.add_argument("--rollouts", type=int, default=8, help="rollouts per query (K)")
     b.add_argument("--out", required=True)
-    b.add_argument("--signing", default="sign", choices=("sign", "advantage", "advantage_std", "positive"))
-    b.add_argument("--targets", default="on-policy", choices=("on-policy", "off-policy"))
-    b.add_argument("--preconditioner", default="block", choices=("identity", "diagonal", "block"),
+    b.add_argument("--signing", default="sign", choices=SIGNINGS)
+    b.add_argument("--targets", default="on-policy", choices=TARGETS)
+    b.add_argument("--preconditioner", default="block", choices=PRECONDITIONERS,
                    help="estimated on --fisher-data; identity when none is given")
     b.add_argument("--damping", type=float, default=0.1, help="damping as a fraction of the mean eigenvalue")
     b.add_argument("--fisher-data", nargs="+", metavar="URL", help="training rows to estimate the preconditioner")
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--temperature", type=float, default=1.0)
     b.add_argument("--top-p", type=float, default=1.0)
     b.add_argument("--max-new-tokens", type=int, default=256)
-    b.add_argument("--truncated", default="negative", choices=("negative", "exclude"),
+    b.add_argument("--truncated", default="negative", choices=TRUNCATED,
                    help="a rollout cut by --max-new-tokens: signed as a wrong answer (negative, default: what an "
                         "evaluation at the same budget counts) or left out of its query's vector (exclude)")
     _add_template(b)
@@ -137,14 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="padded tokens per featurize call instead of 8 rows, rows sorted by length (speed and "
                         "memory only)")
-    b.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    b.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="model dtype (auto: the checkpoint's; float32 on CPU); projections accumulate in float32")
-    b.add_argument("--no-contrast", default="keep", choices=("keep", "drop", "reference"),
+    b.add_argument("--no-contrast", default="keep", choices=NO_CONTRAST,
                    help="queries whose rollouts are all correct or all wrong: keep; drop; reference (its reference "
                         "solution as a correct target when no rollout is correct)")
     b.add_argument("--max-rollouts", type=int, default=None, metavar="N", help="adaptive K: K more rollouts at a "
                    "time for a query without a contrast, up to N in all (default: off)")
-    b.add_argument("--query-weighting", default="uniform", choices=("uniform", "learnability"),
+    b.add_argument("--query-weighting", default="uniform", choices=QUERY_WEIGHTINGS,
                    help="S(z) as a mean over queries weighted by 1 (uniform) or p(1-p) of the query's pass rate")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank directory")
     b.add_argument("--seed", type=int, default=0)
@@ -185,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a refined run in the layout a trainer loads (TRL, LLaMA-Factory, repeat)")
     p.add_argument("run_dir", help="the --out of `drift-stream refine`")
-    p.add_argument("--format", required=True, choices=("trl", "llamafactory", "repeat"),
+    p.add_argument("--format", required=True, choices=FORMATS,
                    help="trl: prompt/completion (or messages) + weight; llamafactory: v1 messages with loss_weight "
                    "+ dataset_info.yaml; repeat: integer copies for trainers without weights")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--layout", default="prompt_completion", choices=("prompt_completion", "messages"),
+    p.add_argument("--layout", default="prompt_completion", choices=LAYOUTS,
                    help="trl/repeat rows: prompt/completion (last answer trained) or messages (multi-turn; train "
                    "with assistant_only_loss=True)")
     p.add_argument("--seed", type=int, default=0, help="repeat: seed of the copy draws")

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from drift_stream.data.example_types import Example, Message, RowError
 from drift_stream.errors import AdapterError
+from drift_stream.io.columns import RESERVED_PREFIX
 
 ROLES = ("system", "user", "assistant", "tool")
 # Message keys passed on to the chat template besides role and content (OpenAI tool calls, reasoning).
@@ -131,7 +132,7 @@ def validate_adapter_spec(spec: Mapping[str, Any], source: str = "<spec>") -> No
 
 def content_hash(row: Mapping[str, Any]) -> str:
     """sha1 hex of the row as canonical JSON, leaving out `drift_*` columns."""
-    kept = {k: v for k, v in row.items() if not str(k).startswith("drift_")}
+    kept = {k: v for k, v in row.items() if not str(k).startswith(RESERVED_PREFIX)}
     blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 

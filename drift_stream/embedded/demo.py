@@ -25,7 +25,7 @@ class DemoAssets:
 
 
 def demo_assets() -> DemoAssets:
-    root = resources.files("drift_stream") / "assets"
+    root = resources.files("drift_stream.embedded") / "assets"
     paths = DemoAssets(
         model=str(root / "tiny-reasoner"),
         pool=str(root / "demo" / "pool.parquet"),

@@ -16,12 +16,18 @@ the phrasing and layout differ. `prose_answer` reads the final answer back (test
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from drift_stream.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from drift_stream.embedded.tasks import TaskItem
+
+class TaskItem(Protocol):
+    """What a reference reads of an item (tasks.TaskItem has these; declared here so the import goes one way)."""
+
+    task: str
+    answer: str
+    response: str
+    steps: tuple[str, ...]
 
 REFERENCE_STYLES = ("pool", "prose", "answer")
 _STEP = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")

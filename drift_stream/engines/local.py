@@ -34,11 +34,10 @@ import pyarrow.compute as pc
 from drift_stream.engines.run_checks import check_rejections
 from drift_stream.errors import BadRowError, ConfigError, DriftError
 from drift_stream.io.background import prefetch
+from drift_stream.io.columns import RAW_LINE, REJECT_REASON, ROW_INDEX, SCORE
 from drift_stream.io.config_fields import execution_only
 from drift_stream.io.manifest import ScoreSummary
 from drift_stream.io.run_dir import (
-    RAW_LINE_COLUMN,
-    ROW_INDEX_COLUMN,
     RunDirectory,
     ShardWriter,
     reason_code,
@@ -58,9 +57,9 @@ from drift_stream.scoring.beta import resolve_beta
 
 logger = logging.getLogger(__name__)
 
-REASON_COLUMN = "drift_reject_reason"
 PLAN_FILE = "schema.json"  # the run's one input schema (io/schema.py SchemaPlan), recorded by the first process
 ON_BAD_ROW = ("reject", "error")
+ENGINES = ("local", "ray")  # --engine: this process, or an actor pool (engines/ray.py, engines/ray_bank.py)
 
 
 @dataclass(frozen=True)
@@ -179,9 +178,9 @@ def data_schema(plan: SchemaPlan, scorer: Any) -> pa.Schema | None:
         out = scorer(plan.schema.empty_table())
     except Exception:  # noqa: BLE001 - a custom scorer that cannot take zero rows: the first output decides
         return None
-    if not isinstance(out, pa.Table) or REASON_COLUMN not in out.column_names:
+    if not isinstance(out, pa.Table) or REJECT_REASON not in out.column_names:
         return None
-    return out.drop_columns([REASON_COLUMN]).schema
+    return out.drop_columns([REJECT_REASON]).schema
 
 
 def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, plan: SchemaPlan | None = None) -> pa.Table:
@@ -292,35 +291,35 @@ class _FileScoring:
             if not isinstance(out, pa.Table) or out.num_rows != table.num_rows:
                 got = out.num_rows if isinstance(out, pa.Table) else type(out).__name__
                 raise DriftError(f"the scorer returned {got} rows for {table.num_rows}: it must keep every row")
-            if REASON_COLUMN not in out.column_names:
-                raise DriftError(f"the scorer's output has no {REASON_COLUMN} column")
-            rejected = pc.is_valid(out.column(REASON_COLUMN)).to_numpy(zero_copy_only=False)
+            if REJECT_REASON not in out.column_names:
+                raise DriftError(f"the scorer's output has no {REJECT_REASON} column")
+            rejected = pc.is_valid(out.column(REJECT_REASON)).to_numpy(zero_copy_only=False)
             if self.on_bad_row == "error" and rejected.any():
                 first = int(np.flatnonzero(rejected)[0])
-                self._fail(int(chunk.row_index[first]), out.column(REASON_COLUMN)[first].as_py())
-            scored = out.filter(pa.array(~rejected)).drop_columns([REASON_COLUMN])
+                self._fail(int(chunk.row_index[first]), out.column(REJECT_REASON)[first].as_py())
+            scored = out.filter(pa.array(~rejected)).drop_columns([REJECT_REASON])
             if self.out_schema is not None:
                 scored = conform_table(scored, self.out_schema)  # one schema for every shard of the run
             if scored.num_rows:
                 self.writer.write_scored(scored)
-                self.scores.add(scored.column("drift_score").to_numpy(zero_copy_only=False).astype(np.float64))
+                self.scores.add(scored.column(SCORE).to_numpy(zero_copy_only=False).astype(np.float64))
             self.rows_scored += scored.num_rows
             if rejected.any():
                 bad = out.filter(pa.array(rejected))
-                bad = bad.append_column(ROW_INDEX_COLUMN, pa.array(chunk.row_index[rejected], pa.int64()))
+                bad = bad.append_column(ROW_INDEX, pa.array(chunk.row_index[rejected], pa.int64()))
                 parts.append(bad)
         if n_bad:
             parts.append(pa.table({
-                REASON_COLUMN: pa.array([b.reason for b in chunk.bad_rows], pa.string()),
-                ROW_INDEX_COLUMN: pa.array([b.row_index for b in chunk.bad_rows], pa.int64()),
-                RAW_LINE_COLUMN: pa.array([b.raw for b in chunk.bad_rows], pa.string()),
+                REJECT_REASON: pa.array([b.reason for b in chunk.bad_rows], pa.string()),
+                ROW_INDEX: pa.array([b.row_index for b in chunk.bad_rows], pa.int64()),
+                RAW_LINE: pa.array([b.raw for b in chunk.bad_rows], pa.string()),
             }))
         if parts:
             rejects = pa.concat_tables([conform_table(p, self.writer.rejects_schema) for p in parts])
-            rejects = rejects.sort_by(ROW_INDEX_COLUMN)  # input order within the chunk
+            rejects = rejects.sort_by(ROW_INDEX)  # input order within the chunk
             self.writer.write_rejects(rejects)
             self.rows_rejected += rejects.num_rows
-            for reason in rejects.column(REASON_COLUMN).to_pylist():
+            for reason in rejects.column(REJECT_REASON).to_pylist():
                 code = reason_code(reason)
                 self.by_reason[code] = self.by_reason.get(code, 0) + 1
         self.rows_in += table.num_rows + n_bad

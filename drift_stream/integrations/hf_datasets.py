@@ -17,17 +17,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from drift_stream.io.columns import SCORE
+
 
 def keep_positive(batch: Any) -> list[bool]:
     """`filter(..., batched=True)` predicate: scored rows with drift_score > 0 (rejected rows have a null score)."""
-    return [s is not None and s > 0 for s in batch["drift_score"]]
+    return [s is not None and s > 0 for s in batch[SCORE]]
 
 
 def keep_above(threshold: float):
     """A batched `filter` predicate keeping scored rows with drift_score > threshold."""
 
     def predicate(batch: Any) -> list[bool]:
-        return [s is not None and s > threshold for s in batch["drift_score"]]
+        return [s is not None and s > threshold for s in batch[SCORE]]
 
     return predicate
 

@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 from drift_stream.errors import ConfigError, InputError
+from drift_stream.io.columns import WEIGHT
 from drift_stream.model.losses import (
     WEIGHTINGS,
     loss_denominator,
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["WeightedSFTTrainer", "SFTConfig", "WEIGHT_KEY"]
 
-WEIGHT_KEY = "weight"  # the key the collator puts the [B] weights under, and the refine policy's column name
+WEIGHT_KEY = WEIGHT  # the key the collator puts the [B] weights under, and the refine policy's column name
 
 
 def _check_weight(value: Any, where: str) -> float:
@@ -60,7 +61,7 @@ def _check_weight(value: Any, where: str) -> float:
     return w
 
 
-def drop_zero_weights(dataset, weight_column: str = "weight"):
+def drop_zero_weights(dataset, weight_column: str = WEIGHT):
     """`dataset` (datasets.Dataset or IterableDataset) without its rows of weight 0; every weight is checked.
 
     Raises InputError naming the column, or the first bad row (a Dataset is checked eagerly, an IterableDataset as it
@@ -115,7 +116,7 @@ class WeightedSFTTrainer(SFTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, *, weight_column: str = "weight", weighting: str = "example", **kwargs):
+                 eval_dataset=None, *, weight_column: str = WEIGHT, weighting: str = "example", **kwargs):
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if args is not None:

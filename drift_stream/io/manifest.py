@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from drift_stream import __version__
+from drift_stream.version import __version__
 
 ORDER_STATS_POINTS = 4096  # per-marker score sketch; exact quantiles while every input file has <= this many rows
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -99,7 +99,6 @@ def merge_score_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
     """The git commit of the drift_stream source tree, or None when it is not a git checkout (one `git` call per

@@ -26,16 +26,18 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from drift_stream import __version__
 from drift_stream.errors import InputError, RunDirMismatchError
 from drift_stream.io.atomic import _AtomicParquet, write_bytes_atomic
+from drift_stream.io.columns import RAW_LINE, REJECT_REASON, ROW_INDEX
 from drift_stream.io.manifest import (
     ScoreSummary,
     config_diff,
     git_sha,
     merge_score_summaries,
 )
+from drift_stream.io.schema import conform_table
 from drift_stream.io.streams import InputFile, filesystem, redact_url
+from drift_stream.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 
 # Columns added to rejected rows (besides the input columns, `id` and `drift_reject_reason`).
-ROW_INDEX_COLUMN = "drift_row_index"  # position of the row (jsonl: line number) in its input file
-RAW_LINE_COLUMN = "drift_raw_line"  # the undecodable line as text; null for rows the scorer rejected
 
 
 def shard_name(index: int, num_files: int) -> str:
@@ -57,7 +57,7 @@ def rejects_schema(input_schema: pa.Schema) -> pa.Schema:
     """Schema of rejects/ shards: input columns, `id` (string if absent), reason, row index, raw line."""
     fields = {f.name: f for f in input_schema}
     fields.setdefault("id", pa.field("id", pa.string()))
-    for name, type_ in (("drift_reject_reason", pa.string()), (ROW_INDEX_COLUMN, pa.int64()), (RAW_LINE_COLUMN, pa.string())):
+    for name, type_ in ((REJECT_REASON, pa.string()), (ROW_INDEX, pa.int64()), (RAW_LINE, pa.string())):
         fields[name] = pa.field(name, type_)
     return pa.schema(list(fields.values()), metadata=input_schema.metadata)
 
@@ -134,16 +134,6 @@ class ShardWriter:
         for writer in (self._data, self._rejects):
             if writer is not None:
                 writer.abort()
-
-
-def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` with exactly `schema`'s columns (matched by name, conformed; missing ones null): io.schema's.
-
-    (A plain `cast` is not enough: it cannot add a struct field, and pyarrow 26 corrupts list<null> cast to itself.)
-    """
-    from drift_stream.io.schema import conform_table as conform
-
-    return conform(table, schema)
 
 
 def is_local_fs(fs: Any) -> bool:

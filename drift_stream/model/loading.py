@@ -9,7 +9,7 @@ from drift_stream.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # --dtype; auto: the checkpoint's (float32 on CPU)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -38,8 +38,8 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_model_dir(path)
     device = resolve_device(device)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)

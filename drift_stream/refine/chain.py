@@ -25,7 +25,8 @@ import numpy as np
 import polars as pl
 
 from drift_stream.errors import ConfigError, InputError
-from drift_stream.refine.selection import ID, SCORE, top_cut
+from drift_stream.io.columns import ID, SCORE
+from drift_stream.refine.selection import top_cut
 
 logger = logging.getLogger(__name__)
 

@@ -48,6 +48,7 @@ from drift_stream.errors import (
     RunDirMismatchError,
 )
 from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.columns import ID, KEEP, WEIGHT
 from drift_stream.io.manifest import provenance
 from drift_stream.io.run_dir import RunDirectory, open_path
 
@@ -142,10 +143,10 @@ def _read_json(fs, path: str) -> dict | None:
 def _row_weights(table: pa.Table, path: str, first_row: int = 0) -> np.ndarray:
     """[n] float64 weight of each row: `weight`, else `keep` (1/0), else 1; `first_row` (the batch's first row in
     the shard) only names rows in errors."""
-    if "weight" in table.column_names:
-        w = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
-    elif "keep" in table.column_names:
-        w = np.asarray(table.column("keep").to_pylist(), dtype=object)
+    if WEIGHT in table.column_names:
+        w = table.column(WEIGHT).to_numpy(zero_copy_only=False).astype(np.float64)
+    elif KEEP in table.column_names:
+        w = np.asarray(table.column(KEEP).to_pylist(), dtype=object)
         w = np.array([1.0 if k else 0.0 for k in w])
     else:
         return np.ones(table.num_rows)
@@ -195,7 +196,7 @@ def _lf_record(example, weight: float) -> dict:
 
 
 def _schema(config: ExportConfig, form: str) -> pa.Schema:
-    fields = [("id", pa.string())]
+    fields = [(ID, pa.string())]
     if config.format == "llamafactory":
         fields.append(("messages", pa.list_(_LF_MESSAGE)))
     elif form == "text":
@@ -205,7 +206,7 @@ def _schema(config: ExportConfig, form: str) -> pa.Schema:
     else:
         fields += [("prompt", pa.list_(_MESSAGE)), ("completion", pa.list_(_MESSAGE))]
     if config.format != "repeat":
-        fields.append(("weight", pa.float32()))
+        fields.append((WEIGHT, pa.float32()))
     return pa.schema(fields)
 
 
@@ -244,9 +245,9 @@ def _records(src: _Source, config: ExportConfig, table: pa.Table, path: str, rng
             record = _lf_record(example, w)
         else:
             record = _trl_record(example, config.layout, path, index)
-        record["id"] = example.id
+        record[ID] = example.id
         if config.format != "repeat":
-            record["weight"] = float(w)
+            record[WEIGHT] = float(w)
         out.extend([record] * copies)
     return out
 

@@ -35,14 +35,13 @@ import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
 from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.columns import ID, KEEP, NUM_TOKENS, SCORE, WEIGHT
 from drift_stream.io.manifest import provenance
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import read_completed_shards
 from drift_stream.io.schema import conform_table, one_output_schema
 from drift_stream.refine.chain import Prefilter, mask_scores, survivor_mask
 from drift_stream.refine.selection import (
-    ID,
-    SCORE,
     TopCut,
     stratified_cuts,
     stratified_mask,
@@ -267,11 +266,11 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         missing = [c for c in (ID, SCORE) if c not in schema.names]
         if missing:
             raise InputError(f"shard {path} has no {', '.join(missing)} column: refine needs scored shards")
-        added = "keep" if policy.is_filter else "weight" if policy.kind == "weights" else None
+        added = KEEP if policy.is_filter else WEIGHT if policy.kind == "weights" else None
         if added and added in schema.names:
             raise ConfigError(f"shard {path} already has a {added!r} column; refine would overwrite it. "
                               "Drop the column first or refine with another policy")
-        needed = list(config.stratify_by) + (["drift_num_tokens"] if config.length_buckets else [])
+        needed = list(config.stratify_by) + ([NUM_TOKENS] if config.length_buckets else [])
         absent = [c for c in needed if c not in schema.names]
         if absent:
             raise ConfigError(f"shard {path} has no column {', '.join(absent)} to stratify by; columns: "
@@ -307,7 +306,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
             logger.warning("top:%g of %d rows keeps no row", policy.value, n_policy)
         elif config.stratify_by or config.length_buckets:
             columns = list(dict.fromkeys([ID, SCORE, *config.stratify_by]
-                                         + (["drift_num_tokens"] if config.length_buckets else [])))
+                                         + ([NUM_TOKENS] if config.length_buckets else [])))
             cuts, groups, edges = stratified_cuts(completed.scan().select(columns).with_row_index("_row"),
                                                    k, config)
             strata = (cuts, edges)
@@ -410,7 +409,7 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
                  strata: tuple[dict[str, TopCut], list[float]] | None = None, survive: np.ndarray | None = None) -> int:
     """One input shard -> one output shard for the filter and weights policies; returns rows written.
     survive: [run rows] bool, the rows the prefilters keep (None: all)."""
-    column = "keep" if policy.is_filter else "weight"
+    column = KEEP if policy.is_filter else WEIGHT
     out_schema = _add_field(schema, pa.field(column, pa.bool_() if policy.is_filter else pa.float32()))
     written = 0
     with atomic_parquet_writer(out_fs, dest, out_schema) as writer:
@@ -430,14 +429,14 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
             if policy.is_filter:
                 keep = keep & alive
                 acc.scores.add(score[keep])
-                table = pa.Table.from_batches([batch]).append_column("keep", pa.array(keep, pa.bool_()))
+                table = pa.Table.from_batches([batch]).append_column(KEEP, pa.array(keep, pa.bool_()))
                 if not config.keep_all:
                     table = table.filter(pa.array(keep))
             else:
                 weight = _weights(score, stats, log_norm, config.temperature).astype(np.float32)
                 acc.scores.add(score[alive])
                 acc.weights.add(weight[alive])
-                table = pa.Table.from_batches([batch]).append_column("weight", pa.array(weight, pa.float32()))
+                table = pa.Table.from_batches([batch]).append_column(WEIGHT, pa.array(weight, pa.float32()))
                 if survive is not None:  # rows the prefilters drop are not written
                     table = table.filter(pa.array(alive))
             writer.write(conform_table(table, out_schema))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,10 +15,13 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from drift_stream.io.atomic import write_bytes_atomic
+from drift_stream.io.columns import GRAD_NORM as NORM
+from drift_stream.io.columns import NUM_TOKENS as TOKENS
+from drift_stream.io.columns import REJECT_REASON, SCORE
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import CompletedShards, read_completed_shards
 from drift_stream.refine.policies import read_json
-from drift_stream.refine.report_html import NORM, RAW, SCORE, TOKENS, _fmt, render_html
+from drift_stream.refine.report_html import RAW, RunSummary, _fmt, render_html
 from drift_stream.scoring.stats import spearman
 
 logger = logging.getLogger(__name__)
@@ -32,26 +34,6 @@ MAX_SCATTER_POINTS = 1_500
 
 
 # ---------------------------------------------------------------------------------------------------- gathering
-
-
-@dataclass
-class RunSummary:
-    """Everything the report shows, gathered from a run directory (and its bank, when the config names one)."""
-
-    run_dir: str
-    manifest: dict | None
-    rows_scored: int
-    score_stats: dict[str, float]
-    hist_counts: np.ndarray  # [bins]
-    hist_edges: np.ndarray  # [bins + 1]
-    spearman: dict[str, float]
-    scatter: dict[str, np.ndarray]  # column -> [points]
-    debias: dict | None
-    rejects: dict[str, int]
-    bank: dict | None
-    top: list[dict] = field(default_factory=list)
-    bottom: list[dict] = field(default_factory=list)
-    completed: Any = None  # the CompletedShards read: complete, fraction_files, describe()
 
 
 def _find_debias(manifest: dict | None) -> dict | None:
@@ -87,7 +69,7 @@ def _reject_counts(shards: CompletedShards) -> dict[str, int]:
     counts: dict[str, int] = {}
     for path in shards.rejects_files:
         with shards.open_data(path) as f:
-            reasons = pq.read_table(f, columns=["drift_reject_reason"]).column(0).to_pylist()
+            reasons = pq.read_table(f, columns=[REJECT_REASON]).column(0).to_pylist()
         for r in reasons:
             key = str(r).split(":", 1)[0] if r else "unknown"
             counts[key] = counts.get(key, 0) + 1
@@ -181,7 +163,7 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     shards = completed.data_files
     lf = completed.scan()
     names = lf.collect_schema().names()
-    cols = [c for c in (SCORE, NORM, TOKENS, RAW) if c in names]
+    cols = [c for c in (SCORE, NORM, TOKENS) if c in names]
     if SCORE not in cols:
         from drift_stream.errors import InputError
 
@@ -202,6 +184,10 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     sample = lf.select(cols).gather_every(step).collect() if step > 1 else lf.select(cols).collect()
     data = {c: sample[c].cast(pl.Float64).to_numpy() for c in cols}
     data = {c: v for c, v in data.items() if c == SCORE or np.isfinite(v).any()}  # e.g. no grad norm for `loss`
+    beta = (_find_debias(manifest) or {}).get("beta")
+    if NORM in data and isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta != 0:
+        # the score before debiasing, recovered exactly: S(z) = raw(z) / ||u(z)||^beta (DESIGN.md section 2)
+        data[RAW] = data[SCORE] * np.power(data[NORM], float(beta))
     rho: dict[str, float] = {}
     for other in (NORM, TOKENS):
         if other in data:

@@ -8,17 +8,40 @@ import html
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from drift_stream import __version__
+from drift_stream.io.columns import GRAD_NORM as NORM
+from drift_stream.io.columns import NUM_TOKENS as TOKENS
+from drift_stream.io.columns import SCORE
+from drift_stream.version import __version__
 
-if TYPE_CHECKING:
-    from drift_stream.refine.report import RunSummary
+RAW = "raw score"  # S(z) x ||u(z)||^beta: the score before debiasing, computed by report.gather (not a column)
 
-SCORE, NORM, TOKENS, RAW = "drift_score", "drift_grad_norm", "drift_num_tokens", "drift_raw_score"
 MAX_TEXT_CHARS = 1_500
+
+
+@dataclass
+class RunSummary:
+    """Everything the report shows, gathered from a run directory (and its bank, when the config names one)."""
+
+    run_dir: str
+    manifest: dict | None
+    rows_scored: int
+    score_stats: dict[str, float]
+    hist_counts: np.ndarray  # [bins]
+    hist_edges: np.ndarray  # [bins + 1]
+    spearman: dict[str, float]
+    scatter: dict[str, np.ndarray]  # column -> [points]
+    debias: dict | None
+    rejects: dict[str, int]
+    bank: dict | None
+    top: list[dict] = field(default_factory=list)
+    bottom: list[dict] = field(default_factory=list)
+    completed: Any = None  # the CompletedShards read: complete, fraction_files, describe()
+
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -229,7 +252,7 @@ def render_html(s: RunSummary) -> str:
             if RAW in sc:
                 corr_plots.append(_plot(f"before debiasing: raw score vs {name}: Spearman "
                                         f"{_fmt(rho.get(f'{RAW}~{other}'), 3)}",
-                                        svg_scatter(sc[other], sc[RAW], name, "drift_raw_score")))
+                                        svg_scatter(sc[other], sc[RAW], name, "raw score (S x ||u||^beta)")))
     corr_rows = [(k.replace("~", " vs "), v) for k, v in rho.items()]
     debias = ""
     if s.debias:

@@ -15,9 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drift_stream.errors import ConfigError
-
-SCORE = "drift_score"
-ID = "id"
+from drift_stream.io.columns import ID, NUM_TOKENS, SCORE
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def stratum_expr(config, edges: list[float]) -> pl.Expr:
     if config.length_buckets:
         bucket = pl.lit(0, pl.Int64)
         for edge in edges:
-            bucket = bucket + (pl.col("drift_num_tokens").cast(pl.Float64) > edge).cast(pl.Int64)
+            bucket = bucket + (pl.col(NUM_TOKENS).cast(pl.Float64) > edge).cast(pl.Int64)
         parts.append(pl.concat_str([pl.lit("len"), bucket.cast(pl.Utf8)]))
     return pl.concat_str(parts, separator="\x1f").alias(STRATUM)
 
@@ -82,7 +80,7 @@ def stratified_cuts(lf: pl.LazyFrame, k: int, config) -> tuple[dict[str, TopCut]
     edges: list[float] = []
     if config.length_buckets:
         qs = [i / config.length_buckets for i in range(1, config.length_buckets)]
-        edges = [float(lf.select(pl.col("drift_num_tokens").cast(pl.Float64).quantile(q, "linear")).collect().item())
+        edges = [float(lf.select(pl.col(NUM_TOKENS).cast(pl.Float64).quantile(q, "linear")).collect().item())
                  for q in qs]
     keyed = lf.with_columns(stratum_expr(config, edges))
     sizes = dict(keyed.group_by(STRATUM).len().collect().iter_rows())

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from drift_stream.errors import ConfigError
+from drift_stream.io.columns import SCORE_COLUMNS
 from drift_stream.io.config_fields import execution_dict, execution_only, output_dict
 from drift_stream.model.batching import (
     PaddingStats,
@@ -39,14 +40,6 @@ logger = logging.getLogger(__name__)
 
 SCORERS = ("drift", "less", "if", "loss", "ifd", "random")
 GRADIENT_SCORERS = ("drift", "less", "if")
-SCORE_COLUMNS = (
-    "drift_score",
-    "drift_grad_norm",
-    "drift_num_tokens",
-    "drift_loss",
-    "drift_query_scores",
-    "drift_reject_reason",
-)
 
 
 @dataclass(frozen=True)

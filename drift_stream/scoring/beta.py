@@ -16,8 +16,8 @@ import logging
 import platform
 from typing import Any, Callable
 
-from drift_stream import __version__
 from drift_stream.errors import ConfigError
+from drift_stream.version import __version__
 
 logger = logging.getLogger(__name__)
 

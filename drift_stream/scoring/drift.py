@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from drift_stream.bank.contrast import weighted_query_mean
 from drift_stream.errors import ConfigError
 from drift_stream.model.batching import PaddingStats
 from drift_stream.scoring.base import (
@@ -47,6 +46,14 @@ def fit_beta(mean_raw: np.ndarray, grad_norm: np.ndarray) -> float:
     if var <= 0:
         return 1.0
     return float(np.mean((log_r - log_r.mean()) * (log_n - log_n.mean())) / var)
+
+
+def weighted_query_mean(per_query: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """S [n] = sum_j w_j per_query[:, j] / sum_j w_j for per_query [n, m]; the plain mean when weights is None."""
+    if weights is None:
+        return per_query.mean(axis=1)
+    w = np.asarray(weights, dtype=np.float64)
+    return per_query @ w / w.sum()
 
 
 class DriftScorer(_ModelScorer):
