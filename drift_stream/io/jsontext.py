@@ -56,7 +56,8 @@ _MAGIC = (
     (b"\x28\xb5\x2f\xfd", "zstd-compressed data: name it .jsonl.zst"),
     (b"PK\x03\x04", "a zip archive: unzip it first"),
     (b"ARROW1", "an Arrow IPC file: convert it to parquet"),
-    (b"BZh", "bzip2-compressed data: decompress it first"),
+    (b"BZh", "bzip2-compressed data: name it .jsonl.bz2"),
+    (b"\xfd7zXZ\x00", "xz-compressed data: name it .jsonl.xz"),
 )
 
 

@@ -5,7 +5,7 @@ Inputs are URLs handled by fsspec (local paths, globs, directories, s3://, gs://
 matches sorted by path, arguments kept in the order given, duplicates dropped (first wins). A path that exists is
 read as that path even when its name holds glob characters (`pool[v2].jsonl`); only a name that does not exist is a
 pattern. A directory expands to every .parquet / .jsonl / .ndjson / .json file below it (JSON text may end in .gz /
-.zst / .zstd), skipping names that start with '.' or '_' (temporary files, `_SUCCESS`). An IterableDataset counts as
+.zst / .zstd / .bz2 / .xz), skipping names that start with '.' or '_' (temporary files, `_SUCCESS`). An IterableDataset counts as
 one input file per `ds.n_shards`.
 
 Sharding rule (`shard_files`): input file i goes to shard i % num_shards. More shards than files is allowed (the
@@ -19,7 +19,8 @@ flavour), so every output shard of a run has one schema. A column whose JSON typ
 JSON text when the adapter does not read it; in a column the adapter reads, a row of another type becomes a
 `BadRow` (`wrong_type:COLUMN`). A line that is not JSON or not a JSON object becomes a `BadRow` (`invalid_json`,
 `not_a_json_object`, `invalid_utf8`) carried next to the good rows, never dropped. A file that cannot be opened or
-read as a whole (corrupt parquet, a file that is no JSON text) raises `InputError` naming the file.
+read as a whole (corrupt parquet, a file that is no JSON text, a compressed file cut short) raises `InputError`
+naming the file.
 
 Storage options: a dict given by the caller (CLI `--storage-options` JSON) wins; for s3:// the endpoint falls back to
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, and credentials to botocore's own chain (AWS_ACCESS_KEY_ID, ...). Options are
@@ -57,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}  # JSON text: sniffed
 PLAN_METADATA_KEY = b"drift_stream.schema_plan"  # schema metadata: which columns are JSON text / strict
-_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+ZSTD_MAX_WINDOW = 1 << 31  # bytes: `zstd --long=31`, the largest window the format allows on 64-bit
 _GLOB_CHARS = set("*?[")
 _SECRET_QUERY_WORDS = ("signature", "token", "credential", "secret", "key", "password", "sig")
 _SCHEMA_PASS_LINES = 4096  # lines per chunk in the jsonl schema pass
@@ -245,7 +247,7 @@ def _detect_format(url: str) -> tuple[str, str | None]:
     if fmt is None or (fmt == "parquet" and compression):
         raise InputError(
             f"unsupported input file {redact_url(url)}: expected .parquet, or JSON text as .jsonl, .ndjson or .json "
-            "(JSON Lines or one JSON array; may end in .gz / .zst)"
+            "(JSON Lines or one JSON array; may end in .gz / .zst / .bz2 / .xz)"
         )
     return fmt, compression
 
@@ -325,17 +327,69 @@ def _open(file: InputFile, storage_options: Mapping[str, Any] | None, compressio
 
 @contextlib.contextmanager
 def _open_text_stream(file: InputFile, storage_options) -> Iterator[Any]:
-    """A binary, line-iterable stream of the decompressed file (fsspec's zstd reader cannot iterate lines)."""
+    """A binary, line-iterable stream of the decompressed file. gzip, bz2 and xz (Python's readers) raise EOFError
+    on a stream cut short; zstd goes through `_ZstdFrames`, which does too (python-zstandard alone reports EOF)."""
     if file.compression != "zstd":
         with _open(file, storage_options, compression=file.compression) as handle:
             yield handle
         return
-    import zstandard
-
     with _open(file, storage_options) as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        with io.BufferedReader(reader, buffer_size=1 << 20) as handle:
+        with io.BufferedReader(_ZstdFrames(raw, file.url), buffer_size=1 << 20) as handle:
             yield handle
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame in `raw`, one after another; an InputError when the input ends
+    inside a frame (a broken download), which python-zstandard's stream_reader reports as a clean EOF.
+
+    Windows up to 2 GiB are accepted: `zstd --long=31` (Pushshift-style dumps) writes 2 GiB windows, above the
+    library's default limit of 128 MiB (window_log 27). The decoder allocates the window a frame asks for.
+    """
+
+    def __init__(self, raw: Any, url: str) -> None:
+        import zstandard
+
+        self._raw, self._url = raw, url
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._frame = None  # the decompressobj of the frame being read (None between frames)
+        self._pending = b""  # decompressed bytes not yet handed out
+        self._compressed_in = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            data = self._raw.read(1 << 20)
+            if not data:
+                if self._frame is not None:
+                    raise InputError(
+                        f"input file {self._url} is cut short: its zstd stream ends inside a frame after "
+                        f"{self._compressed_in} compressed bytes (an interrupted download?); download it again")
+                return 0
+            self._compressed_in += len(data)
+            self._pending = self._decompress(data)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        import zstandard
+
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            try:
+                out.append(self._frame.decompress(data))
+            except zstandard.ZstdError as exc:
+                raise InputError(f"input file {self._url} is not readable zstd data after {self._compressed_in} "
+                                 f"compressed bytes ({exc}); replace or remove it") from exc
+            if not self._frame.eof:
+                break
+            data, self._frame = self._frame.unused_data, None  # the next frame starts in the rest
+        return b"".join(out)
 
 
 def _parquet_file(file: InputFile, handle) -> pq.ParquetFile:
