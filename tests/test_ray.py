@@ -326,3 +326,37 @@ def test_bank_build_on_two_actors_equals_the_local_build(local_ray, assets, bank
     theirs = json.loads(open(os.path.join(bank_dir, "manifest.json")).read())
     for key in ("query_ids", "num_queries", "pass_rate", "dim", "projector", "model", "config"):
         assert mine[key] == theirs[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--dtype", "bfloat16"), ("--max-batch-tokens", "96")],
+                         ids=["dtype-bfloat16", "max-batch-tokens"])
+def test_bank_build_on_ray_honours_dtype_and_max_batch_tokens_as_the_local_build(local_ray, assets, tmp_path, flags):
+    """Issue 22 finding 6: the actors ran in the checkpoint's dtype whatever --dtype said (rollouts and features in
+    float32, the Fisher fit and the fingerprint in bfloat16), and --max-batch-tokens raised TypeError."""
+    from drift_stream.bank.store import ValidationBank
+    from drift_stream.cli.main import main
+
+    queries = tmp_path / "queries.parquet"
+    pq.write_table(pq.read_table(assets.queries).slice(0, 6), queries)
+    banks = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        code = main(["bank", "build", "--engine", engine, "--actors", "2", "--model", assets.model, "--queries",
+                     str(queries), "--adapter", "qa", "--verifier", "numeric", "--rollouts", "4",
+                     "--max-new-tokens", "24", "--seed", "1", "--proj-dim", "8", "--preconditioner", "identity",
+                     "--out", str(out), "--quiet", *flags])
+        assert code == 0
+        banks[engine] = (ValidationBank.load(out), pq.read_table(out / "rollouts.parquet"),
+                         json.loads((out / "manifest.json").read_text()))
+    (got, got_rollouts, mine), (want, want_rollouts, theirs) = banks["ray"], banks["local"]
+    assert mine["model"]["dtype"] == theirs["model"]["dtype"] == ("bfloat16" if "--dtype" in flags else "float32")
+    assert mine["config"] == theirs["config"]
+    for name in ("query_id", "rollout_index", "completion_ids", "reward", "failure_reason"):
+        assert got_rollouts.column(name).to_pylist() == want_rollouts.column(name).to_pylist(), name
+    for name in ("mean_logprob", "loss"):
+        np.testing.assert_allclose(np.array(got_rollouts.column(name).to_pylist(), float),
+                                   np.array(want_rollouts.column(name).to_pylist(), float), rtol=0, atol=1e-5,
+                                   err_msg=name)
+    assert got.fingerprint == want.fingerprint
+    np.testing.assert_allclose(got.query_vectors.numpy(), want.query_vectors.numpy(), rtol=0, atol=1e-6)

@@ -125,9 +125,10 @@ def build_bank(
     model: HF model directory (or a loaded model, with `tokenizer=`). queries: URL(s) of parquet / jsonl read with
     `adapter`, or rows / Examples / Queries. verifier: a `load_verifier` spec or a Verifier. fisher_data: URL(s),
     rows (read with `fisher_adapter`), Examples or TokenizedExamples of the training pool. workers: where HF
-    rollouts and rollout / reference features are computed (`integrations.ray_bank.RayBankWorkers`: a Ray actor
+    rollouts and rollout / reference features are computed (`engines.ray_bank.RayBankWorkers`: a Ray actor
     pool; its `generate_rollouts` and `featurize_all` have the signatures of rollouts.engine's `generate_rollouts` and
-    bank.targets' `_featurize_all`); default this process.
+    bank.targets' `_featurize_all`, and take the dtype of the model passed to them, this one's); default this
+    process.
     """
     import torch
 
