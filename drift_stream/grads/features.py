@@ -20,11 +20,19 @@ import contextlib
 import fnmatch
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
 from drift_stream.errors import ConfigError
+from drift_stream.grads.coverage import parameter_coverage
+from drift_stream.grads.experts import (
+    FusedExperts,
+    check_trackable,
+    describe_fused_experts,
+    experts_forward,
+    install_forward,
+)
 from drift_stream.grads.projection import FeatureConfig, GradientProjector
 from drift_stream.model.losses import (
     eval_mode,
@@ -46,10 +54,12 @@ _LORA_NAME = re.compile(r"^(?P<host>.+)\.(?P<side>lora_A|lora_B)\.[^.]+$")
 class TrackedModule:
     name: str  # full name in model.named_modules()
     host: str  # name matched by patterns: the LoRA-wrapped layer for adapters, else `name`
-    kind: str  # "linear" | "conv1d" | "lora_A" | "lora_B"
+    kind: str  # "linear" | "conv1d" | "lora_A" | "lora_B" | "expert"
     in_features: int
     out_features: int
     block: int | None  # index in the decoder block list, None outside it
+    param: str | None = None  # kind "expert": the fused weight (gate_up_proj, up_proj or down_proj) of module `host`
+    expert: int | None = None  # kind "expert": the expert's index in that weight
 
 
 @dataclass
@@ -96,7 +106,12 @@ def _block_list(model, linear_names: list[str]) -> tuple[str, int] | None:
 
 
 def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
-    """The modules whose projected gradients make up the feature, in `named_modules()` order."""
+    """The modules whose projected gradients make up the feature, in `named_modules()` order.
+
+    With `config.track_experts`, each fused experts module adds one entry per (weight, expert), named
+    `<module>.<weight>.<expert>` (e.g. `model.layers.0.mlp.experts.gate_up_proj.3`), up weight before down weight,
+    experts in order; module_patterns match the module, `<module>.<weight>` or the entry name.
+    """
     excluded = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(model, getter, None)
@@ -105,8 +120,20 @@ def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
             excluded.add(id(emb))
     named = list(model.named_modules())
     lora_mode = any(_LORA_NAME.match(n) for n, _ in named)
-    candidates = []
+    candidates = []  # (TrackedModule without block, names patterns may match)
+    fused = []
     for name, module in named:
+        experts = None if lora_mode else describe_fused_experts(name, module)
+        if experts is not None:
+            fused.append(experts)
+            if config.track_experts:
+                check_trackable(experts)
+                for attr, fan_in, fan_out in experts.weights:
+                    for e in range(experts.num_experts):
+                        entry = f"{name}.{attr}.{e}"
+                        candidates.append((TrackedModule(entry, name, "expert", fan_in, fan_out, None, attr, e),
+                                           (name, f"{name}.{attr}", entry)))
+            continue
         ks = _module_kind_and_shape(module)
         if ks is None or id(module) in excluded:
             continue
@@ -117,16 +144,19 @@ def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
             if match is None:
                 continue  # frozen base layers of a LoRA model: the adapters are what is trained
             host, kind = match.group("host"), match.group("side")
-        candidates.append((name, host, kind, fan_in, fan_out))
-    blocks = _block_list(model, [c[0] for c in candidates])
+        candidates.append((TrackedModule(name, host, kind, fan_in, fan_out, None), (host, name)))
+    if config.track_experts and not fused:
+        logger.warning("track_experts is on but %s has no fused experts: nothing more is tracked", type(model).__name__)
+    blocks = _block_list(model, [c.name for c, _ in candidates if c.kind != "expert"])
     tracked = []
-    for name, host, kind, fan_in, fan_out in candidates:
+    for cand, match_names in candidates:
         block = None
         if blocks is not None:
-            m = re.match(re.escape(blocks[0]) + r"\.(\d+)\.", name) if blocks[0] else re.match(r"(\d+)\.", name)
+            pattern = re.escape(blocks[0]) + r"\.(\d+)\." if blocks[0] else r"(\d+)\."
+            m = re.match(pattern, cand.name)
             block = int(m.group(1)) if m else None
         if config.module_patterns:
-            if not any(fnmatch.fnmatchcase(host, p) or fnmatch.fnmatchcase(name, p) for p in config.module_patterns):
+            if not any(fnmatch.fnmatchcase(n, p) for p in config.module_patterns for n in match_names):
                 continue
         elif block is None:
             continue
@@ -135,7 +165,7 @@ def find_tracked_modules(model, config: FeatureConfig) -> list[TrackedModule]:
                 raise ConfigError("last_n_blocks needs a model with a list of decoder blocks; none was found")
             if block is None or block < blocks[1] - config.last_n_blocks:
                 continue
-        tracked.append(TrackedModule(name, host, kind, fan_in, fan_out, block))
+        tracked.append(replace(cand, block=block))
     if not tracked:
         raise ConfigError(
             f"no module to track in {type(model).__name__} with module_patterns={list(config.module_patterns)} "
@@ -153,6 +183,7 @@ class _Capture:
     def __init__(self, valid, compute_dtype, device_type: str, autocast: bool):
         # [B, T, 1] bool: padding positions (attention_mask == 0); None when there is no padding
         self.pad = None if bool(valid.all()) else (~valid).unsqueeze(-1)
+        self.batch_size, self.seq_len = valid.shape
         self._pad_on = {} if self.pad is None else {self.pad.device: self.pad}
         self.compute_dtype = compute_dtype
         self.device_type = device_type
@@ -188,20 +219,33 @@ class GradientFeaturizer:
         self.device = input_device(model)
         self.compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         by_name = dict(model.named_modules())
-        self._module_objs = [by_name[t.name] for t in self.modules]
+        self._module_objs = [by_name[t.host if t.kind == "expert" else t.name] for t in self.modules]
         # Transposed, on the model's device, in the accumulation dtype: P_in^T [in, k_in], P_out^T [out, k_out].
         self._proj_t = {}
         for t, module in zip(self.modules, self._module_objs):
             p_in, p_out = self.projector.matrices(t.name, t.in_features, t.out_features)
-            device = module.weight.device  # the module's own device: models may be split over devices
+            # the weight's own device: models may be split over devices
+            device = (getattr(module, t.param) if t.kind == "expert" else module.weight).device
             self._proj_t[t.name] = (
                 p_in.to(self.compute_dtype).t().contiguous().to(device),
                 p_out.to(self.compute_dtype).t().contiguous().to(device),
             )
+        # Fused experts modules with a tracked entry: their forward is replaced while tracking (grads/experts.py).
+        expert_hosts = list(dict.fromkeys(t.host for t in self.modules if t.kind == "expert"))
+        self._experts = [(describe_fused_experts(h, by_name[h]), by_name[h]) for h in expert_hosts]
+        covered: dict[int, int] = {}  # id(parameter) -> elements the features see
+        for t, module in zip(self.modules, self._module_objs):
+            if t.kind == "expert":  # one expert's [out, in] slice of the fused weight
+                key = id(getattr(module, t.param))
+                covered[key] = covered.get(key, 0) + t.in_features * t.out_features
+            else:
+                covered[id(module.weight)] = module.weight.numel()
+        self._coverage = parameter_coverage(model, covered)  # taken now, while the caller's requires_grad flags hold
         self.block_sizes = [self.config.proj_dim_out * self.config.proj_dim_in] * len(self.modules)
         self.dim = sum(self.block_sizes)
         resolve_head(model)  # probe (and cache) the loss-only head now, before any hook is registered
-        logger.debug("tracking %d modules, feature dim %d", len(self.modules), self.dim)
+        logger.debug("tracking %d modules, feature dim %d, %.1f%% of the parameters", len(self.modules), self.dim,
+                     100 * self._coverage["share"])
 
     # ------------------------------------------------------------------ description
     def projection_matrices(self, name: str):
@@ -210,6 +254,16 @@ class GradientFeaturizer:
         if t is None:
             raise KeyError(f"{name!r} is not a tracked module")
         return self.projector.matrices(t.name, t.in_features, t.out_features)
+
+    def coverage(self) -> dict:
+        """The share of the model's parameters whose gradients the features see, and the large ones they skip.
+
+        See drift_stream.grads.coverage.parameter_coverage (and coverage_warning for the one-line warning). Not part
+        of spec(): a fingerprint does not change with it, a manifest records it beside the spec.
+        """
+        import copy
+
+        return copy.deepcopy(self._coverage)
 
     def spec(self) -> dict:
         """JSON-able fingerprint: projector, tracked modules and shapes, feature layout and dim."""
@@ -254,6 +308,46 @@ class GradientFeaturizer:
         prev = state.sums.get(name)
         state.sums[name] = contrib if prev is None else prev.add_(contrib)  # stays on the module's device
 
+    def _experts_forward(self, state: _Capture, desc: FusedExperts, module, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if hidden_states.shape[0] != state.batch_size * state.seq_len:
+            raise RuntimeError(
+                f"{desc.name} got {hidden_states.shape[0]} token rows for a [{state.batch_size}, {state.seq_len}] "
+                "batch: per-example expert gradients need the [B * T, H] layout of the transformers 5 MoE blocks"
+            )
+        return experts_forward(module, desc, partial(self._expert_linear_hook, state, desc.name), *args, **kwargs)
+
+    def _expert_linear_hook(self, state: _Capture, host: str, attr: str, expert: int, x, token_index, z):
+        """Expert `expert`'s linear `attr` saw x [n, in] for rows token_index [n] of the flat batch: hook its output."""
+        name = f"{host}.{attr}.{expert}"
+        if name not in self._proj_t:  # an entry left out by module_patterns
+            return z
+        p_in_t, _ = self._proj_t[name]
+        rows = token_index.div(state.seq_len, rounding_mode="floor")  # [n]: the example each token belongs to
+        with state.no_autocast():
+            pa = x.detach().to(state.compute_dtype).matmul(p_in_t)  # [n, k_in]
+        pad = None
+        if state.pad is not None:
+            pad = state.pad_on(pa.device).reshape(-1, 1)[token_index]  # [n, 1]
+            pa.masked_fill_(pad, 0.0)
+        if not z.requires_grad:  # nothing upstream is tracked: the autograd graph starts here
+            z = z.detach().requires_grad_(True)
+            state.leaves.append(z)
+        z.register_hook(partial(self._expert_grad_hook, state, name, pa, rows, pad))
+        return z
+
+    def _expert_grad_hook(self, state: _Capture, name: str, pa, rows, pad, grad):
+        _, p_out_t = self._proj_t[name]
+        with state.no_autocast():
+            pd = grad.detach().to(state.compute_dtype).matmul(p_out_t)  # [n, k_out]
+            if pad is not None:
+                pd.masked_fill_(pad, 0.0)
+            # sum over each example's tokens routed here (routing weight already in grad): [B, k_out, k_in]
+            contrib = pd.new_zeros(state.batch_size, pd.shape[1], pa.shape[1])
+            contrib.index_add_(0, rows, pd.unsqueeze(2) * pa.unsqueeze(1))
+        prev = state.sums.get(name)
+        state.sums[name] = contrib if prev is None else prev.add_(contrib)
+
     @contextlib.contextmanager
     def tracking(self, valid) -> Iterator[_Capture]:
         """Freeze parameters, switch to eval mode and hook the tracked modules; always undone on exit.
@@ -266,7 +360,7 @@ class GradientFeaturizer:
         flags = [(p, p.requires_grad) for p in model.parameters()]
         autocast = self.config.autocast_dtype is not None or torch.is_autocast_enabled(self.device.type)
         state = _Capture(valid, self.compute_dtype, self.device.type, autocast)
-        handles = []
+        handles, undo = [], []
         stack = contextlib.ExitStack()
         try:
             for p, flag in flags:
@@ -274,11 +368,16 @@ class GradientFeaturizer:
                     p.requires_grad_(False)
             stack.enter_context(_eval_mode(model))
             for t, module in zip(self.modules, self._module_objs):
-                handles.append(module.register_forward_hook(partial(self._forward_hook, state, t.name)))
+                if t.kind != "expert":
+                    handles.append(module.register_forward_hook(partial(self._forward_hook, state, t.name)))
+            for desc, module in self._experts:
+                undo.append(install_forward(module, partial(self._experts_forward, state, desc, module)))
             yield state
         finally:
             for h in handles:
                 h.remove()
+            for restore in undo:
+                restore()
             for p, flag in flags:
                 if flag:
                     p.requires_grad_(True)

@@ -32,6 +32,9 @@ class FeatureConfig:
       module, skipping the earlier blocks entirely.
     autocast_dtype: None (run in the model's dtype), "bfloat16" or "float16": forward under autocast; projections
       and sums over tokens are always accumulated in float32 (float64 for a float64 model).
+    track_experts: also track the fused 3-D expert weights of transformers 5 MoE layers (Qwen3-MoE, Mixtral,
+      GPT-OSS): each expert's up and down weight is one more k_out x k_in block (drift_stream.grads.experts). Off,
+      those weights are skipped (most of an MoE model's parameters: see GradientFeaturizer.coverage()).
     """
 
     proj_dim_in: int = 16
@@ -41,6 +44,7 @@ class FeatureConfig:
     module_patterns: tuple[str, ...] = field(default_factory=tuple)
     last_n_blocks: int | None = None
     autocast_dtype: str | None = None
+    track_experts: bool = False
 
     def __post_init__(self):
         for name in ("proj_dim_in", "proj_dim_out"):
@@ -68,9 +72,11 @@ class FeatureConfig:
             raise ConfigError(
                 f"FeatureConfig.autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}"
             )
+        if not isinstance(self.track_experts, bool):
+            raise ConfigError(f"FeatureConfig.track_experts must be a bool, got {self.track_experts!r}")
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "proj_dim_in": self.proj_dim_in,
             "proj_dim_out": self.proj_dim_out,
             "projection": self.projection,
@@ -79,6 +85,9 @@ class FeatureConfig:
             "last_n_blocks": self.last_n_blocks,
             "autocast_dtype": self.autocast_dtype,
         }
+        if self.track_experts:  # only when on: the spec (and so every bank's projector fingerprint) stays as it was
+            out["track_experts"] = True
+        return out
 
 
 def stable_seed(seed: int, name: str, side: str) -> int:
