@@ -44,7 +44,13 @@ def runs(tmp_path_factory):
 
 
 def _table(path):
-    return pq.read_table(Path(path) / "data").to_pylist()
+    """The rows of an export or refine; trl messages (one `arrow.json` value each) decoded as `datasets` does."""
+    rows = pq.read_table(Path(path) / "data").to_pylist()
+    for row in rows:
+        for key in ("messages", "prompt", "completion"):
+            if isinstance(row.get(key), list) and row[key] and isinstance(row[key][0], str):
+                row[key] = [json.loads(m) for m in row[key]]
+    return rows
 
 
 def test_trl_export_loads_and_trains_in_trl(runs, tmp_path):

@@ -317,3 +317,110 @@ def test_streamed_dataset_skips_zero_weights_and_checks_weights(tmp_path):
     bad = _dataset(rows, [1.0] * 5 + [float("nan")] + [1.0] * 6).to_iterable_dataset()
     with pytest.raises(InputError, match="finite and >= 0"):
         _train(WeightedSFTTrainer, tmp_path / "c", bad, steps=2)
+
+
+# --- every layout `drift-stream export --format trl` writes trains (issue 22, finding 5) --------------------------
+
+_LAYOUT_WEIGHTS = [0.5, 2.0, 1.0, 0.25, 1.5, 3.0]
+
+
+def _layout_rows(layout):
+    rows = _rows(6, layout="messages")
+    if layout == "text":
+        return [{"text": r["messages"][0]["content"] + " " + r["messages"][1]["content"]} for r in rows]
+    if layout == "prompt_completion":
+        return [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    if layout == "plain":
+        return [{"prompt": r["messages"][0]["content"] + "\n", "completion": r["messages"][1]["content"]}
+                for r in rows]
+    return rows
+
+
+def _explicit_tokens(tok, row, layout, assistant_only):
+    """(ids, mask) built piece by piece with the character tokenizer (one token per character, no merges): mask 1
+    on the tokens the layout trains, position 0 never (nothing predicts it)."""
+    eos = tok.eos_token
+    if layout == "text":
+        pieces = [(row["text"] + eos, 1)]  # TRL appends EOS to text rows
+    elif layout == "plain":
+        pieces = [(row["prompt"], 0), (row["completion"] + eos, 1)]
+    elif layout == "prompt_completion":  # CHAT_TEMPLATE; the completion is everything after the generation prompt
+        pieces = [(f"<|user|>{row['prompt'][0]['content']}<|end|>\n<|assistant|>", 0),
+                  (f"{row['completion'][0]['content']}<|end|>\n", 1)]
+    else:  # GENERATION_TEMPLATE with assistant_only_loss: the {% generation %} block; else every token
+        user, answer = row["messages"]
+        pieces = [(f"<|user|>{user['content']}<|end|>\n<|assistant|>", 0), (f"{answer['content']}<|end|>", 1),
+                  ("\n", 0)]
+        if not assistant_only:
+            pieces = [(text, 1) for text, _ in pieces]
+    ids, mask = [], []
+    for text, loss in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [loss] * len(piece)
+    mask[0] = 0
+    return ids, mask
+
+
+def _explicit_weighted_loss(model, tok, rows, weights, layout, assistant_only):
+    """sum_i w_i * mean_t nll_it / N with one unpadded float64 forward per row."""
+    total = 0.0
+    for row, w in zip(rows, weights):
+        ids, mask = _explicit_tokens(tok, row, layout, assistant_only)
+        x = torch.tensor([ids])
+        logits = model(input_ids=x).logits[0, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        m = torch.tensor(mask[1:], dtype=torch.float64)
+        total = total + w * (nll * m).sum() / m.sum()
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("layout,assistant_only", [("text", False), ("messages", False), ("messages", True),
+                                                   ("prompt_completion", False), ("plain", False)])
+def test_every_export_layout_trains_one_step_with_the_explicit_loss(tmp_path, layout, assistant_only):
+    """text rows and messages without assistant_only_loss leave labels[0] unmasked (the crash of finding 5); the
+    logged loss and the SGD step equal the explicit weighted loss and its gradient."""
+    rows = _layout_rows(layout)
+    tok = _tok(generation=layout == "messages")
+    lr = 0.5
+    extra = {"assistant_only_loss": True} if assistant_only else {}
+    losses, after = _train(WeightedSFTTrainer, tmp_path, _dataset(rows, _LAYOUT_WEIGHTS), tok, batch=6, steps=1,
+                           lr=lr, **extra)
+    model = make_tiny_model("llama", vocab_size=102, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, seed=0)
+    model.train()
+    expected = _explicit_weighted_loss(model, tok, rows, _LAYOUT_WEIGHTS, layout, assistant_only)
+    grads = torch.autograd.grad(expected, list(model.parameters()))
+    # float32 forward vs float64 here: relative error ~1e-6 on a loss of ~4.6
+    assert losses == [pytest.approx(float(expected), rel=1e-5)]
+    stepped = {n: (p - lr * g).detach().float() for (n, p), g in zip(model.named_parameters(), grads)}
+    _assert_params_close(after, stepped)
+
+
+def test_loss_mask_never_marks_position_zero():
+    from drift_stream.integrations.trl import loss_mask_from_labels
+
+    labels = torch.tensor([[5, 6, 7, -100], [-100, 8, -100, 9]])
+    assert loss_mask_from_labels(labels).tolist() == [[0, 1, 1, 0], [0, 1, 0, 1]]
+
+
+def test_accumulation_without_loss_is_scaled_for_ga(tmp_path, monkeypatch):
+    """transformers < 5.19 has no `loss_is_scaled_for_ga` and divides the loss by the accumulation steps unless the
+    model accepts loss kwargs (the rule 5.19+ keeps for `loss_is_scaled_for_ga = None`). Under that rule, with a model
+    that does not accept them, accumulation 1 vs 4 still give one big batch."""
+    import drift_stream.integrations.trl as trl_mod
+
+    class OldTrainer(WeightedSFTTrainer):
+        loss_is_scaled_for_ga = None  # what a Trainer without the attribute does
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # Trainer divides by the accumulation steps
+
+    monkeypatch.setattr(trl_mod, "TRAINER_READS_LOSS_SCALING", False)
+    rows, weights = _rows(12), WEIGHTS
+    _, a = _train(OldTrainer, tmp_path / "a", _dataset(rows, weights), batch=8, accum=1)
+    _, b = _train(OldTrainer, tmp_path / "b", _dataset(rows, weights), batch=2, accum=4)
+    _assert_params_close(a, b)
+    _, ref = _train(WeightedSFTTrainer, tmp_path / "c", _dataset(rows, weights), batch=8, accum=1)
+    _assert_params_close(a, ref)

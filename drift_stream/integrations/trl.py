@@ -10,7 +10,8 @@ The loss (`integrations.trainers.weighted_example_loss`, the same function `trai
     loss = sum_i w_i * l_i / N
 
 over the rows i of one optimiser step, with l_i the mean NLL of row i's loss tokens (the mask TRL builds:
-`completion_only_loss` for prompt/completion rows, `assistant_only_loss` for messages rows, else every token) and N
+`completion_only_loss` for prompt/completion rows, `assistant_only_loss` for messages rows, else every token but the
+first, which nothing predicts: TRL's loss reads `labels[:, 1:]`, as `loss_mask` says) and N
 the number of rows of the step with at least one loss token. `refine --policy weights` writes weights with mean 1, so
 the loss keeps the scale of the unweighted per-example mean. `weighting="token"` weights every token of row i by w_i
 and divides by the step's loss tokens: with all weights 1 that is exactly `SFTTrainer`'s own loss.
@@ -20,6 +21,11 @@ over all of them (gradient accumulation) and sums it over data-parallel ranks (`
 is multiplied by the number of ranks because DDP averages gradients. So accumulation steps x micro-batch size, and
 ranks x per-device batch, give the gradient of one big batch (tests/test_trl.py: accumulation 1 vs 4, and
 two gloo ranks vs one process).
+
+Gradient accumulation: `compute_loss` returns the micro-batch's share of the step's loss, so `Trainer` must not
+divide it by the accumulation steps. transformers >= 5.19 reads `loss_is_scaled_for_ga`; older versions divide unless
+the model accepts loss kwargs and `num_items_in_batch` is set, and there the loss is multiplied back
+(`_undo_trainer_ga_division`).
 
 Rows of weight 0 are removed from the dataset before TRL prepares it: they are never tokenized, drawn or run (the
 same as removing them from the file). Packing and padding-free batches are refused: they concatenate rows, and the
@@ -41,15 +47,33 @@ from drift_stream.model.losses import (
 )
 
 try:
+    from transformers import Trainer
     from trl import SFTConfig, SFTTrainer
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("drift_stream.integrations.trl needs TRL: pip install 'drift-stream[trl]'") from err
+
+# transformers >= 5.19: Trainer.training_step leaves the loss undivided when the class says it is scaled
+TRAINER_READS_LOSS_SCALING = hasattr(Trainer, "loss_is_scaled_for_ga")
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["WeightedSFTTrainer", "SFTConfig", "WEIGHT_KEY"]
 
 WEIGHT_KEY = WEIGHT  # the key the collator puts the [B] weights under, and the refine policy's column name
+
+
+def loss_mask_from_labels(labels):
+    """[B, T] float32 loss mask of a TRL batch: 1 where labels[t] != -100, and 0 at t = 0.
+
+    TRL's loss (`add_fused_lm_head`, like transformers' causal LM loss) scores labels[:, 1:] against the logits of
+    positions :-1, so labels[:, 0] is never a target even where TRL leaves it unmasked (`text` rows, messages
+    without `assistant_only_loss`: labels == input_ids). `loss_mask` marks tokens predicted from earlier ones.
+    """
+    import torch
+
+    mask = (labels != -100).to(torch.float32)
+    mask[:, 0] = 0
+    return mask
 
 
 def _check_weight(value: Any, where: str) -> float:
@@ -112,7 +136,7 @@ class WeightedSFTTrainer(SFTTrainer):
     """
 
     # compute_loss returns the loss already divided by the step's N: Trainer must not divide it again by the
-    # accumulation steps (transformers.Trainer.loss_is_scaled_for_ga).
+    # accumulation steps (transformers >= 5.19 reads this; older versions: _undo_trainer_ga_division).
     loss_is_scaled_for_ga = True
 
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
@@ -149,7 +173,7 @@ class WeightedSFTTrainer(SFTTrainer):
         import torch
 
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        local = sum((loss_denominator(b["labels"] != -100, self.weighting) for b in batch_samples),
+        local = sum((loss_denominator(loss_mask_from_labels(b["labels"]), self.weighting) for b in batch_samples),
                     torch.tensor(0, dtype=torch.int64))
         if self.accelerator.num_processes > 1:
             local = self.accelerator.gather(local.reshape(1).to(device)).sum()
@@ -168,7 +192,7 @@ class WeightedSFTTrainer(SFTTrainer):
         batch = {
             "input_ids": inputs["input_ids"],
             "attention_mask": inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])),
-            "loss_mask": (labels != -100).to(torch.float32),  # labels[t] is the target predicted from < t
+            "loss_mask": loss_mask_from_labels(labels),
         }
         training = model.training and self._step_denominator is not None
         denominator = self._step_denominator if training else None
@@ -176,8 +200,20 @@ class WeightedSFTTrainer(SFTTrainer):
                                      weighting=self.weighting)
         if training and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients; N is already global
+        if training:
+            loss = loss * self._undo_trainer_ga_division(num_items_in_batch)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             return loss, outputs
         return loss
+
+    def _undo_trainer_ga_division(self, num_items_in_batch) -> int:
+        """The factor that cancels `Trainer.training_step`'s division by the accumulation steps: 1 where it does not
+        divide (transformers >= 5.19 reads `loss_is_scaled_for_ga`), else the steps. Before 5.19 it divided when
+        `(not model_accepts_loss_kwargs or num_items_in_batch is None) and compute_loss_func is None`."""
+        if TRAINER_READS_LOSS_SCALING:
+            return 1
+        divides = ((not getattr(self, "model_accepts_loss_kwargs", False) or num_items_in_batch is None)
+                   and getattr(self, "compute_loss_func", None) is None)
+        return int(self.current_gradient_accumulation_steps) if divides else 1

@@ -10,15 +10,29 @@ atomically), `OUT/manifest.json` (counts, written last), and for llamafactory `O
 * ``trl``: TRL's conversational prompt/completion layout, `{"id", "prompt": [messages before the answer],
   "completion": [{"role": "assistant", ...}], "weight"}` (SFTTrainer's default `completion_only_loss` then trains on
   the answer, as drift scored it), or with `layout="messages"` `{"id", "messages", "weight"}` for multi-turn rows
-  (train with `assistant_only_loss=True`: every assistant turn, as drift scored it). Text rows: `{"id", "text",
-  "weight"}`. `load_dataset("parquet", data_files=OUT + "/data/*.parquet")` then `WeightedSFTTrainer`. TRL's
-  completion mask is everything the template renders after the prompt: where the template writes text after the
-  end-of-turn token (the shipped one writes a newline) TRL also trains on it, while drift's mask stops at the token.
+  (train with `assistant_only_loss=True`: every assistant turn, as drift scored it). Each message is the dict the
+  adapter handed the chat template when the row was scored, stored as one JSON object (Arrow's `arrow.json`, which
+  `datasets` reads back as its `Json` feature): `tool_calls` (arguments as given, string or object),
+  `reasoning_content`, a tool-call-only turn's `content: null`, a tool turn's `tool_call_id` / `name` all reach
+  TRL's `apply_chat_template` unchanged, and no key appears that the row did not have (a struct column would add
+  every other row's keys as nulls). Text rows: `{"id", "text", "weight"}`. Plain-string prompt/completion rows
+  (the `prompt_completion` adapter's `string_format: text`, scored without a chat template): TRL's standard layout
+  `{"id", "prompt": str, "completion": str, "weight"}`, which TRL tokenizes without a template; `layout` applies to
+  conversations only. `load_dataset("parquet", data_files=OUT + "/data/*.parquet")` then `WeightedSFTTrainer`.
+  TRL's completion mask is everything the template renders after the prompt: where the template writes text after
+  the end-of-turn token (the shipped one writes a newline) TRL also trains on it, while drift's mask stops at the
+  token. Standard (string) rows: TRL tokenizes prompt + completion + EOS in one call, drift each part apart; the
+  tokens agree unless the tokenizer merges across the boundary (TRL warns when it does).
 * ``llamafactory``: LLaMA-Factory 0.9.5's v1 sample (`llamafactory/v1/utils/types.py` SFTSample): `{"messages":
   [{"role", "content": [{"type": "text", "value"}], "loss_weight"}]}` with the row's weight on every assistant
   message and 0.0 on the others (set explicitly: its renderer reads `message.get("loss_weight", ...)`, so a null
-  would break it). v1 reads a dataset-info YAML, not v0's dataset_info.json (`v1/core/data_engine.py`: a `.yaml`
-  path is loaded with OmegaConf): `OUT/dataset_info.yaml` names the data directory with `source: local`; train with
+  would break it). An assistant turn's content is its parts in the order templates render them: `reasoning`
+  (reasoning_content), `text`, then one `tool_call` per call, valued `{"name", "arguments"}` as a JSON string with
+  the arguments as an object (v1 `ToolCall`; its renderer writes `json.dumps(arguments)`). v1 messages have no field
+  for a tool turn's `tool_call_id` / `name`: they are left out. Text rows and plain-string prompt/completion rows
+  are refused (LLaMA-Factory renders every sample with a chat template; drift scored these without one). v1 reads
+  a dataset-info YAML, not v0's dataset_info.json (`v1/core/data_engine.py`: a `.yaml` path is loaded with
+  OmegaConf): `OUT/dataset_info.yaml` names the data directory with `source: local`; train with
   `USE_V1=1 llamafactory-cli sft --train_dataset OUT/dataset_info.yaml ...`. Its SFT loss is
   sum_t w_t * nll_t / sum_t w_t over a micro-batch (`v1/trainers/sft_trainer.py`): a token-weighted mean, so a long
   answer counts more than under `WeightedSFTTrainer`'s per-row mean (LLaMA-Factory's own convention).
@@ -57,7 +71,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("trl", "llamafactory", "repeat")
 LAYOUTS = ("prompt_completion", "messages")
 BATCH_ROWS = 8192
-_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# one message per JSON object: exactly the keys the adapter passed to the chat template (module docstring)
+_MESSAGES = pa.list_(pa.json_())
 _LF_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(pa.struct([("type", pa.string()),
                                                                                   ("value", pa.string())]))),
                          ("loss_weight", pa.float32())])
@@ -166,22 +181,25 @@ def _conversation(adapter, row: dict, path: str, index: int):
     return example
 
 
-def _messages(example) -> list[dict]:
-    if example.messages is not None:
-        return [{"role": str(m["role"]), "content": "" if m.get("content") is None else str(m["content"])}
-                for m in example.messages]
-    if example.response is not None:
-        return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.response}]
-    raise InputError(f"row id {example.id} is plain text: --format llamafactory needs conversations (use trl)")
+def _message_json(message, path: str, index: int) -> str:
+    """One message as the adapter passed it to the chat template (role and content first), as JSON text."""
+    turn = {"role": message["role"], "content": message.get("content"),
+            **{k: v for k, v in message.items() if k not in ("role", "content")}}
+    try:
+        return json.dumps(turn, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path} row {index}: a {turn['role']} message cannot be written as JSON ({err})") from err
 
 
 def _trl_record(example, layout: str, path: str, index: int) -> dict:
     if example.text is not None:
         return {"text": example.text}
-    messages = _messages(example)
+    if example.response is not None:  # scored without a chat template: TRL's standard (string) layout
+        return {"prompt": example.prompt, "completion": example.response}
+    messages = [_message_json(m, path, index) for m in example.messages]
     if layout == "messages":
         return {"messages": messages}
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
     if turns != [len(messages) - 1]:
         raise InputError(f"{path} row {index} (id {example.id}) has {len(turns)} assistant turns or does not end "
                          "with one: prompt/completion trains the last answer only. Pass --layout messages and "
@@ -189,25 +207,69 @@ def _trl_record(example, layout: str, path: str, index: int) -> dict:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def _lf_record(example, weight: float) -> dict:
-    return {"messages": [{"role": m["role"], "content": [{"type": "text", "value": m["content"]}],
+def _lf_content(message) -> list[dict]:
+    """LLaMA-Factory v1 content parts: reasoning, text, tool calls (assistant turns); text alone otherwise."""
+    content = message.get("content") or ""
+    if message["role"] != "assistant":
+        return [{"type": "text", "value": content}]
+    parts = []
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    if isinstance(reasoning, str) and reasoning:
+        parts.append({"type": "reasoning", "value": reasoning})
+    calls = message.get("tool_calls") or []
+    if content or not (parts or calls):
+        parts.append({"type": "text", "value": content})
+    for call in calls:
+        fn = call.get("function", call)
+        arguments = fn.get("arguments")
+        if isinstance(arguments, str):  # OpenAI's JSON-string arguments; v1's ToolCall holds the object
+            with contextlib.suppress(ValueError):
+                arguments = json.loads(arguments)
+        parts.append({"type": "tool_call",
+                      "value": json.dumps({"name": fn["name"], "arguments": arguments}, ensure_ascii=False)})
+    return parts
+
+
+def _lf_record(example, weight: float, path: str, index: int) -> dict:
+    if example.messages is None:
+        kind = "plain text" if example.text is not None else "a plain-string prompt/completion pair"
+        raise InputError(f"{path} row {index} (id {example.id}) is {kind}, scored without a chat template; "
+                         "LLaMA-Factory renders every sample with one: export it with --format trl")
+    return {"messages": [{"role": m["role"], "content": _lf_content(m),
                           "loss_weight": float(weight) if m["role"] == "assistant" else 0.0}
-                         for m in _messages(example)]}
+                         for m in example.messages]}
 
 
 def _schema(config: ExportConfig, form: str) -> pa.Schema:
+    """form: "chat" (conversations), "text" (a `text` column) or "plain" (prompt/completion strings)."""
     fields = [(ID, pa.string())]
     if config.format == "llamafactory":
         fields.append(("messages", pa.list_(_LF_MESSAGE)))
     elif form == "text":
         fields.append(("text", pa.string()))
+    elif form == "plain":
+        fields += [("prompt", pa.string()), ("completion", pa.string())]
     elif config.layout == "messages":
-        fields.append(("messages", pa.list_(_MESSAGE)))
+        fields.append(("messages", _MESSAGES))
     else:
-        fields += [("prompt", pa.list_(_MESSAGE)), ("completion", pa.list_(_MESSAGE))]
+        fields += [("prompt", _MESSAGES), ("completion", _MESSAGES)]
     if config.format != "repeat":
         fields.append((WEIGHT, pa.float32()))
     return pa.schema(fields)
+
+
+def _to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
+    """Records -> table; list<arrow.json> columns are built from their JSON text (from_pylist cannot)."""
+    columns = []
+    for field in schema:
+        values = [r[field.name] for r in records]
+        if field.type == _MESSAGES:
+            text = pa.array(values, type=pa.list_(pa.string()))
+            columns.append(pa.ListArray.from_arrays(text.offsets, pa.ExtensionArray.from_storage(
+                _MESSAGES.value_type, text.values)))
+        else:
+            columns.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _batches(fs, path: str) -> Iterator[pa.Table]:
@@ -236,13 +298,14 @@ def _records(src: _Source, config: ExportConfig, table: pa.Table, path: str, rng
         if copies == 0:
             continue
         example = _conversation(src.adapter, row, path, index)
-        form = "text" if example.text is not None else "chat"
+        form = "text" if example.text is not None else "plain" if example.response is not None else "chat"
         if state["form"] is None:
             state["form"] = form
         elif state["form"] != form:
-            raise InputError(f"{path} row {index}: mixes plain-text and conversation rows; export them apart")
+            raise InputError(f"{path} row {index}: a {form} row among {state['form']} rows (text, plain "
+                             "prompt/completion strings and conversations need different layouts); export them apart")
         if config.format == "llamafactory":
-            record = _lf_record(example, w)
+            record = _lf_record(example, w, path, index)
         else:
             record = _trl_record(example, config.layout, path, index)
         record[ID] = example.id
@@ -293,14 +356,14 @@ def export_run(run_dir: str, fmt: str, out: str, *, layout: str = "prompt_comple
                     continue
                 if writer is None:
                     writer = stack.enter_context(atomic_parquet_writer(out_fs, dest, _schema(config, state["form"])))
-                writer.write(pa.Table.from_pylist(records, schema=writer.schema))
+                writer.write(_to_table(records, writer.schema))
                 nrows += len(records)
             if config.format == "repeat":
                 held = [held[k] for k in rng.permutation(len(held))]
             schema = _schema(config, state["form"] or "chat")
             if writer is None:  # repeat, or a shard without rows
                 writer = stack.enter_context(atomic_parquet_writer(out_fs, dest, schema))
-                writer.write(pa.Table.from_pylist(held, schema=schema))
+                writer.write(_to_table(held, schema))
                 nrows = len(held)
         written.append(nrows)
         counts["rows_written"] += nrows
