@@ -132,6 +132,7 @@ def expected_top(full: pa.Table, p: float) -> list[int]:
 
 
 def explicit_weights(score: np.ndarray, temperature: float) -> np.ndarray:
+    """weight_map exp_z, computed directly: exp(z / T) / mean."""
     z = (score.astype(np.float64) - score.mean()) / score.std()
     w = np.exp(z / temperature)
     return w / w.mean()
@@ -213,9 +214,10 @@ def test_threshold_and_positive(run, tmp_path, policy, cut):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 def test_weights_mean_one_monotone_and_explicit(run, tmp_path, temperature):
+    """The exp_z map (the only map of earlier versions) still gives its numbers."""
     root, full = run
     out = str(tmp_path / "w")
-    manifest = refine_run(root, "weights", out, temperature=temperature, progress=False)
+    manifest = refine_run(root, "weights", out, temperature=temperature, weight_map="exp_z", progress=False)
     t = pa.concat_tables(read_out(out))
     assert t.num_rows == full.num_rows and t.schema.field("weight").type == pa.float32()
     w = t["weight"].to_numpy().astype(np.float64)
@@ -232,16 +234,17 @@ def test_weights_mean_one_monotone_and_explicit(run, tmp_path, temperature):
 
 def test_weights_sharpen_with_lower_temperature(run, tmp_path):
     root, _ = run
-    maxima = [refine_run(root, "weights", str(tmp_path / f"w{t}"), temperature=t, progress=False)["weight_stats"]["max"]
-              for t in (0.5, 1.0, 2.0)]
-    assert maxima[0] > maxima[1] > maxima[2] > 1.0
+    for weight_map in ("rank", "clipped_z", "exp_z"):
+        maxima = [refine_run(root, "weights", str(tmp_path / f"w{weight_map}{t}"), temperature=t,
+                             weight_map=weight_map, progress=False)["weight_stats"]["max"] for t in (0.5, 1.0, 2.0)]
+        assert maxima[0] > maxima[1] > maxima[2] > 1.0
 
 
 def test_repeat_reproducible_and_close_to_weights(run, tmp_path):
     root, full = run
-    a = refine_run(root, "repeat", str(tmp_path / "a"), seed=3, progress=False)
-    b = refine_run(root, "repeat", str(tmp_path / "b"), seed=3, progress=False)
-    c = refine_run(root, "repeat", str(tmp_path / "c"), seed=4, progress=False)
+    a = refine_run(root, "repeat", str(tmp_path / "a"), seed=3, weight_map="exp_z", progress=False)
+    b = refine_run(root, "repeat", str(tmp_path / "b"), seed=3, weight_map="exp_z", progress=False)
+    c = refine_run(root, "repeat", str(tmp_path / "c"), seed=4, weight_map="exp_z", progress=False)
     ta, tb, tc = read_out(str(tmp_path / "a")), read_out(str(tmp_path / "b")), read_out(str(tmp_path / "c"))
     assert all(x.equals(y) for x, y in zip(ta, tb)) and a["rows_written"] == b["rows_written"]
     assert [x["row_no"].to_pylist() for x in ta] != [x["row_no"].to_pylist() for x in tc]
@@ -318,11 +321,15 @@ def test_manifest_matches_schema_and_reruns(run, tmp_path):
     root, full = run
     schema = json.loads(SCHEMA.read_text())
     out = str(tmp_path / "o")
-    for policy in ("top:0.1", "positive", "weights", "repeat"):
-        m = refine_run(root, policy, str(tmp_path / policy.replace(":", "_")), progress=False)
+    for policy, weight_map in (("top:0.1", "rank"), ("positive", "rank"), ("weights", "rank"),
+                               ("weights", "clipped_z"), ("weights", "exp_z"), ("repeat", "rank")):
+        name = f"{policy.replace(':', '_')}_{weight_map}"
+        m = refine_run(root, policy, str(tmp_path / name), weight_map=weight_map, progress=False)
         jsonschema.validate(m, schema)
-        on_disk = json.loads((tmp_path / policy.replace(":", "_") / "manifest.json").read_text())
+        on_disk = json.loads((tmp_path / name / "manifest.json").read_text())
         assert on_disk == m and m["rows_in"] == full.num_rows and m["source_rows_rejected"] == 3
+        assert m["config"]["weight_map"] == weight_map
+        assert (m["weight_summary"] is None) == (policy not in ("weights", "repeat"))
     first = refine_run(root, "top:0.1", out, progress=False)
     before = [t for t in read_out(out)]
     again = refine_run(root, "top:0.1", out, progress=False)  # same config: same output
@@ -356,6 +363,12 @@ def test_policy_parse_round_trip_and_config_errors(run, tmp_path):
         RefineConfig("weights", temperature=0.0)
     with pytest.raises(ConfigError, match="keep_all"):
         RefineConfig("weights", keep_all=True)
+    assert RefineConfig("weights").weight_map == "rank"  # the default map
+    with pytest.raises(ConfigError, match="weight_map 'softmax'.*rank, clipped_z, exp_z"):
+        RefineConfig("weights", weight_map="softmax")
+    for bad in (0.0, -1.0, math.inf, True):
+        with pytest.raises(ConfigError, match="clip_z"):
+            RefineConfig("weights", weight_map="clipped_z", clip_z=bad)
     root, _ = run
     with pytest.raises(ConfigError, match="run directory itself"):
         refine_run(root, "positive", root, progress=False)

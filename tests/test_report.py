@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from test_refine import MESSAGES, mark_complete, write_run
 
-from drift_stream.refine.report import _extreme_rows, summarize_run, write_report
+from drift_stream.errors import InputError
+from drift_stream.refine.policies import refine_run
+from drift_stream.refine.report import (
+    _extreme_rows,
+    gather,
+    summarize_run,
+    write_report,
+)
 from drift_stream.refine.report_html import render_example
 from drift_stream.scoring.stats import rankdata, spearman
 
@@ -171,3 +178,57 @@ def test_large_runs_correlate_on_a_systematic_sample(tmp_path, monkeypatch):
     assert s.spearman["drift_score~drift_grad_norm"] == pytest.approx(spearman(score[::4], norm[::4]), abs=1e-12)
     assert s.rows_scored == 100 and int(s.hist_counts.sum()) == 100  # the histogram still sees every row
     assert [r["row_no"] for r in s.top] == sorted(range(100), key=lambda i: (-score[i], i))[:3]
+
+
+def test_report_of_a_refined_run_shows_its_weights(tmp_path):
+    full = write_run(str(tmp_path / "run"))
+    m = refine_run(str(tmp_path / "run"), "weights", str(tmp_path / "w"), weight_map="exp_z", temperature=0.5,
+                   progress=False)
+    out = write_report(str(tmp_path / "w"), top_k=3)
+    assert out == f"{tmp_path / 'w'}/report.html"
+    page = (tmp_path / "w" / "report.html").read_text()
+    section = page[page.index('id="refine"'):page.index('id="correlations"')]
+    assert "Refinement (weights)" in section and "<svg" in section and "histogram of weight" in section
+    w = pq.read_table(tmp_path / "w" / "data").column("weight").to_numpy().astype(np.float64)
+    ws = m["weight_summary"]
+    assert f'max weight (mean 1)</td><td class="num">{w.max():.4g}</td>' in section
+    assert f'{w.sum() ** 2 / np.square(w).sum():.4g}</td>' in section
+    assert f"{100 * ws['effective_sample_share']:.1f}%" in section and "<td>exp_z</td>" in section
+    # the histogram: 40 bars over [0, max weight] holding every row written
+    s = gather(str(tmp_path / "w"), top_k=0)
+    counts, edges = np.histogram(w, bins=40, range=(0.0, w.max()))
+    assert s.refine["weight_counts"].tolist() == counts.tolist() and int(counts.sum()) == full.num_rows
+    np.testing.assert_array_equal(s.refine["weight_edges"], edges)
+    assert s.rows_scored == full.num_rows and s.run_dir == str(tmp_path / "run")  # the score sections: source run
+    assert 'id="top"' in page and page.count("<svg") == 1 + 4 + 1  # scores, 2 x (score, raw) scatters, weights
+
+    text = summarize_run(str(tmp_path / "w"))
+    assert f"refine {tmp_path / 'w'}: policy weights, {full.num_rows} rows written" in text
+    assert f"weights (exp_z map, T 0.5): max {w.max():.3g} (mean 1)" in text
+    assert f"top 1% of rows carry {100 * ws['top_1pct_weight_share']:.3g}% of the weight" in text
+
+
+def test_report_of_repeat_and_filter_refines(tmp_path):
+    write_run(str(tmp_path / "run"))
+    refine_run(str(tmp_path / "run"), "repeat", str(tmp_path / "r"), progress=False)
+    refine_run(str(tmp_path / "run"), "top:0.3", str(tmp_path / "t"), progress=False)
+    write_report(str(tmp_path / "r"))
+    page = (tmp_path / "r" / "report.html").read_text()
+    section = page[page.index('id="refine"'):page.index('id="correlations"')]
+    assert "expected copies" in section and "<svg" not in section and "<td>rank</td>" in section
+    write_report(str(tmp_path / "t"))
+    page = (tmp_path / "t" / "report.html").read_text()
+    section = page[page.index('id="refine"'):page.index('id="correlations"')]
+    assert "Refinement (top:0.3)" in section and "<svg" not in section and "weight map" not in section
+    assert 'rows kept</td><td class="num">30</td>' in section
+    assert "weights (" not in summarize_run(str(tmp_path / "t"))
+
+
+def test_report_of_a_refine_whose_source_run_is_gone(tmp_path):
+    import shutil
+
+    write_run(str(tmp_path / "run"))
+    refine_run(str(tmp_path / "run"), "weights", str(tmp_path / "w"), progress=False)
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(InputError, match=f"{tmp_path / 'w'} is a refine of {tmp_path / 'run'}, which cannot be read"):
+        write_report(str(tmp_path / "w"))

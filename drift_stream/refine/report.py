@@ -1,7 +1,9 @@
 """One self-contained HTML page about a scored run (inline SVG, no scripts), and its short terminal form.
 
 This file gathers a run directory into a RunSummary (`gather`) and writes both forms; the page's HTML, plots and CSS
-are report_html.py.
+are report_html.py. Given a refine output directory (its manifest.json has kind "refine"), the page is about the
+scored run it names (`source_run`) plus the refinement: the weight histogram (weight column) and the spread of the
+weights the refine manifest records (`weight_summary`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from drift_stream.errors import InputError
 from drift_stream.io.atomic import write_bytes_atomic
 from drift_stream.io.columns import GRAD_NORM as NORM
 from drift_stream.io.columns import NUM_TOKENS as TOKENS
-from drift_stream.io.columns import REJECT_REASON, SCORE
+from drift_stream.io.columns import REJECT_REASON, SCORE, WEIGHT
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import CompletedShards, read_completed_shards
 from drift_stream.refine.policies import read_json
@@ -149,11 +152,46 @@ def _extreme_rows(score: np.ndarray, k: int) -> tuple[list[int], list[int]]:
     return [int(i) for i in top], [int(i) for i in bottom]
 
 
+def _refined(run_dir: str, storage_options: dict | None, bins: int) -> dict | None:
+    """A refine output directory's manifest and the histogram of its weight column (None: not a refine output).
+
+    Reads the one weight column of the shards the manifest lists; repeat and the filters write none."""
+    fs, root = open_path(run_dir, storage_options)
+    manifest = read_json(fs, f"{root}/manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("kind") != "refine":
+        return None
+    parts = []
+    for shard in manifest.get("shards") or []:
+        with fs.open(f"{root}/{shard['path']}", "rb") as f:
+            pf = pq.ParquetFile(f)
+            if WEIGHT not in pf.schema_arrow.names:
+                break
+            parts.append(pf.read(columns=[WEIGHT]).column(0).to_numpy().astype(np.float64))
+    weight = np.concatenate(parts) if parts else np.zeros(0)  # [rows written]
+    counts, edges = (np.histogram(weight, bins=bins, range=(0.0, float(weight.max()) or 1.0)) if weight.size
+                     else (np.zeros(0), np.zeros(1)))
+    return {"run_dir": str(run_dir), "manifest": manifest, "weight_counts": counts, "weight_edges": edges}
+
+
 def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: dict | None = None,
            seed: int = 0, allow_incomplete: bool = False, command: str = "report") -> RunSummary:
     """Read a run directory's scores, manifest, rejects and bank into a RunSummary (numeric columns only, plus
     the 2 * top_k example rows). Only finished input files are read; an incomplete run raises IncompleteRunError
-    unless `allow_incomplete` (then `RunSummary.completed` says what fraction was seen)."""
+    unless `allow_incomplete` (then `RunSummary.completed` says what fraction was seen).
+
+    A refine output directory gathers the scored run it names (a refine of part of a run allows that part) and
+    its weights (`RunSummary.refine`)."""
+    refine = _refined(run_dir, storage_options, bins)
+    if refine is not None:
+        source = refine["manifest"].get("source_run")
+        try:
+            summary = gather(source, top_k=top_k, bins=bins, storage_options=storage_options, seed=seed,
+                             allow_incomplete=allow_incomplete
+                             or refine["manifest"].get("source_fraction_files", 1.0) < 1.0, command=command)
+        except InputError as e:
+            raise InputError(f"{run_dir} is a refine of {source}, which cannot be read: {e}") from e
+        summary.refine = refine
+        return summary
     run = RunDirectory.open(run_dir, storage_options)
     fs, root = run.fs, run.root
     completed = read_completed_shards(run, allow_incomplete=allow_incomplete, command=command)
@@ -165,8 +203,6 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     names = lf.collect_schema().names()
     cols = [c for c in (SCORE, NORM, TOKENS) if c in names]
     if SCORE not in cols:
-        from drift_stream.errors import InputError
-
         raise InputError(f"shards under {root}/data have no {SCORE} column: is this a scored run directory?")
     score = lf.select(SCORE).collect()[SCORE].to_numpy()  # [N], the one column read in full
     n = int(score.size)
@@ -218,12 +254,26 @@ def _rows_line(s: RunSummary) -> str:
     return line
 
 
+def weight_summary_line(manifest: dict) -> str | None:
+    """The spread of a refine's weights in one terminal line (policies weights and repeat; None for the others)."""
+    w = manifest.get("weight_summary")
+    if not w:
+        return None
+    label = "expected copies" if (manifest.get("policy") or {}).get("kind") == "repeat" else "weights"
+    clip = f", c {_fmt(w['clip_z'], 3)}" if w.get("clip_z") is not None else ""
+    return (f"{label} ({w['map']} map, T {_fmt(w['temperature'], 3)}{clip}): max {_fmt(w['max_weight'], 3)} "
+            f"(mean 1)  effective sample size {w['effective_sample_size']:,.0f} "
+            f"({_fmt(100 * w['effective_sample_share'], 3)}% of {_fmt(w['rows'])} rows)  "
+            f"top 1% of rows carry {_fmt(100 * w['top_1pct_weight_share'], 3)}% of the weight")
+
+
 def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
-    """A few lines for the terminal: rows, score distribution, correlations, bank (IncompleteRunError: `gather`)."""
+    """A few lines for the terminal: rows, score distribution, correlations, bank, and for a refine output
+    directory its weights (IncompleteRunError: `gather`)."""
     s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
                command="the run summary")
     st = s.score_stats
-    lines = [f"run {run_dir}" + ("" if s.completed is None or s.completed.complete else
+    lines = [f"run {s.run_dir}" + ("" if s.completed is None or s.completed.complete else
                                  f"  (INCOMPLETE: {s.completed.describe()})"), _rows_line(s),
              f"drift_score: mean {_fmt(st['mean'])}  std {_fmt(st['std'])}  min {_fmt(st['min'])}  "
              f"p10 {_fmt(st['p10'])}  median {_fmt(st['median'])}  p90 {_fmt(st['p90'])}  max {_fmt(st['max'])}  "
@@ -240,6 +290,13 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
         lines.append(f"bank: {r.size} queries, mean pass rate {_fmt(float(r.mean()), 3)}, "
                      f"all-wrong {int((r == 0).sum())}, all-right {int((r == 1).sum())}, "
                      f"proximity gap {_gap_text(s.bank['proximity_gap'])}")
+    if s.refine:
+        m = s.refine["manifest"]
+        lines.append(f"refine {s.refine['run_dir']}: policy {(m.get('policy') or {}).get('spec')}, "
+                     f"{_fmt(m.get('rows_written'))} rows written of {_fmt(m.get('rows_in'))}")
+        line = weight_summary_line(m)
+        if line:
+            lines.append(line)
     return "\n".join(lines)
 
 

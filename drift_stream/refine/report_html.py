@@ -41,6 +41,7 @@ class RunSummary:
     top: list[dict] = field(default_factory=list)
     bottom: list[dict] = field(default_factory=list)
     completed: Any = None  # the CompletedShards read: complete, fraction_files, describe()
+    refine: dict | None = None  # a refine output directory's run_dir, manifest, weight_counts [bins], weight_edges
 
 
 
@@ -104,7 +105,7 @@ def _svg(body: str, title: str) -> str:
 
 def svg_histogram(counts: np.ndarray, edges: np.ndarray, xlabel: str = "drift_score") -> str:
     if counts.size == 0:
-        return "<p>No finite scores.</p>"
+        return f"<p>No finite {html.escape(xlabel)} values.</p>"
     fx, fy, axes = _axes(float(edges[0]), float(edges[-1]), 0.0, float(counts.max()) * 1.05, xlabel, "rows")
     bars = [f'<rect x="{fx(a):.1f}" y="{fy(c):.1f}" width="{max(fx(b) - fx(a) - 1, 0.5):.1f}" '
             f'height="{fy(0) - fy(c):.1f}" class="bar"><title>[{a:.4g}, {b:.4g}): {int(c)}</title></rect>'
@@ -235,6 +236,36 @@ def _plot(title: str, svg: str) -> str:
     return f'<div class="plot"><h3>{html.escape(title)}</h3>{svg}</div>'
 
 
+def _refine_html(refine: dict | None) -> str:
+    """The refinement section of a refine output directory's page: what the policy kept, and how spread the weights
+    are (the manifest's weight_summary; the histogram of the weight column when there is one)."""
+    if not refine:
+        return ""
+    m = refine["manifest"]
+    policy = (m.get("policy") or {}).get("spec")
+    rows = [("refine output", refine["run_dir"]), ("policy", policy), ("rows in", m.get("rows_in")),
+            ("rows kept", m.get("rows_kept")), ("rows written", m.get("rows_written"))]
+    w = m.get("weight_summary")
+    plot = ""
+    if w:
+        rows += [("weight map", w["map"]), ("temperature", w["temperature"])]
+        rows += [("clip_z", w["clip_z"])] if w.get("clip_z") is not None else []
+        rows += [("max weight (mean 1)", w["max_weight"]),
+                 ("effective sample size (sum w)^2 / sum w^2", w["effective_sample_size"]),
+                 ("effective sample size / rows", f"{100 * w['effective_sample_share']:.1f}%"),
+                 (f"weight share of the top 1% of rows ({w['top_1pct_rows']:,})",
+                  f"{100 * w['top_1pct_weight_share']:.1f}%")]
+    counts = refine.get("weight_counts")
+    if counts is not None and counts.size:
+        plot = _plot(f"weight over {int(counts.sum()):,} rows written (mean 1)",
+                     svg_histogram(counts, refine["weight_edges"], "weight"))
+    elif w:
+        plot = ('<p class="note">No weight column (repeat writes integer copies): the numbers are those of the '
+                "expected copies.</p>")
+    return (f'<h2 id="refine">Refinement ({html.escape(str(policy))})</h2><div class="plots">{plot}'
+            f'{_table(rows, ("quantity", "value"))}</div>')
+
+
 def render_html(s: RunSummary) -> str:
     """The report page for a gathered run."""
     st, m = s.score_stats, s.manifest or {}
@@ -299,6 +330,7 @@ def render_html(s: RunSummary) -> str:
 <h2 id="scores">Score distribution</h2>
 <div class="plots">{hist}
 {_table([(k, v) for k, v in st.items()], ("statistic", "value"))}</div>
+{_refine_html(s.refine)}
 <h2 id="correlations">Score against gradient norm and length</h2>
 <p class="note">A debiased score should not track the gradient norm (|Spearman| near 0); a large value means
 examples with huge gradients dominate the ranking.</p>
