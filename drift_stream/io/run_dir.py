@@ -6,12 +6,20 @@ Layout (fixed names; N = number of input files, I = an input file's position in 
     OUT/rejects/train-IIIII-of-NNNNN.parquet   rejected rows of input file I (only when any), drift_reject_reason
     OUT/completions/IIIII.json                 marker: input file I is done (counts, score summary)
     OUT/manifest.json                          recomputed from the markers (schemas/run_manifest.schema.json)
-    OUT/config.json                            resolved config; a rerun with a different one is refused
+    OUT/config.json                            resolved config and input identities (write-once); a rerun with
+                                               a different config or changed input files is refused
 
 Atomicity. Each parquet appears whole or not at all (io/atomic.py: local temp file + fsync + rename; object stores one
 upload that an error discards). In both cases the completion marker is written (one small atomic PUT / replace) only
 after the data and rejects shards are complete, so a marker is the only proof of a finished input file: a rerun skips
 files with markers and overwrites anything else.
+
+Identity of the inputs. config.json records, per input file, its size and its mtime_ns (local) or content tag
+(S3 / HTTP ETag, ...), and for an IterableDataset its recipe fingerprint (io/streams.py `file_identity`,
+`dataset_fingerprint`). Every later process compares them and refuses a changed input with InputChangedError, so a
+file regenerated in place, or another dataset with the same shard count, never mixes into a run. config.json is
+created write-once (`write_json_once`): of two processes started together with different settings exactly one is
+recorded and the other is refused.
 
 Score summaries, the provenance header and config diffs are io/manifest.py's; the atomic writers are io/atomic.py's.
 """
@@ -40,6 +48,10 @@ from drift_stream.io.streams import InputFile, filesystem, redact_url
 from drift_stream.version import __version__
 
 logger = logging.getLogger(__name__)
+
+
+class InputChangedError(RunDirMismatchError):
+    """An input file (or dataset) differs from the one the run directory recorded: resuming would mix two inputs."""
 
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -203,21 +215,30 @@ class RunDirectory:
             self.fs.rm(path)
 
     # ------------------------------------------------------------------ config
-    def check_config(self, config: Mapping[str, Any], execution: Mapping[str, Any] | None = None) -> None:
-        """Record `config` on first use; refuse (RunDirMismatchError, with a diff) a different one later.
+    def check_config(self, config: Mapping[str, Any], execution: Mapping[str, Any] | None = None,
+                     inputs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Record `config` on first use (write-once); refuse (RunDirMismatchError, with a diff) a different one later.
 
         `execution`: settings that change no output (batch size, device: config_fields.execution_only); recorded by
         the first writer beside `config` and never compared, so a rerun with a smaller batch size is accepted.
+        `inputs`: {url: identity} of the input files (io/streams.py `file_identity`); a file whose recorded identity
+        differs raises InputChangedError (only the keys both records hold are compared; a run directory written
+        before identities were recorded is not checked).
         """
-        recorded = self._read_json(CONFIG_FILE)
         config = json.loads(json.dumps(config))  # normalise tuples etc. to JSON values
+        execution_json = json.loads(json.dumps(execution or {}))
+        inputs_json = json.loads(json.dumps(inputs)) if inputs is not None else None
+        recorded = self._read_json(CONFIG_FILE)
         if recorded is None:
-            self._write_json(CONFIG_FILE, {"config": config, "execution": json.loads(json.dumps(execution or {})),
-                                           "version": __version__})
-            return
-        if execution is not None and recorded.get("execution") not in (None, json.loads(json.dumps(execution))):
+            first = {"config": config, "execution": execution_json, "version": __version__}
+            if inputs_json is not None:
+                first["inputs"] = inputs_json
+            recorded = self.write_json_once(CONFIG_FILE, first)
+            if recorded == first:
+                return
+        if execution is not None and recorded.get("execution") not in (None, execution_json):
             logger.info("execution settings differ from the first run's (they change no score):\n%s",
-                        "\n".join(config_diff(recorded["execution"], json.loads(json.dumps(execution)))))
+                        "\n".join(config_diff(recorded["execution"], execution_json)))
         if recorded.get("config") != config:
             diff = "\n".join(config_diff(recorded.get("config", {}), config))
             raise RunDirMismatchError(
@@ -226,6 +247,27 @@ class RunDirectory:
                 f"this run's config:\n{json.dumps(config, indent=2, sort_keys=True)}\n"
                 "use a new --out directory, or rerun with the recorded settings"
             )
+        if inputs_json is not None and recorded.get("inputs") is not None:
+            self._check_inputs(recorded["inputs"], inputs_json)
+
+    def _check_inputs(self, recorded: Mapping[str, Mapping], current: Mapping[str, Mapping]) -> None:
+        changed = []
+        for url, identity in current.items():
+            before = recorded.get(url) or {}
+            diffs = [f"{key} {before[key]} -> {identity[key]}" for key in sorted(set(before) & set(identity))
+                     if before[key] != identity[key]]
+            if diffs:
+                changed.append(f"  {url}: {', '.join(diffs)}")
+        if not changed:
+            return
+        done = len(self.completed_indexes())
+        raise InputChangedError(
+            f"{len(changed)} input(s) of run directory {self.url} changed since it recorded them:\n"
+            + "\n".join(changed[:20]) + ("\n  ..." if len(changed) > 20 else "")
+            + f"\n{done} input file(s) were already scored from the recorded content, so resuming would mix the two. "
+            f"Use a new --out directory, or delete {self.url} (its config.json, schema.json, beta.json, data/, "
+            "rejects/ and completions/) to score the changed inputs from the start"
+        )
 
     def write_json_once(self, rel: str, value: Any) -> dict:
         """Write `rel` unless it exists; return what the directory holds afterwards (first writer wins).

@@ -5,8 +5,8 @@ Inputs are URLs handled by fsspec (local paths, globs, directories, s3://, gs://
 matches sorted by path, arguments kept in the order given, duplicates dropped (first wins). A path that exists is
 read as that path even when its name holds glob characters (`pool[v2].jsonl`); only a name that does not exist is a
 pattern. A directory expands to every .parquet / .jsonl / .ndjson / .json file below it (JSON text may end in .gz /
-.zst / .zstd / .bz2 / .xz), skipping names that start with '.' or '_' (temporary files, `_SUCCESS`). An IterableDataset counts as
-one input file per `ds.n_shards`.
+.zst / .zstd / .bz2 / .xz), skipping names that start with '.' or '_' (temporary files, `_SUCCESS`). An
+IterableDataset counts as one input file per `ds.n_shards`.
 
 Sharding rule (`shard_files`): input file i goes to shard i % num_shards. More shards than files is allowed (the
 extra shards get no files and finish at once), so a fixed-size Slurm array works for any input.
@@ -75,6 +75,7 @@ class InputFile:
     format: str  # "parquet" | "jsonl" | "dataset"
     compression: str | None = None
     dataset: Any = field(default=None, repr=False, compare=False)  # datasets.IterableDataset when format == "dataset"
+    identity: Mapping[str, Any] = field(default_factory=dict, compare=False)  # what resume compares (file_identity)
 
 
 @dataclass
@@ -130,23 +131,76 @@ def expand_inputs(
     if is_iterable_dataset(data):
         n = int(data.n_shards)
         name = f"iterable_dataset:{n}_shards"
-        return [InputFile(f"{name}/{i:05d}", i, n, "dataset", dataset=data) for i in range(n)]
+        identity = {"fingerprint": dataset_fingerprint(data)}
+        return [InputFile(f"{name}/{i:05d}", i, n, "dataset", dataset=data, identity=identity) for i in range(n)]
     urls = [data] if isinstance(data, str) else list(data)
     if not urls:
         raise ConfigError("no input given: pass at least one --data URL")
-    found: list[tuple[str, str]] = []  # (url, path)
+    found: list[tuple[str, dict]] = []  # (url, identity)
     seen: set[str] = set()
     for url in urls:
-        for full_url in _expand_one(str(url), storage_options):
+        for full_url, identity in _expand_one(str(url), storage_options):
             if full_url not in seen:
                 seen.add(full_url)
-                found.append(full_url)
+                found.append((full_url, identity))
     n = len(found)
     files = []
-    for i, full_url in enumerate(found):
+    for i, (full_url, identity) in enumerate(found):
         fmt, compression = _detect_format(full_url)
-        files.append(InputFile(redact_url(full_url), i, n, fmt, compression))
+        files.append(InputFile(redact_url(full_url), i, n, fmt, compression, identity=identity))
     return files
+
+
+_CONTENT_TAGS = ("ETag", "etag", "md5Hash", "generation", "blob_id")  # s3 / http, gcs, hf: change with the content
+
+
+def file_identity(info: Mapping[str, Any], local: bool) -> dict[str, Any]:
+    """What tells a file from the same name with other content: its size, and its mtime in ns (local; taken by
+    `os.stat`, as fsspec's float seconds lose the nanoseconds) or its store's content tag (S3 / HTTP `ETag`, GCS
+    `md5Hash` / `generation`, the Hub's `blob_id`). Empty when the backend reports none of these."""
+    identity: dict[str, Any] = {}
+    if info.get("size") is not None:
+        identity["size"] = int(info["size"])
+    if local:
+        with contextlib.suppress(OSError):
+            identity["mtime_ns"] = os.stat(info["name"]).st_mtime_ns
+        return identity
+    tag = next((info[k] for k in _CONTENT_TAGS if info.get(k)), None)
+    if tag is not None:
+        identity["etag"] = str(tag).strip('"')
+    return identity
+
+
+def dataset_fingerprint(dataset: Any) -> str | None:
+    """A hash of an IterableDataset's recipe, equal in every process for the same recipe: its shard count, features
+    and the state of each step of its pipeline (`datasets`' Hasher of the source's config or data, the functions
+    of `map` / `filter`, shuffle seeds). A step that cannot be hashed counts by its type. `datasets` 5 keeps no
+    `_fingerprint` on IterableDataset, and hashing its first step whole is not stable across processes (the
+    builder holds per-process state), so bound methods count by their name and their builder's config."""
+    import inspect
+
+    try:
+        from datasets.fingerprint import Hasher
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return None
+
+    def stable(value: Any) -> Any:
+        if inspect.ismethod(value):
+            owner = value.__self__
+            return (value.__func__.__qualname__,
+                    stable(owner.config) if hasattr(owner, "config") else type(owner).__qualname__)
+        try:
+            return Hasher.hash(value)
+        except Exception:  # noqa: BLE001 - an unpicklable step: its type still counts
+            return type(value).__qualname__
+
+    parts: list[Any] = [int(dataset.n_shards), stable(dataset.features)]
+    node = getattr(dataset, "_ex_iterable", None)
+    while node is not None:
+        state = {k: stable(v) for k, v in sorted(vars(node).items()) if k not in ("ex_iterable", "_state_dict")}
+        parts.append((type(node).__qualname__, state))
+        node = getattr(node, "ex_iterable", None)
+    return Hasher.hash(parts)
 
 
 def shard_files(files: Sequence[InputFile], num_shards: int, shard_index: int) -> list[InputFile]:
@@ -263,37 +317,39 @@ def _is_supported(path: str) -> bool:
     return True
 
 
-def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+def _expand_one(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[str, dict]]:
+    """(url, file_identity) of every input file `url` names; the identities come from the listing itself (no
+    request per file), or from one `info` for a single file."""
     fs, path = filesystem(url, storage_options)
     protocol = _protocol(url)
     local = protocol == "file"
-    to_url = (lambda p: p) if local else fs.unstrip_protocol
-    if protocol in ("http", "https"):
-        return [url]  # no listing over HTTP: a URL names one file
+    to_url = (lambda p: os.path.abspath(p)) if local else fs.unstrip_protocol
+    if not local:
+        fs.invalidate_cache()  # fsspec reuses filesystem instances: a listing of an earlier run would hide changes
     try:
+        if protocol in ("http", "https"):  # no listing over HTTP: a URL names one file
+            return [(url, file_identity(_info(fs, path) or {}, local=False))]
         # A path that exists is that path, even when its name holds glob characters ("pool[v2].jsonl"); only a
         # name that does not exist is read as a pattern.
-        literal = _exists(fs, path) if any(c in path for c in _GLOB_CHARS) else None
+        literal = _info(fs, path) if any(c in path for c in _GLOB_CHARS) else None
         if literal is None and any(c in path for c in _GLOB_CHARS):
             matches = fs.glob(_escape_literal_prefix(fs, path), detail=True)  # one listing, no HEAD per match
-            paths = sorted(p for p, info in matches.items() if info.get("type") != "directory" and _is_supported(p))
-        elif literal == "file":
-            paths = [path]
-        elif literal == "directory" or fs.isdir(path):
-            paths = sorted(p for p in fs.find(path) if _is_supported(p))
-        elif fs.exists(path):
-            paths = [path]
+            infos = {p: info for p, info in matches.items() if info.get("type") != "directory" and _is_supported(p)}
+        elif literal is not None and literal.get("type") != "directory":
+            infos = {path: literal}
+        elif literal is not None or fs.isdir(path):
+            infos = {p: info for p, info in fs.find(path, detail=True).items() if _is_supported(p)}
         else:
-            raise InputError(f"input {redact_url(url)} does not exist")
+            infos = {path: literal or _info(fs, path)}
+            if infos[path] is None:
+                raise InputError(f"input {redact_url(url)} does not exist")
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend's I/O error (httpx, aiohttp, botocore) names the input
         raise InputError(f"cannot list input {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
-    if not paths:
+    if not infos:
         raise InputError(f"input {redact_url(url)} matched no .parquet / .jsonl files")
-    if local:
-        paths = [os.path.abspath(p) for p in paths]
-    return [to_url(p) for p in paths]
+    return [(to_url(p), file_identity({**infos[p], "name": p}, local)) for p in sorted(infos)]
 
 
 def _escape_literal_prefix(fs, pattern: str) -> str:
@@ -302,19 +358,18 @@ def _escape_literal_prefix(fs, pattern: str) -> str:
     parts = pattern.split("/")
     for k in range(len(parts) - 1, 0, -1):
         prefix = "/".join(parts[:k])
-        if any(c in prefix for c in _GLOB_CHARS) and _exists(fs, prefix) == "directory":
+        if any(c in prefix for c in _GLOB_CHARS) and (_info(fs, prefix) or {}).get("type") == "directory":
             escaped = re.sub(r"([*?\[])", r"[\1]", prefix)
             return "/".join([escaped, *parts[k:]])
     return pattern
 
 
-def _exists(fs, path: str) -> str | None:
-    """'file', 'directory' or None: what is at `path` taken literally (no glob expansion)."""
+def _info(fs, path: str) -> dict | None:
+    """fsspec's info of what is at `path` taken literally (no glob expansion), or None when nothing is."""
     try:
-        info = fs.info(path)
+        return fs.info(path)
     except (FileNotFoundError, OSError, ValueError):
         return None
-    return "directory" if info.get("type") == "directory" else "file"
 
 
 def _open(file: InputFile, storage_options: Mapping[str, Any] | None, compression: str | None = None):
