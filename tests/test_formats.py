@@ -228,19 +228,22 @@ def test_qa_pattern_without_group(tmp_path):
 
 
 def test_row_id_hash_is_canonical_json_sha1():
+    """No id: sha1 of the canonical JSON of the adapter's own fields (other columns, drift_* and nulls left out)."""
     adapter = load_adapter("messages")
     row = {"messages": [{"role": "user", "content": "hé"}], "n": 3, "drift_score": 0.5}
     expected = hashlib.sha1(
-        json.dumps({"messages": row["messages"], "n": 3}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        json.dumps({"messages": row["messages"]}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         .encode("utf-8")
     ).hexdigest()
     assert adapter.row_id(row) == expected
     assert adapter.row_id({**row, "drift_score": 9.0}) == expected  # drift_* columns left out
-    assert adapter.row_id({**row, "n": 4}) != expected
-    assert adapter.row_id({**row, "id": None}) != expected  # a null id column is still part of the content
-    assert adapter.row_id({**row, "id": ""}) == content_hash({**row, "id": ""})
+    assert adapter.row_id({**row, "n": 4}) == expected  # a column the adapter does not read
+    assert adapter.row_id({**row, "id": None}) == expected  # a null id column: no id
+    assert adapter.row_id({**row, "id": ""}) == expected
+    assert adapter.row_id({**row, "messages": [{"role": "user", "content": "he"}]}) != expected
     # pandas rows hold list columns as numpy arrays and ints as numpy scalars: same hash
     assert content_hash({"a": np.array([1, 2]), "b": np.int64(3)}) == content_hash({"a": [1, 2], "b": 3})
+    assert content_hash({"a": 3.0, "b": None}) == content_hash({"a": "3"})  # numbers as text, nulls dropped
     assert load_adapter("text").row_id({"id": 7, "text": "x"}) == "7"
 
 
@@ -610,5 +613,5 @@ def test_rows_from_parquet_and_pandas(tmp_path):
     from_arrow = [adapter.to_example(r) for r in table.to_pylist()]
     from_pandas = [adapter.to_example(r) for r in table.to_pandas().to_dict("records")]
     assert from_arrow == from_pandas
-    assert [e.id for e in from_arrow] == [content_hash(r) for r in rows]
+    assert [e.id for e in from_arrow] == [content_hash({"conversations": r["conversations"]}) for r in rows]
     assert len(from_arrow[0].messages) == 5 and from_arrow[1].messages[1]["content"] == "5"

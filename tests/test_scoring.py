@@ -151,6 +151,23 @@ def test_config_validation():
         build_scorer("drift", model=None, tokenizer=object())
 
 
+@pytest.mark.parametrize("scorer, fixed", [("less", 1), ("if", 0)])
+def test_the_off_policy_baselines_refuse_another_beta(scorer, fixed, tmp_path, capsys):
+    """less / if are defined by their beta: `--beta auto` (or another number) is refused, not silently replaced."""
+    for beta in ("auto", 0.5, "2"):
+        with pytest.raises(ConfigError, match=f"'{scorer}' is defined with beta={fixed}, so --beta {beta} does not"):
+            ScoreConfig(scorer=scorer, beta=beta)
+    assert ScoreConfig(scorer=scorer).beta == 1.0  # the flag's default: not given
+    assert ScoreConfig(scorer=scorer, beta=float(fixed)).beta == fixed
+    assert ScoreConfig(scorer="drift", beta="auto").beta == "auto"
+    from drift_stream.cli.main import main
+
+    code = main(["score", "--data", "x.parquet", "--model", "m", "--bank", "b", "--out", str(tmp_path / "o"),
+                 "--scorer", scorer, "--beta", "auto"])
+    assert code == 2 and "--scorer drift --beta auto" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_fit_beta_recovers_a_planted_exponent():
     rng = np.random.default_rng(0)
     norm = np.exp(rng.normal(0, 1, 500))

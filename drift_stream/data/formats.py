@@ -3,9 +3,11 @@
 An adapter is a small YAML spec (adapters/*.yaml, checked against schemas/adapter.schema.json): data, never executed.
 `load_adapter("messages")` loads a built-in, `load_adapter("/path/my.yaml")` a user's own file.
 
-Row ids (`Adapter.row_id`): the adapter's `id_field` column as str when present and non-empty; otherwise the sha1 hex
-digest of the row as canonical JSON (sorted keys, no spaces, UTF-8), leaving out columns whose name starts with
-`drift_`. Identical rows therefore share an id.
+Row ids (`Adapter.row_id`): the adapter's `id_field` column as text when present and non-empty (7 -> "7", and 7.0 ->
+"7": pandas stores an int column with nulls as float); otherwise `content_hash` of the adapter's own fields only
+(e.g. messages and system, instruction/input/output), nulls dropped at every depth. A row therefore gets the same id
+in every run, whichever other files (and their null-filled columns and struct fields) the run holds; identical rows
+share an id (repeated ids: engines/local.py reports them, refine/chain.py joins them one to one).
 
 Reject reasons: see example_types.py. Tokenization (ChatTokenizer, collate) lives in tokenization.py.
 """
@@ -23,7 +25,10 @@ from typing import Any, Mapping, Sequence
 
 from drift_stream.data.example_types import Example, Message, RowError
 from drift_stream.errors import AdapterError
-from drift_stream.io.columns import RESERVED_PREFIX
+from drift_stream.io.columns import ID, RESERVED_PREFIX
+
+# An input `id` column that is not text (int64 ids, ...) is kept under this name, its type unchanged (scoring/base.py)
+SOURCE_ID = RESERVED_PREFIX + "source_id"
 
 ROLES = ("system", "user", "assistant", "tool")
 # Message keys passed on to the chat template besides role and content (OpenAI tool calls, reasoning).
@@ -131,10 +136,42 @@ def validate_adapter_spec(spec: Mapping[str, Any], source: str = "<spec>") -> No
 
 
 def content_hash(row: Mapping[str, Any]) -> str:
-    """sha1 hex of the row as canonical JSON, leaving out `drift_*` columns."""
+    """sha1 hex of the row as canonical JSON (sorted keys, no spaces, UTF-8), leaving out `drift_*` columns and
+    nulls at every depth; numbers as text (7, 7.0 and "7" hash alike: a column's type may differ between runs)."""
     kept = {k: v for k, v in row.items() if not str(k).startswith(RESERVED_PREFIX)}
-    blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    blob = json.dumps(_canonical(kept), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=_json_default)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with nulls dropped from mappings (recursively), lists as lists, scalars other than str as text."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items() if v is not None}
+    items = _as_list(value)
+    if items is not None:
+        return [_canonical(v) for v in items]
+    if isinstance(value, (bool, int, float)) or type(value).__module__ == "numpy":
+        return id_text(value)
+    return value
+
+
+def id_text(value: Any) -> str | None:
+    """An id value as text: str unchanged, integral numbers without a fraction (7.0 -> "7"), booleans as JSON writes
+    them; None (or NaN) -> None."""
+    if value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "item") and type(value).__module__ == "numpy":
+        value = value.item()
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float):
+        if value != value:
+            return None
+        if value.is_integer() and abs(value) < 2**63:
+            return str(int(value))
+        return repr(value)
+    return str(value)
 
 
 def _json_default(obj: Any) -> Any:
@@ -213,12 +250,24 @@ class Adapter:
         return cols + ([self.id_field] if self.id_field else [])
 
     def row_id(self, row: Mapping[str, Any]) -> str:
-        """The row's id column as str when set and non-empty, else its content hash. Never raises."""
+        """The row's id column as text when set and non-empty, else `content_hash` of the adapter's own fields.
+        Never raises."""
         if self.id_field is not None:
-            value = row.get(self.id_field)
-            if value is not None and str(value) != "":
-                return str(value)
-        return content_hash(row)
+            text = id_text(row.get(self.id_field))
+            if text:
+                return text
+        return content_hash({col: row.get(col) for col in self.fields.values()})
+
+    def keeps_source_id(self, type_: Any) -> bool:
+        """Whether an input `id` column of Arrow type `type_` is kept under SOURCE_ID: when it is not text (its
+        values and type would be lost in the string `id`), or when the adapter reads its ids from another column
+        (the output `id` replaces it)."""
+        import pyarrow.types as pat
+
+        if pat.is_null(type_):
+            return False
+        return self.id_field != ID or not (pat.is_string(type_) or pat.is_large_string(type_)
+                                            or pat.is_string_view(type_))
 
     def extract_answer(self, answer: str) -> str:
         """First matching answer pattern's group 1 (or whole match), stripped; no match: the whole stripped answer."""

@@ -25,6 +25,7 @@ from drift_stream.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 OVERLONG_POLICIES = ("reject", "truncate")
+_PLAIN_ANNOUNCED: set[str] = set()  # tokenizers whose fallback to the plain format was logged (once per process)
 
 
 class ChatTemplateError(ConfigError):
@@ -108,10 +109,16 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.overlong = overlong
-        template = chat_template or getattr(tokenizer, "chat_template", None)
+        own = getattr(tokenizer, "chat_template", None)
+        template = chat_template or own
         if isinstance(template, dict):  # tokenizers with several named templates
             template = template.get("default") or next(iter(template.values()), None)
         self.uses_chat_template = bool(template) if use_chat_template is None else use_chat_template
+        # a template given for a tokenizer that has none of its own: fingerprinting (bank/store.py) should see the
+        # tokenizer that carries it (`tokenizer_with_template`)
+        self._completes_tokenizer = bool(chat_template) and not own
+        if use_chat_template is None and not template:
+            _announce_plain(tokenizer)
         if self.uses_chat_template and not template:
             raise ChatTemplateError("use_chat_template=True but the tokenizer has no chat_template: pass "
                                     "chat_template= (--chat-template FILE) or use the plain format (--no-chat-template)")
@@ -155,6 +162,17 @@ class ChatTokenizer:
         if chat_template:
             chat.template_name = f"--chat-template {chat_template}"
         return chat
+
+    def tokenizer_with_template(self) -> Any | None:
+        """A shallow copy of the tokenizer carrying the given chat template, when the tokenizer has none of its own
+        (else None): the tokenizer a bank built from the templated model recorded. The copy shares the vocabulary."""
+        if not self._completes_tokenizer:
+            return None
+        import copy
+
+        completed = copy.copy(self.tokenizer)
+        completed.chat_template = self.template
+        return completed
 
     @property
     def pad_token_id(self) -> int:
@@ -369,6 +387,18 @@ class ChatTokenizer:
             ids += toks
             mask += [loss] * len(toks)
         return ids, mask
+
+
+def _announce_plain(tokenizer: Any) -> None:
+    """Warn, once per tokenizer and process, that rows are rendered in the plain format (module docstring)."""
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if name in _PLAIN_ANNOUNCED:
+        return
+    _PLAIN_ANNOUNCED.add(name)
+    logger.warning(
+        "tokenizer %s has no chat template: rows are rendered in drift-stream's plain format (\"User: ...\\n\\n"
+        "Assistant: ...<eos>\"). If the model was trained on a chat format, pass its template as --chat-template FILE "
+        "(a Jinja file); pass --no-chat-template to use the plain format without this warning", name)
 
 
 def _plain_assistant_text(message: Mapping[str, Any]) -> str:

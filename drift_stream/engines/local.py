@@ -8,12 +8,11 @@ scorer's `drift_*` columns except `drift_reject_reason` (null there); rejects ca
 for undecodable lines, `drift_raw_line`. Afterwards the manifest is recomputed from all
 markers, so the process that finishes last leaves the complete manifest.
 
-What is compared on resume (`config.json`, written once): the expanded input files, the scorer's `config_dict()`
-(its output-changing fields), and each input's identity (size and mtime / ETag; an IterableDataset's fingerprint:
-io/run_dir.py, InputChangedError). Not compared, because they do not change any output row: the scorer's
-execution-only fields (`batch_size`, `device`: recorded under "execution", config_fields.py), `out`, `num_shards`,
-`shard_index`, `batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options
-(never recorded). beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
+What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()` (its
+output-changing fields). Not compared, because they do not change any output row: the scorer's execution-only fields
+(`batch_size`, `device`: recorded under "execution", config_fields.py), `out`, `num_shards`, `shard_index`,
+`batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options (never recorded).
+beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
 
 The run's one input schema (union of every input file's columns, io/schema.py) is recorded in `OUT/schema.json` by
 the first process, so every shard, resume and engine writes data shards of one schema. At the end,
@@ -24,6 +23,8 @@ raises AllRejectedError when every row was, unless `allow_all_rejected`.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -35,7 +36,8 @@ import pyarrow.compute as pc
 from drift_stream.engines.run_checks import check_rejections
 from drift_stream.errors import BadRowError, ConfigError, DriftError
 from drift_stream.io.background import prefetch
-from drift_stream.io.columns import RAW_LINE, REJECT_REASON, ROW_INDEX, SCORE
+from drift_stream.data.formats import SOURCE_ID
+from drift_stream.io.columns import ID, RAW_LINE, REJECT_REASON, ROW_INDEX, SCORE
 from drift_stream.io.config_fields import execution_only
 from drift_stream.io.manifest import ScoreSummary
 from drift_stream.io.run_dir import (
@@ -121,11 +123,10 @@ def run_score(
     """
     files = expand_inputs(config.data, config.storage_options)
     run = RunDirectory(config.out, config.storage_options)
+    plan = input_plan(files, run, scorer, config)
     record = recorded_config(files, scorer)
     execution = scorer.execution_config() if hasattr(scorer, "execution_config") else None
-    # before the schema pass: a changed input is refused before it is read
-    run.check_config(record, execution, inputs={f.url: dict(f.identity) for f in files})
-    plan = input_plan(files, run, scorer, config)
+    run.check_config(record, execution)
     # beta: auto is fitted once per run on the first rows of the WHOLE input and recorded in OUT/beta.json; every
     # other shard process and every resume reads that record (beta.py).
     resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, plan), run)
@@ -148,8 +149,34 @@ def run_score(
     if plan.json_columns:
         logger.warning("column(s) %s hold values of different JSON types in different rows: they are carried as "
                        "JSON text (%s records it)", ", ".join(plan.json_columns), f"{run.url}/{PLAN_FILE}")
+    if manifest["complete"]:
+        report_repeated_ids(run)
     check_rejections(manifest, scorer, allow_all_rejected=config.allow_all_rejected)
     return manifest
+
+
+def report_repeated_ids(run: RunDirectory, examples: int = 5) -> dict[str, Any]:
+    """Warn when ids repeat across the scored rows of a complete run: {"ids", "rows", "examples"}.
+
+    DESIGN.md section 4: every input column passes through and rows in = rows scored + rows rejected, so rows with a
+    repeated id (identical rows share their content hash; inputs repeat their own ids) are kept as they are. The id
+    is what outputs are joined on: refine --prefilter joins the k-th row of an id with the k-th row of that id in the
+    other run (refine/chain.py)."""
+    import polars as pl
+
+    from drift_stream.io.run_reader import read_completed_shards
+
+    counts = (read_completed_shards(run).scan().select(ID).group_by(ID).len(name="_n")
+              .filter(pl.col("_n") > 1).sort(["_n", ID], descending=[True, False]).collect())
+    found = {"ids": counts.height, "rows": int(counts["_n"].sum()) if counts.height else 0,
+             "examples": [{"id": i, "rows": int(n)} for i, n in counts.head(examples).iter_rows()]}
+    if found["ids"]:
+        shown = ", ".join(f"{e['id']!r} x{e['rows']}" for e in found["examples"])
+        logger.warning("%s: %d ids are repeated, on %d scored rows (e.g. %s): rows keep their ids (identical rows "
+                       "share their content hash); refine --prefilter joins the k-th row of an id with the k-th row "
+                       "of that id in the other run. Give such rows distinct ids in the input to join them by "
+                       "meaning", run.url, found["ids"], found["rows"], shown)
+    return found
 
 
 def input_plan(files: list[InputFile], run: RunDirectory, scorer: Any, config: RunConfig) -> SchemaPlan:
@@ -160,7 +187,15 @@ def input_plan(files: list[InputFile], run: RunDirectory, scorer: Any, config: R
         return plan_from_dict(recorded)
     adapter = getattr(scorer, "adapter", None)
     plan = plan_inputs(files, config.storage_options, strict_columns=getattr(adapter, "columns", ()) or ())
-    return plan_from_dict(run.write_json_once(PLAN_FILE, plan_to_dict(plan)))  # the first of racing processes wins
+    record = plan_to_dict(plan)
+    out = data_schema(plan, scorer)
+    if out is not None and SOURCE_ID in out.names and SOURCE_ID not in plan.schema.names:
+        kept = out.field(SOURCE_ID).type
+        record["source_id_column"] = {"name": SOURCE_ID, "type": str(kept)}
+        logger.info("the input's %s column holds %s values: every output row's %s is its text (else a hash of the "
+                    "row's fields), the values are kept in %s", ID, kept, ID, SOURCE_ID)
+    run._write_json(PLAN_FILE, record)
+    return plan
 
 
 def plan_to_dict(plan: SchemaPlan) -> dict[str, Any]:
@@ -182,6 +217,19 @@ def data_schema(plan: SchemaPlan, scorer: Any) -> pa.Schema | None:
     if not isinstance(out, pa.Table) or REJECT_REASON not in out.column_names:
         return None
     return out.drop_columns([REJECT_REASON]).schema
+
+
+def with_output_ids(input_schema: pa.Schema, out_schema: pa.Schema | None) -> pa.Schema:
+    """`input_schema` with the scorer's id columns (string `id`, SOURCE_ID when the scorer keeps one): what the
+    rejects shards are written with, so a rejected row carries the same ids as a scored one."""
+    if out_schema is None or ID not in out_schema.names:
+        return input_schema
+    fields = [out_schema.field(ID) if f.name == ID else f for f in input_schema]
+    if ID not in input_schema.names:
+        fields.append(out_schema.field(ID))
+    if SOURCE_ID in out_schema.names and SOURCE_ID not in input_schema.names:
+        fields.append(out_schema.field(SOURCE_ID))
+    return pa.schema(fields, metadata=input_schema.metadata)
 
 
 def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, plan: SchemaPlan | None = None) -> pa.Table:
@@ -222,8 +270,8 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
     try:
         for kind, file, payload in events:
             if kind == "start":
-                current = _FileScoring(run.shard_writer(file, payload.schema), config.on_bad_row, out_schema,
-                                       payload.json_columns)
+                current = _FileScoring(run.shard_writer(file, with_output_ids(payload.schema, out_schema)),
+                                       config.on_bad_row, out_schema, payload.json_columns)
             elif kind == "chunk":
                 bar.update(current.score(payload, scorer))
             else:
@@ -244,8 +292,9 @@ def score_file(file: InputFile, run: RunDirectory, scorer, config: RunConfig) ->
     What a Ray actor runs per file: a failure anywhere leaves no marker, so the file is scored again from its start.
     """
     plan = _run_plan(run, [file], config)
-    current = _FileScoring(run.shard_writer(file, plan.schema), config.on_bad_row, data_schema(plan, scorer),
-                           plan.json_columns)
+    out_schema = data_schema(plan, scorer)
+    current = _FileScoring(run.shard_writer(file, with_output_ids(plan.schema, out_schema)), config.on_bad_row,
+                           out_schema, plan.json_columns)
     chunks = prefetch(iter_chunks(file, plan, config.batch_rows, config.storage_options), config.prefetch_batches)
     try:
         for chunk in chunks:
@@ -262,6 +311,20 @@ def _run_plan(run: RunDirectory, files: list[InputFile], config: RunConfig) -> S
     """The plan that `run_score` recorded in the run directory (else, for a direct caller, that of `files`)."""
     recorded = run._read_json(PLAN_FILE)
     return plan_from_dict(recorded) if recorded is not None else plan_inputs(files, config.storage_options)
+
+
+def _bad_row_id(raw: str, scorer) -> str:
+    """The id of a row the reader could not give the scorer: the adapter's `row_id` when `raw` is a whole JSON object
+    (a row of the wrong type), else the sha1 hex of the raw text (an undecodable line)."""
+    adapter = getattr(scorer, "adapter", None)
+    if adapter is not None:
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            return adapter.row_id(row)
+    return hashlib.sha1(raw.encode("utf-8", errors="replace")).hexdigest()
 
 
 class _FileScoring:
@@ -311,6 +374,7 @@ class _FileScoring:
                 parts.append(bad)
         if n_bad:
             parts.append(pa.table({
+                ID: pa.array([_bad_row_id(b.raw, scorer) for b in chunk.bad_rows], pa.string()),
                 REJECT_REASON: pa.array([b.reason for b in chunk.bad_rows], pa.string()),
                 ROW_INDEX: pa.array([b.row_index for b in chunk.bad_rows], pa.int64()),
                 RAW_LINE: pa.array([b.raw for b in chunk.bad_rows], pa.string()),

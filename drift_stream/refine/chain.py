@@ -6,8 +6,10 @@ DRIFT. A prefilter names another scored run of the same pool and a fraction X:
   Prefilter(run="runs/loss", drop_worst=0.2)         CLI: --prefilter runs/loss 0.2   (repeatable)
 
 Each prefilter drops floor(X * N_pre + 0.5) rows of its own run: the last ones in (score desc, id asc, position
-asc) order, i.e. it keeps exactly what `top:(1 - X)` would keep of that run (same ties). Rows are joined on `id`;
-a row survives when every prefilter keeps it. The policy then runs as if the refined run held only the surviving
+asc) order, i.e. it keeps exactly what `top:(1 - X)` would keep of that run (same ties). Rows are joined on `id`
+(a string in every run: data/formats.py); an id that repeats (identical rows share their content hash) is joined one
+to one, its k-th row in run order with its k-th row in the other run, and the manifest counts such ids
+(`prefilters[i].repeated_ids`). A row survives when every prefilter keeps it. The policy then runs as if the refined run held only the surviving
 rows: `top:P` keeps round(P * survivors), `weights` has mean 1 over the survivors, `repeat` draws from those
 weights; dropped rows are not written (with --keep-all, filter policies write them with keep = false).
 A row of the refined run that a prefilter run does not hold (e.g. rejected by that scorer) is dropped, and
@@ -24,11 +26,13 @@ from typing import Callable, Sequence
 import numpy as np
 import polars as pl
 
-from drift_stream.errors import ConfigError, InputError
+from drift_stream.errors import ConfigError
 from drift_stream.io.columns import ID, SCORE
 from drift_stream.refine.selection import top_cut
 
 logger = logging.getLogger(__name__)
+
+OCCURRENCE = "_occurrence"  # k for the k-th row (0-based, run order) of its id: with ID, the join key
 
 
 @dataclass(frozen=True)
@@ -65,22 +69,27 @@ def _fraction(value) -> float:
         raise ConfigError(f"prefilter drop_worst must be a number, got {value!r}") from None
 
 
+def join_keys(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """lf with `id` as text (runs written before ids were always strings) and OCCURRENCE."""
+    return lf.with_columns(pl.col(ID).cast(pl.Utf8)).with_columns(pl.int_range(pl.len()).over(ID).alias(OCCURRENCE))
+
+
 def kept_ids(lf: pl.LazyFrame, drop_worst: float) -> tuple[pl.LazyFrame, dict]:
-    """(ids kept by one prefilter as a LazyFrame [id], counts). lf: the prefilter run's (id, score) in run order."""
+    """(rows kept by one prefilter as a LazyFrame [id, OCCURRENCE], counts). lf: the prefilter run's (id, score) in
+    run order."""
     n, unique = lf.select(pl.len(), pl.col(ID).n_unique()).collect().row(0)
-    if n != unique:
-        raise InputError(f"a prefilter run has {n - unique} repeated ids: rows are joined on `id`, which must be "
-                         "unique")
+    repeated = lf.group_by(ID).len().filter(pl.col("len") > 1).select(pl.len()).collect().item() if n != unique else 0
     drop = int(math.floor(drop_worst * n + 0.5))
-    indexed = lf.with_row_index("_row")
+    indexed = join_keys(lf).with_row_index("_row")
+    counts = {"rows": n, "repeated_ids": int(repeated), "rows_dropped": drop, "cut": None}
     if drop == 0:
-        return indexed.select(ID), {"rows": n, "rows_dropped": 0, "cut": None}
+        return indexed.select(ID, OCCURRENCE), counts
     cut = top_cut(indexed, n - drop)  # the last kept row in (score desc, id asc, position asc) order
     s = pl.col(SCORE).cast(pl.Float64)
     keep = (s > cut.score) | ((s == cut.score) & ((pl.col(ID) < cut.id)
                                                   | ((pl.col(ID) == cut.id) & (pl.col("_row") <= cut.row))))
-    return indexed.filter(keep).select(ID), {"rows": n, "rows_dropped": drop,
-                                            "cut": {"score": cut.score, "id": cut.id, "row": cut.row}}
+    counts["cut"] = {"score": cut.score, "id": cut.id, "row": cut.row}
+    return indexed.filter(keep).select(ID, OCCURRENCE), counts
 
 
 def survivor_mask(lf: pl.LazyFrame, prefilters: Sequence[Prefilter],
@@ -93,14 +102,19 @@ def survivor_mask(lf: pl.LazyFrame, prefilters: Sequence[Prefilter],
     info = []
     for pre in prefilters:
         kept, counts = kept_ids(read_scores(pre.run).select(ID, SCORE), pre.drop_worst)
-        rows = lf.select(ID).with_row_index("_main")
-        survivors = rows.join(kept, on=ID, how="semi").select("_main").collect()["_main"].to_numpy()
-        present = rows.join(read_scores(pre.run).select(ID), on=ID, how="semi").select(pl.len()).collect().item()
+        rows = join_keys(lf.select(ID)).with_row_index("_main")
+        keys = [ID, OCCURRENCE]
+        survivors = rows.join(kept, on=keys, how="semi").select("_main").collect()["_main"].to_numpy()
+        present = rows.join(join_keys(read_scores(pre.run).select(ID)), on=keys, how="semi").select(pl.len()) \
+            .collect().item()
         this = np.zeros(n, dtype=bool)
         this[survivors] = True
         mask &= this
         info.append({"run": pre.run, "drop_worst": pre.drop_worst, **counts, "rows_missing": int(n - present),
                      "rows_kept_of_refined_run": int(this.sum())})
+        if counts["repeated_ids"]:
+            logger.warning("prefilter %s repeats %d ids: the k-th row of each is joined with the k-th row of that id "
+                           "in the refined run", pre.run, counts["repeated_ids"])
         if n - present:
             logger.warning("prefilter %s holds no row for %d of %d rows of the refined run: they are dropped",
                            pre.run, n - present, n)

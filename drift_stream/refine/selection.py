@@ -1,7 +1,8 @@
 """Which rows `top:P` keeps: one global cut, or one cut per stratum (`--stratify-by`, `--length-buckets`).
 
 Order is (score desc, id asc, position in run asc), so exactly round(P * N) rows are kept even with ties; a cut is
-found from the run's (id, score) columns alone, lazily with polars, and applied shard by shard.
+found from the run's (id, score) columns alone, lazily with polars, and applied shard by shard. Ids compare as text
+(runs written before every id was a string may hold int64 or null ids: as "7" and "").
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def top_cut(lf: pl.LazyFrame, k: int) -> TopCut:
     """The k-th row (1-based) in (score desc, id asc, position asc) order. lf: (id, score, _row = position in run)."""
     v = lf.select(pl.col(SCORE).top_k(k).min().cast(pl.Float64)).collect().item()
     n_above = lf.filter(pl.col(SCORE) > v).select(pl.len()).collect().item()
-    tied = (lf.select(ID, SCORE, "_row").filter(pl.col(SCORE) == v)
+    tied = (lf.select(pl.col(ID).cast(pl.Utf8).fill_null(""), SCORE, "_row").filter(pl.col(SCORE) == v)
             .sort([ID, "_row"]).slice(k - n_above - 1, 1).collect())
     return TopCut(float(v), str(tied[ID][0]), int(tied["_row"][0]))
 
@@ -42,7 +43,7 @@ def top_mask(batch: pa.RecordBatch, cut: TopCut, positions: np.ndarray) -> np.nd
     keep = score > cut.score
     tied = np.flatnonzero(score == cut.score)
     if tied.size:
-        ids = pc.take(batch.column(ID), pa.array(tied))
+        ids = pc.fill_null(pc.take(batch.column(ID), pa.array(tied)).cast(pa.string()), "")
         before = pc.less(ids, cut.id).to_numpy(zero_copy_only=False)
         same = pc.equal(ids, cut.id).to_numpy(zero_copy_only=False)
         keep[tied] = before | (same & (positions[tied] <= cut.row))

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from drift_stream.errors import ConfigError
-from drift_stream.io.columns import SCORE_COLUMNS
+from drift_stream.io.columns import ID, SCORE_COLUMNS
 from drift_stream.io.config_fields import execution_dict, execution_only, output_dict
 from drift_stream.model.batching import (
     PaddingStats,
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 SCORERS = ("drift", "less", "if", "loss", "ifd", "random")
 GRADIENT_SCORERS = ("drift", "less", "if")
+# The off-policy baselines are defined by their beta (DESIGN.md section 2): less = LESS's cosine-like normalisation,
+# if = the plain inner product. Only drift takes another number or `auto`.
+FIXED_BETA = {"less": 1.0, "if": 0.0}
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class ScoreConfig:
                     raise ConfigError(f"beta must be a number or 'auto', got {self.beta!r}") from None
         elif not math.isfinite(float(self.beta)):
             raise ConfigError(f"beta must be finite, got {self.beta}")
+        fixed = FIXED_BETA.get(self.scorer)
+        # 1.0 is also the --beta default, i.e. "not given": `--scorer if` alone scores with beta 0
+        if fixed is not None and (self.beta == "auto" or float(self.beta) not in (fixed, 1.0)):
+            given = self.beta if self.beta == "auto" else f"{float(self.beta):g}"
+            raise ConfigError(
+                f"scorer {self.scorer!r} is defined with beta={fixed:g}, so --beta {given} does not apply to it: "
+                f"drop --beta, or score with --scorer drift --beta {given} (an on-policy bank) to "
+                f"{'fit' if self.beta == 'auto' else 'use'} that beta")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,9 +257,7 @@ class BatchScorer:
                     query_scores[i] = result.query_scores[pos].astype(np.float32).tolist()
         rejected = np.array([r is not None for r in reasons], dtype=bool)
         score[rejected] = np.nan
-        out = table
-        if "id" not in out.column_names:
-            out = out.append_column("id", pa.array(ids, pa.string()))
+        out = _with_ids(table, ids, self.adapter)
         for name in SCORE_COLUMNS:
             if name in out.column_names:
                 out = out.drop_columns([name])  # re-scoring a scored table replaces its columns
@@ -260,6 +269,25 @@ class BatchScorer:
             out = out.append_column("drift_query_scores", pa.array(query_scores, pa.list_(pa.float32())))
         out = out.append_column("drift_reject_reason", pa.array(reasons, pa.string()))
         return out
+
+
+def _with_ids(table: pa.Table, ids: list[str], adapter) -> pa.Table:
+    """`table` whose `id` column holds `ids` (text, in the input's `id` place, else last); an input `id` column that
+    is not text, or that the adapter does not read, is kept under SOURCE_ID with its type (formats.py).
+
+    Decided from the schema alone, so every batch and every shard of a run (and `data_schema`'s zero-row call) gets
+    the same columns."""
+    from drift_stream.data.formats import SOURCE_ID
+
+    column = pa.array(ids, pa.string())
+    if ID not in table.column_names:
+        return table.append_column(ID, column)
+    at = table.column_names.index(ID)
+    source = table.column(ID)
+    out = table.set_column(at, ID, column)
+    if adapter.keeps_source_id(source.type) and SOURCE_ID not in out.column_names:
+        out = out.append_column(SOURCE_ID, source)
+    return out
 
 
 def _nullable(values: np.ndarray) -> list[float | None]:

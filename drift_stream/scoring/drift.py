@@ -113,11 +113,23 @@ class DriftScorer(_ModelScorer):
             self._featurizer = GradientFeaturizer(model, self.bank.feature_config)
             if not self._checked:
                 self.bank.check_compatible(
-                    model=model, tokenizer=self.chat.tokenizer, featurizer=self._featurizer,
+                    model=model, tokenizer=self._tokenizer_to_check(), featurizer=self._featurizer,
                     chat_tokenizer=self.chat, allow_mismatch=self.allow_mismatch,
                 )
                 self._checked = True
         return self._featurizer
+
+    def _tokenizer_to_check(self):
+        """The tokenizer compared with the bank's: this one, or, when --chat-template gave a tokenizer that has no
+        template of its own the template it lacked, that tokenizer carrying it (a bank built from the model whose
+        tokenizer carries the template recorded that one; the rendering itself is compared separately)."""
+        from drift_stream.bank.store import fingerprint_tokenizer
+
+        completed = self.chat.tokenizer_with_template() if hasattr(self.chat, "tokenizer_with_template") else None
+        recorded = self.bank.manifest.get("tokenizer", {}).get("fingerprint")
+        if completed is not None and fingerprint_tokenizer(completed)["fingerprint"] == recorded:
+            return completed
+        return self.chat.tokenizer
 
     def _raw(self, examples):
         """Per-query raw scores [n, m], gradient norms [n], losses [n], bad reasons."""
