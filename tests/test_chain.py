@@ -70,7 +70,7 @@ def test_drop_worst_by_loss_then_top_by_another_score(runs, tmp_path):
 
 def test_weights_have_mean_one_over_the_survivors_and_dropped_rows_are_not_written(runs, tmp_path):
     root, scores = runs
-    refine_run(str(root / "loss"), "weights", str(tmp_path / "w"), progress=False, temperature=0.7,
+    refine_run(str(root / "loss"), "weights", str(tmp_path / "w"), progress=False, temperature=0.7, weight_map="exp_z",
                prefilters=[(str(root / "random"), 0.25), (str(root / "loss"), 0.1)])
     alive = survivors(scores["random"], 0.25) & survivors(scores["loss"], 0.1)
     table = pq.read_table(str(tmp_path / "w" / "data")).to_pydict()

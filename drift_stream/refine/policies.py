@@ -56,11 +56,17 @@ from drift_stream.refine.selection import (
     top_cut,
     top_mask,
 )
+from drift_stream.refine.weight_map import (
+    WEIGHT_MAPS,
+    Moments,
+    WeightMap,
+    fit_weight_map,
+    weight_summary,
+)
 
 logger = logging.getLogger(__name__)
 
 POLICY_KINDS = ("top", "threshold", "positive", "weights", "repeat")
-WEIGHT_MAPS = ("rank", "clipped_z", "exp_z")  # the weights / repeat maps of the score (module docstring)
 FILTER_KINDS = ("top", "threshold", "positive")
 BATCH_ROWS = 65_536
 
@@ -223,121 +229,6 @@ def _check_scores(lf: pl.LazyFrame, root: str) -> tuple[int, dict[str, float]]:
     return int(stats["n"]), {k: stats[k] for k in ("mean", "std", "min", "max")}
 
 
-# Wichura's AS241 (PPND16) coefficients, highest power first: the rational approximation of Phi^-1 that
-# statistics.NormalDist.inv_cdf uses (relative error ~1e-16); here vectorised over a column.
-_AS241 = {
-    "central": ((2.50908_09287_30122_6727e+3, 3.34305_75583_58812_8105e+4, 6.72657_70927_00870_0853e+4,
-                 4.59219_53931_54987_1457e+4, 1.37316_93765_50946_1125e+4, 1.97159_09503_06551_4427e+3,
-                 1.33141_66789_17843_7745e+2, 3.38713_28727_96366_6080e+0),
-                (5.22649_52788_52854_5610e+3, 2.87290_85735_72194_2674e+4, 3.93078_95800_09271_0610e+4,
-                 2.12137_94301_58659_5867e+4, 5.39419_60214_24751_1077e+3, 6.87187_00749_20579_0830e+2,
-                 4.23133_30701_60091_1252e+1, 1.0)),
-    "near": ((7.74545_01427_83414_07640e-4, 2.27238_44989_26918_45833e-2, 2.41780_72517_74506_11770e-1,
-              1.27045_82524_52368_38258e+0, 3.64784_83247_63204_60504e+0, 5.76949_72214_60691_40550e+0,
-              4.63033_78461_56545_29590e+0, 1.42343_71107_49683_57734e+0),
-             (1.05075_00716_44416_84324e-9, 5.47593_80849_95344_94600e-4, 1.51986_66563_61645_71966e-2,
-              1.48103_97642_74800_74590e-1, 6.89767_33498_51000_04550e-1, 1.67638_48301_83803_84940e+0,
-              2.05319_16266_37758_82187e+0, 1.0)),
-    "far": ((2.01033_43992_92288_13265e-7, 2.71155_55687_43487_57815e-5, 1.24266_09473_88078_43860e-3,
-             2.65321_89526_57612_30930e-2, 2.96560_57182_85048_91230e-1, 1.78482_65399_17291_33580e+0,
-             5.46378_49111_64114_36990e+0, 6.65790_46435_01103_77720e+0),
-            (2.04426_31033_89939_78564e-15, 1.42151_17583_16445_88870e-7, 1.84631_83175_10054_68180e-5,
-             7.86869_13114_56132_59100e-4, 1.48753_61290_85061_48525e-2, 1.36929_88092_27358_05310e-1,
-             5.99832_20655_58879_37690e-1, 1.0)),
-}
-
-
-def normal_quantile(p: np.ndarray) -> np.ndarray:
-    """Phi^-1(p), float64, for p in (0, 1) (AS241).  p: [n] -> [n]"""
-    p = np.asarray(p, dtype=np.float64)
-    q = p - 0.5
-    x = np.empty_like(q)
-    central = np.abs(q) <= 0.425
-    qc = q[central]
-    r = 0.180625 - qc * qc
-    x[central] = qc * np.polyval(_AS241["central"][0], r) / np.polyval(_AS241["central"][1], r)
-    tail = ~central
-    t = np.sqrt(-np.log(np.minimum(p[tail], 1.0 - p[tail])))
-    near = t <= 5.0
-    t[near] -= 1.6
-    t[~near] -= 5.0
-    x[tail] = np.copysign(np.where(near, np.polyval(_AS241["near"][0], t) / np.polyval(_AS241["near"][1], t),
-                                   np.polyval(_AS241["far"][0], t) / np.polyval(_AS241["far"][1], t)), q[tail])
-    return x
-
-
-@dataclass(frozen=True)
-class WeightMap:
-    """score -> weight for the weights / repeat policies, fitted on the rows the policy sees (`fit_weight_map`).
-
-    z maps: weight = exp(a(s) - top - log_norm) with a = z / T (z clipped for clipped_z) and top = the largest a,
-    so no term overflows. rank: a lookup table over the distinct scores (ranks are what the weight depends on)."""
-
-    kind: str
-    mean: float = 0.0
-    scale: float = 1.0  # std * T
-    clip: float = math.inf  # on z / T
-    top: float = 0.0
-    log_norm: float = 0.0
-    values: np.ndarray | None = None  # rank: [u] distinct scores, ascending (float64, -0.0 as 0.0)
-    table: np.ndarray | None = None  # rank: [u] the weight of each
-
-    def __call__(self, score: np.ndarray) -> np.ndarray:
-        """float64 weights, mean 1 over the fitted rows.  score: [n] -> [n]"""
-        s = score.astype(np.float64)
-        if self.kind == "rank":
-            # a fitted score is found exactly (others: rows the policy does not use). Sorted keys: numpy's binary
-            # search starts from the previous hit: 3x faster than in row order on 4M distinct scores.
-            order = np.argsort(s, kind="stable")
-            idx = np.empty(s.size, dtype=np.int64)
-            idx[order] = np.searchsorted(self.values, s[order] + 0.0)
-            return self.table[np.minimum(idx, self.values.size - 1)]
-        if self.kind == "ones":
-            return np.ones_like(s)
-        return np.exp(np.clip((s - self.mean) / self.scale, -self.clip, self.clip) - self.top - self.log_norm)
-
-
-def fit_weight_map(scores: pl.LazyFrame, stats: dict[str, float], config: RefineConfig, n: int) -> WeightMap:
-    """The weight map of `config` over `scores` (the [SCORE] column of the n rows the policy sees; stats: theirs).
-
-    rank sorts the score column (the one column refine holds) and keeps its distinct values and their weights:
-    +80 MB of peak memory over exp_z at 4M rows. The z maps need one lazy pass for their normaliser."""
-    temperature = config.temperature
-    if not n or not stats["std"] > 0:  # all scores equal (or no row): every map gives 1
-        return WeightMap("ones")
-    s = pl.col(SCORE).cast(pl.Float64)
-    if config.weight_map == "rank":
-        # the sorted column (2.8x faster and 80 MB lighter than a polars group_by at 4M rows), then its distinct
-        # values; ranks, quantiles and weights in chunks so that only `values` and `table` are column-sized
-        ordered = scores.select((s + 0.0).alias(SCORE)).sort(SCORE).collect()[SCORE].to_numpy()  # [n]
-        first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # [u] first position of each value
-        values = ordered[first]
-        del ordered
-        upto = np.r_[first[1:], n]  # [u] rows with a score <= the value
-        del first
-
-        def log_weight(end: np.ndarray, count: np.ndarray) -> np.ndarray:  # q / T; ties at their mean rank
-            return normal_quantile((end - (count - 1) / 2 - 0.5) / n) / temperature
-
-        top = log_weight(upto[-1:], upto[-1:] - (upto[-2:-1] if upto.size > 1 else 0))[0]  # no exp overflows
-        table, total, chunk = np.empty(values.size, dtype=np.float64), 0.0, 1 << 20
-        for lo in range(0, values.size, chunk):
-            end = upto[lo: lo + chunk]
-            count = np.diff(end, prepend=upto[lo - 1] if lo else 0)
-            table[lo: lo + end.size] = np.exp(log_weight(end, count) - top)
-            total += float((count * table[lo: lo + end.size]).sum())
-        table /= total / n
-        return WeightMap("rank", values=values, table=table)
-    scale = stats["std"] * temperature
-    a = (s - stats["max"]) / scale  # exp_z: exactly the earlier map, exp((s - max) / (std * T) - log_norm)
-    mean, clip, top = stats["max"], math.inf, 0.0
-    if config.weight_map == "clipped_z":  # z in [-c, c] is a = z / T in [-c / T, c / T]
-        mean, clip = stats["mean"], config.clip_z / temperature
-        top = min(clip, (stats["max"] - mean) / scale)
-        a = ((s - mean) / scale).clip(-clip, clip) - top
-    total = scores.select(a.exp().sum()).collect().item()
-    return WeightMap(config.weight_map, mean=mean, scale=scale, clip=clip, top=top, log_norm=math.log(total / n))
-
 
 # ------------------------------------------------------------------------------------------------------- refine_run
 
@@ -440,7 +331,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     elif policy.kind in ("threshold", "positive"):
         cut = {"score": float(policy.value or 0.0)}
     else:
-        wmap = fit_weight_map(policy_scores, stats, config, n_policy)
+        wmap = fit_weight_map(policy_scores, stats, n_policy, kind=config.weight_map,
+                              temperature=config.temperature, clip_z=config.clip_z)
 
     num_out = len(shards)
     names = [f"{dst}/data/train-{i:05d}-of-{num_out:05d}.parquet" for i in range(num_out)]
@@ -471,7 +363,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         "score_stats_in": stats,
         "score_stats_kept": acc.score_stats(),
         "weight_stats": acc.weight_stats() if wmap is not None else None,
-        "weight_summary": weight_summary(wmap, acc.weights, policy_scores, config) if wmap is not None else None,
+        "weight_summary": weight_summary(wmap, acc.weights, policy_scores, kind=config.weight_map,
+                                         temperature=config.temperature, clip_z=config.clip_z) if wmap is not None else None,
         "repeat": ({"copies_total": int(sum(written)), "rows_with_copies": acc.kept,
                     "expected_copies": float(n_policy)} if policy.kind == "repeat" else None),
         "prefilters": chained,
@@ -485,33 +378,11 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     return manifest
 
 
-class _Moments:
-    """Running count / sum / sum of squares / min / max (float64)."""
-
-    def __init__(self) -> None:
-        self.n, self.sum, self.sumsq, self.min, self.max = 0, 0.0, 0.0, math.inf, -math.inf
-
-    def add(self, x: np.ndarray) -> None:
-        if x.size:
-            x = x.astype(np.float64)
-            self.n += int(x.size)
-            self.sum += float(x.sum())
-            self.sumsq += float(np.square(x).sum())
-            self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
-
-    def stats(self) -> dict[str, float] | None:
-        if not self.n:
-            return None
-        mean = self.sum / self.n
-        return {"mean": mean, "std": math.sqrt(max(self.sumsq / self.n - mean * mean, 0.0)), "min": self.min,
-                "max": self.max}
-
-
 class _Accumulator:
     """Kept-row count, moments of kept scores and of weights."""
 
     def __init__(self) -> None:
-        self.scores, self.weights = _Moments(), _Moments()
+        self.scores, self.weights = Moments(), Moments()
 
     @property
     def kept(self) -> int:
@@ -522,25 +393,6 @@ class _Accumulator:
 
     def weight_stats(self) -> dict[str, float] | None:
         return self.weights.stats()
-
-
-def weight_summary(wmap: WeightMap, weights: _Moments, scores: pl.LazyFrame, config: RefineConfig) -> dict | None:
-    """How spread the written weights are: max, effective sample size (sum w)^2 / sum w^2 and its share of the
-    rows, and the share of the total weight on the top 1% of rows (ceil(N / 100) rows, the highest scores: every
-    map is monotone, so they are the highest weights too). weights: the moments of the weights written (float32);
-    scores: the policy's [SCORE] column (only its top 1% is read). repeat: w are the expected copies."""
-    n = weights.n
-    if not n or not weights.sumsq > 0:
-        return None
-    k = math.ceil(n / 100)
-    top = scores.select(pl.col(SCORE).top_k(k)).collect()[SCORE].to_numpy()  # [k]
-    ess = min(weights.sum ** 2 / weights.sumsq, float(n))  # <= n (Cauchy-Schwarz) but for the last bit
-    return {"map": config.weight_map, "temperature": config.temperature,
-            "clip_z": config.clip_z if config.weight_map == "clipped_z" else None, "rows": n,
-            "max_weight": weights.max, "effective_sample_size": ess, "effective_sample_share": ess / n,
-            "top_1pct_rows": k,
-            "top_1pct_weight_share": min(float(wmap(top).astype(np.float32).astype(np.float64).sum()) / weights.sum,
-                                         1.0)}
 
 
 def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy: Policy, config: RefineConfig,
