@@ -186,7 +186,7 @@ def test_bank_built_with_another_chat_template_is_refused(setup, tmp_path):
     with pytest.raises(BankMismatchError, match="chat template sha1.*--chat-template"):
         other(varied_rows(4))
     plain = build_scorer("drift", model=model_dir, bank=banks["sign"], use_chat_template=False)
-    with pytest.raises(BankMismatchError, match="renders rows with the plain"):
+    with pytest.raises(BankMismatchError, match="renders rows in the plain format: score with --chat-template FILE"):
         plain(varied_rows(4))
     allowed = build_scorer("drift", model=model_dir, bank=banks["sign"], chat_template=str(template),
                            allow_mismatch=True)

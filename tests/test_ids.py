@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.cli.main import main
-from drift_stream.data.formats import SOURCE_ID, load_adapter
+from drift_stream.data.formats import load_adapter
+from drift_stream.io.columns import SOURCE_ID
 from drift_stream.io.columns import ID, REJECT_REASON
 from drift_stream.scoring.build import build_scorer
 

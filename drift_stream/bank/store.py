@@ -244,9 +244,16 @@ class ValidationBank:
         for what, built, given in checks:
             if built != given:
                 if what == "rendering":  # the prompts / targets would be tokenized unlike the bank's rollouts
-                    message = (f"bank {self.path} was built with the {built}, this scorer renders rows with the "
-                               f"{given}: score with the bank's --chat-template (or --no-chat-template), rebuild the "
-                               "bank, or pass --allow-mismatch")
+                    model_path = (manifest.get("model") or {}).get("path") or "the bank's model"
+                    if built == "plain":
+                        fix = ("score with --no-chat-template (the bank's plain format), rebuild the bank with this "
+                               "template")
+                    else:
+                        fix = (f"score with --chat-template FILE holding the template the bank was built with ({built}"
+                               f"; the chat_template of {model_path}), rebuild the bank with this rendering")
+                    was, now = (("the plain format" if x == "plain" else f"the {x}") for x in (built, given))
+                    message = (f"bank {self.path} was built with {was}, this scorer renders rows in {now}: {fix}, or "
+                               "pass --allow-mismatch")
                 else:
                     message = (f"bank {self.path} was built for {what} {built[:16]}, this {what} is {given[:16]}: "
                                "rebuild the bank or pass --allow-mismatch")

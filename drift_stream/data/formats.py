@@ -28,7 +28,6 @@ from drift_stream.errors import AdapterError
 from drift_stream.io.columns import ID, RESERVED_PREFIX
 
 # An input `id` column that is not text (int64 ids, ...) is kept under this name, its type unchanged (scoring/base.py)
-SOURCE_ID = RESERVED_PREFIX + "source_id"
 
 ROLES = ("system", "user", "assistant", "tool")
 # Message keys passed on to the chat template besides role and content (OpenAI tool calls, reasoning).

@@ -8,11 +8,12 @@ scorer's `drift_*` columns except `drift_reject_reason` (null there); rejects ca
 for undecodable lines, `drift_raw_line`. Afterwards the manifest is recomputed from all
 markers, so the process that finishes last leaves the complete manifest.
 
-What is compared on resume (`config.json`): the expanded input files, and the scorer's `config_dict()` (its
-output-changing fields). Not compared, because they do not change any output row: the scorer's execution-only fields
-(`batch_size`, `device`: recorded under "execution", config_fields.py), `out`, `num_shards`, `shard_index`,
-`batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options (never recorded).
-beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
+What is compared on resume (`config.json`, written once): the expanded input files, the scorer's `config_dict()`
+(its output-changing fields), and each input's identity (size and mtime / ETag; an IterableDataset's fingerprint:
+io/run_dir.py, InputChangedError). Not compared, because they do not change any output row: the scorer's
+execution-only fields (`batch_size`, `device`: recorded under "execution", config_fields.py), `out`, `num_shards`,
+`shard_index`, `batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options
+(never recorded). beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
 
 The run's one input schema (union of every input file's columns, io/schema.py) is recorded in `OUT/schema.json` by
 the first process, so every shard, resume and engine writes data shards of one schema. At the end,
@@ -36,8 +37,14 @@ import pyarrow.compute as pc
 from drift_stream.engines.run_checks import check_rejections
 from drift_stream.errors import BadRowError, ConfigError, DriftError
 from drift_stream.io.background import prefetch
-from drift_stream.data.formats import SOURCE_ID
-from drift_stream.io.columns import ID, RAW_LINE, REJECT_REASON, ROW_INDEX, SCORE
+from drift_stream.io.columns import (
+    ID,
+    RAW_LINE,
+    REJECT_REASON,
+    ROW_INDEX,
+    SCORE,
+    SOURCE_ID,
+)
 from drift_stream.io.config_fields import execution_only
 from drift_stream.io.manifest import ScoreSummary
 from drift_stream.io.run_dir import (
@@ -123,10 +130,11 @@ def run_score(
     """
     files = expand_inputs(config.data, config.storage_options)
     run = RunDirectory(config.out, config.storage_options)
-    plan = input_plan(files, run, scorer, config)
     record = recorded_config(files, scorer)
     execution = scorer.execution_config() if hasattr(scorer, "execution_config") else None
-    run.check_config(record, execution)
+    # before the schema pass: a changed input is refused before it is read
+    run.check_config(record, execution, inputs={f.url: dict(f.identity) for f in files})
+    plan = input_plan(files, run, scorer, config)
     # beta: auto is fitted once per run on the first rows of the WHOLE input and recorded in OUT/beta.json; every
     # other shard process and every resume reads that record (beta.py).
     resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, plan), run)
@@ -194,8 +202,7 @@ def input_plan(files: list[InputFile], run: RunDirectory, scorer: Any, config: R
         record["source_id_column"] = {"name": SOURCE_ID, "type": str(kept)}
         logger.info("the input's %s column holds %s values: every output row's %s is its text (else a hash of the "
                     "row's fields), the values are kept in %s", ID, kept, ID, SOURCE_ID)
-    run._write_json(PLAN_FILE, record)
-    return plan
+    return plan_from_dict(run.write_json_once(PLAN_FILE, record))  # the first of racing processes wins
 
 
 def plan_to_dict(plan: SchemaPlan) -> dict[str, Any]:

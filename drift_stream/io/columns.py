@@ -9,7 +9,8 @@ from __future__ import annotations
 
 RESERVED_PREFIX = "drift_"
 
-ID = "id"  # stable row id: the input's own id as text, else a content hash (data/formats.py)
+ID = "id"  # stable row id, always text: the input's own id as text, else a content hash (data/formats.py)
+SOURCE_ID = "drift_source_id"  # an input id column that was not text, kept with its type (data/formats.py)
 
 # scored rows (scoring/): per row
 SCORE = "drift_score"  # S(z), float32

@@ -277,7 +277,7 @@ def _with_ids(table: pa.Table, ids: list[str], adapter) -> pa.Table:
 
     Decided from the schema alone, so every batch and every shard of a run (and `data_schema`'s zero-row call) gets
     the same columns."""
-    from drift_stream.data.formats import SOURCE_ID
+    from drift_stream.io.columns import SOURCE_ID
 
     column = pa.array(ids, pa.string())
     if ID not in table.column_names:
