@@ -2,12 +2,15 @@
 
 bank (on-policy rollouts of the shipped tiny model on the demo validation queries) -> score the demo pool ->
 refine (top 25% by default) -> HTML report -> a summary of how much of each corruption kind the refined set kept.
+A rerun into the same folder reuses the bank and the scored run; each policy refines into its own folder
+(`refined-top-0.25`, ...), so `demo --policy X` after the default compares the two.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -67,7 +70,13 @@ def format_corruption_table(rows: list[tuple[str, int, int]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> dict:
+def refined_dir_name(policy: str) -> str:
+    """The folder of one policy's refine inside the demo folder: 'top:0.25' -> 'refined-top-0.25'."""
+    return "refined-" + re.sub(r"[^A-Za-z0-9._-]+", "-", str(policy)).strip("-")
+
+
+def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True, assets: DemoAssets | None = None) -> dict:
+    """The whole pipeline into `out`. `assets`: the model, pool and queries (default: the embedded ones)."""
     from drift_stream.bank.build import build_bank
     from drift_stream.bank.config import BankConfig
     from drift_stream.engines.local import RunConfig, run_score
@@ -77,14 +86,16 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True) -> di
     from drift_stream.rollouts.engine import RolloutConfig
     from drift_stream.scoring.build import build_scorer
 
-    assets = demo_assets()
+    assets = assets or demo_assets()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    bank_dir, run_dir, refined_dir = root / "bank", root / "run", root / "refined"
+    bank_dir, run_dir, refined_dir = root / "bank", root / "run", root / refined_dir_name(policy)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    reused = (bank_dir / "manifest.json").exists()  # a rerun reuses the bank, and score / refine resume
+    # A rerun reuses the bank and resumes the score; a refine of the same policy resumes, another policy refines
+    # into its own folder (one folder for every policy was refused as a rerun with another config).
+    reused = (bank_dir / "manifest.json").exists()
     if not reused:
         # Block Fisher on a sample of the pool: +0.04 ROC-AUC over identity in benchmarks/refine_eval.py --variants.
         config = BankConfig(
