@@ -27,6 +27,10 @@ class RunDirMismatchError(DriftError):
     """A rerun into a run directory that was made with a different config."""
 
 
+class InputChangedError(RunDirMismatchError):
+    """An input file (or dataset) differs from the one the run directory recorded: resuming would mix two inputs."""
+
+
 class BankError(DriftError):
     """A validation bank is missing, corrupt, or does not match the model / projector."""
 

@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.engines.local import RunConfig, run_score
-from drift_stream.errors import RunDirMismatchError
-from drift_stream.io.run_dir import InputChangedError, RunDirectory
-from drift_stream.io.streams import dataset_fingerprint, expand_inputs
+from drift_stream.errors import InputChangedError, RunDirMismatchError
+from drift_stream.io.identity import dataset_fingerprint
+from drift_stream.io.run_dir import RunDirectory
+from drift_stream.io.streams import expand_inputs
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_a_streamed_dataset_fingerprint_is_the_same_in_another_process(tmp_path)
 
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.table({"x": [1, 2, 3]}), path)
-    code = ("import datasets, sys; from drift_stream.io.streams import dataset_fingerprint; "
+    code = ("import datasets, sys; from drift_stream.io.identity import dataset_fingerprint; "
             f"ds = datasets.load_dataset('parquet', data_files={str(path)!r}, split='train', streaming=True); "
             "print(dataset_fingerprint(ds.map(lambda r: {'y': r['x'] * 2})))")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -15,7 +15,7 @@ after the data and rejects shards are complete, so a marker is the only proof of
 files with markers and overwrites anything else.
 
 Identity of the inputs. config.json records, per input file, its size and its mtime_ns (local) or content tag
-(S3 / HTTP ETag, ...), and for an IterableDataset its recipe fingerprint (io/streams.py `file_identity`,
+(S3 / HTTP ETag, ...), and for an IterableDataset its recipe fingerprint (io/identity.py `file_identity`,
 `dataset_fingerprint`). Every later process compares them and refuses a changed input with InputChangedError, so a
 file regenerated in place, or another dataset with the same shard count, never mixes into a run. config.json is
 created write-once (`write_json_once`): of two processes started together with different settings exactly one is
@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from drift_stream.errors import InputError, RunDirMismatchError
+from drift_stream.errors import InputChangedError, InputError, RunDirMismatchError
 from drift_stream.io.atomic import _AtomicParquet, write_bytes_atomic
 from drift_stream.io.columns import RAW_LINE, REJECT_REASON, ROW_INDEX
 from drift_stream.io.manifest import (
@@ -49,9 +49,6 @@ from drift_stream.version import __version__
 
 logger = logging.getLogger(__name__)
 
-
-class InputChangedError(RunDirMismatchError):
-    """An input file (or dataset) differs from the one the run directory recorded: resuming would mix two inputs."""
 
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -221,7 +218,7 @@ class RunDirectory:
 
         `execution`: settings that change no output (batch size, device: config_fields.execution_only); recorded by
         the first writer beside `config` and never compared, so a rerun with a smaller batch size is accepted.
-        `inputs`: {url: identity} of the input files (io/streams.py `file_identity`); a file whose recorded identity
+        `inputs`: {url: identity} of the input files (io/identity.py `file_identity`); a file whose recorded identity
         differs raises InputChangedError (only the keys both records hold are compared; a run directory written
         before identities were recorded is not checked).
         """

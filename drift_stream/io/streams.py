@@ -44,22 +44,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError
+from drift_stream.io.compressed import ZstdFrames
+from drift_stream.io.identity import dataset_fingerprint, file_identity
 from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
-from drift_stream.io.schema import (
-    SchemaPlan,
-    TypeStats,
-    conform_table,
-    plan_schema,
-    to_json_text,
-    to_plain_string,
-)
+from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text, to_plain_string
 
 logger = logging.getLogger(__name__)
 
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}  # JSON text: sniffed
 PLAN_METADATA_KEY = b"drift_stream.schema_plan"  # schema metadata: which columns are JSON text / strict
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
-ZSTD_MAX_WINDOW = 1 << 31  # bytes: `zstd --long=31`, the largest window the format allows on 64-bit
 _GLOB_CHARS = set("*?[")
 _SECRET_QUERY_WORDS = ("signature", "token", "credential", "secret", "key", "password", "sig")
 _SCHEMA_PASS_LINES = 4096  # lines per chunk in the jsonl schema pass
@@ -149,58 +143,6 @@ def expand_inputs(
         fmt, compression = _detect_format(full_url)
         files.append(InputFile(redact_url(full_url), i, n, fmt, compression, identity=identity))
     return files
-
-
-_CONTENT_TAGS = ("ETag", "etag", "md5Hash", "generation", "blob_id")  # s3 / http, gcs, hf: change with the content
-
-
-def file_identity(info: Mapping[str, Any], local: bool) -> dict[str, Any]:
-    """What tells a file from the same name with other content: its size, and its mtime in ns (local; taken by
-    `os.stat`, as fsspec's float seconds lose the nanoseconds) or its store's content tag (S3 / HTTP `ETag`, GCS
-    `md5Hash` / `generation`, the Hub's `blob_id`). Empty when the backend reports none of these."""
-    identity: dict[str, Any] = {}
-    if info.get("size") is not None:
-        identity["size"] = int(info["size"])
-    if local:
-        with contextlib.suppress(OSError):
-            identity["mtime_ns"] = os.stat(info["name"]).st_mtime_ns
-        return identity
-    tag = next((info[k] for k in _CONTENT_TAGS if info.get(k)), None)
-    if tag is not None:
-        identity["etag"] = str(tag).strip('"')
-    return identity
-
-
-def dataset_fingerprint(dataset: Any) -> str | None:
-    """A hash of an IterableDataset's recipe, equal in every process for the same recipe: its shard count, features
-    and the state of each step of its pipeline (`datasets`' Hasher of the source's config or data, the functions
-    of `map` / `filter`, shuffle seeds). A step that cannot be hashed counts by its type. `datasets` 5 keeps no
-    `_fingerprint` on IterableDataset, and hashing its first step whole is not stable across processes (the
-    builder holds per-process state), so bound methods count by their name and their builder's config."""
-    import inspect
-
-    try:
-        from datasets.fingerprint import Hasher
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        return None
-
-    def stable(value: Any) -> Any:
-        if inspect.ismethod(value):
-            owner = value.__self__
-            return (value.__func__.__qualname__,
-                    stable(owner.config) if hasattr(owner, "config") else type(owner).__qualname__)
-        try:
-            return Hasher.hash(value)
-        except Exception:  # noqa: BLE001 - an unpicklable step: its type still counts
-            return type(value).__qualname__
-
-    parts: list[Any] = [int(dataset.n_shards), stable(dataset.features)]
-    node = getattr(dataset, "_ex_iterable", None)
-    while node is not None:
-        state = {k: stable(v) for k, v in sorted(vars(node).items()) if k not in ("ex_iterable", "_state_dict")}
-        parts.append((type(node).__qualname__, state))
-        node = getattr(node, "ex_iterable", None)
-    return Hasher.hash(parts)
 
 
 def shard_files(files: Sequence[InputFile], num_shards: int, shard_index: int) -> list[InputFile]:
@@ -383,68 +325,14 @@ def _open(file: InputFile, storage_options: Mapping[str, Any] | None, compressio
 @contextlib.contextmanager
 def _open_text_stream(file: InputFile, storage_options) -> Iterator[Any]:
     """A binary, line-iterable stream of the decompressed file. gzip, bz2 and xz (Python's readers) raise EOFError
-    on a stream cut short; zstd goes through `_ZstdFrames`, which does too (python-zstandard alone reports EOF)."""
+    on a stream cut short; zstd goes through `io.compressed.ZstdFrames`, which does too (python-zstandard alone reports EOF)."""
     if file.compression != "zstd":
         with _open(file, storage_options, compression=file.compression) as handle:
             yield handle
         return
     with _open(file, storage_options) as raw:
-        with io.BufferedReader(_ZstdFrames(raw, file.url), buffer_size=1 << 20) as handle:
+        with io.BufferedReader(ZstdFrames(raw, file.url), buffer_size=1 << 20) as handle:
             yield handle
-
-
-class _ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of every zstd frame in `raw`, one after another; an InputError when the input ends
-    inside a frame (a broken download), which python-zstandard's stream_reader reports as a clean EOF.
-
-    Windows up to 2 GiB are accepted: `zstd --long=31` (Pushshift-style dumps) writes 2 GiB windows, above the
-    library's default limit of 128 MiB (window_log 27). The decoder allocates the window a frame asks for.
-    """
-
-    def __init__(self, raw: Any, url: str) -> None:
-        import zstandard
-
-        self._raw, self._url = raw, url
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-        self._frame = None  # the decompressobj of the frame being read (None between frames)
-        self._pending = b""  # decompressed bytes not yet handed out
-        self._compressed_in = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._pending:
-            data = self._raw.read(1 << 20)
-            if not data:
-                if self._frame is not None:
-                    raise InputError(
-                        f"input file {self._url} is cut short: its zstd stream ends inside a frame after "
-                        f"{self._compressed_in} compressed bytes (an interrupted download?); download it again")
-                return 0
-            self._compressed_in += len(data)
-            self._pending = self._decompress(data)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def _decompress(self, data: bytes) -> bytes:
-        import zstandard
-
-        out = []
-        while data:
-            if self._frame is None:
-                self._frame = self._dctx.decompressobj()
-            try:
-                out.append(self._frame.decompress(data))
-            except zstandard.ZstdError as exc:
-                raise InputError(f"input file {self._url} is not readable zstd data after {self._compressed_in} "
-                                 f"compressed bytes ({exc}); replace or remove it") from exc
-            if not self._frame.eof:
-                break
-            data, self._frame = self._frame.unused_data, None  # the next frame starts in the rest
-        return b"".join(out)
 
 
 def _parquet_file(file: InputFile, handle) -> pq.ParquetFile:
