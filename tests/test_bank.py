@@ -317,3 +317,18 @@ def test_loaded_model_gives_the_same_bank(sign_bank, model_dir, tmp_path):
     assert bank.manifest["model"]["fingerprint"] == sign_bank.manifest["model"]["fingerprint"]
     with pytest.raises(ConfigError, match="tokenizer="):
         build_bank(model, gsm_rows(), tmp_path / "other", cfg, verifier=GRADED, progress=False)
+
+
+def test_manifest_records_feature_coverage_by_explicit_count(sign_bank, model_dir):
+    """The bank says which share of the model's parameters its features see: the tracked linears' weights over every
+    parameter (the tiny Llama has no fused experts, so nothing is warned about)."""
+    from drift_stream.grads.coverage import coverage_warning
+    from drift_stream.model.loading import load_model
+
+    cov = sign_bank.manifest["coverage"]
+    model = load_model(model_dir, device="cpu")
+    tracked = set(sign_bank.manifest["modules"])
+    linear = sum(m.weight.numel() for name, m in model.named_modules() if name in tracked)
+    total = sum(p.numel() for p in model.parameters())  # each tensor once (tied head = embedding)
+    assert cov["share"] == pytest.approx(linear / total, rel=1e-12)
+    assert coverage_warning(cov) is None

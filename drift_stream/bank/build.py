@@ -134,6 +134,7 @@ def build_bank(
 
     from drift_stream.data.example_types import Example
     from drift_stream.data.tokenization import ChatTokenizer
+    from drift_stream.grads.coverage import coverage_warning
     from drift_stream.grads.features import GradientFeaturizer
     from drift_stream.rollouts.verifiers import (
         VerifyResult,
@@ -202,6 +203,9 @@ def build_bank(
 
     t0 = time.perf_counter()
     featurizer = GradientFeaturizer(model, config.features)
+    skipped = coverage_warning(featurizer.coverage())
+    if skipped:  # fused MoE experts or large unhooked parameters: the bank's query vectors do not see them
+        logger.warning("%s", skipped)
     batch_args = (chat_tok.pad_token_id, config.feature_batch_size)
     # Reference answers: the off-policy targets, and the other side of the proximity gap.
     refs, ref_errors = _encode_all(
@@ -267,7 +271,7 @@ def build_bank(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {**fingerprint_model(model), "path": model_path}, "tokenizer": fingerprint_tokenizer(tokenizer),
         "projector": {"fingerprint": fingerprint_projector(spec), "spec": spec},
-        "modules": [m["name"] for m in spec["modules"]], "dim": featurizer.dim,
+        "modules": [m["name"] for m in spec["modules"]], "dim": featurizer.dim, "coverage": featurizer.coverage(),
         "signing": config.signing, "targets": config.targets, "verifier": verifier and verifier.spec(),
         "preconditioner": {"kind": kind, "damping": config.damping, **fisher_info},
         "normalize": config.normalize, "config": config.to_dict(),

@@ -213,6 +213,8 @@ class DriftScorer(_ModelScorer):
 
     def manifest_info(self) -> dict:
         info: dict = {"beta": self._beta, "beta_mode": "auto" if self.config.beta == "auto" else "fixed"}
+        if self._featurizer is not None:  # the share of the model's parameters the features see (grads/coverage.py)
+            info["feature_coverage"] = self._featurizer.coverage()
         if self._debias:
             info["debias"] = self._debias
         return info
