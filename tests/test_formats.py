@@ -133,9 +133,15 @@ def test_sharegpt_roles_and_system_column():
     ex = adapter.to_example(row)
     assert ex.messages[0] == {"role": "system", "content": "Answer in French."}
     assert [m["role"] for m in ex.messages] == ["system", "user", "assistant"]
-    with pytest.raises(RowError) as err:
+    # a system column beside a system turn (issue 22): reconciled as LLaMA-Factory does
+    turn = SHAREGPT_ROW["conversations"][0]["value"]
+    expected = adapter.to_example({"conversations": SHAREGPT_ROW["conversations"]}).messages
+    for column in ("", "   ", turn):  # empty column: the turn; the same text: one system prompt
+        ex = adapter.to_example({"system": column, "conversations": SHAREGPT_ROW["conversations"]})
+        assert ex.messages == expected and [m["role"] for m in ex.messages].count("system") == 1
+    with pytest.raises(RowError) as err:  # two different prompts: set aside with its reason
         adapter.to_example({"system": "x", "conversations": SHAREGPT_ROW["conversations"]})
-    assert err.value.reason == "duplicate_system"
+    assert err.value.reason == "conflicting_system"
     with pytest.raises(RowError) as err:
         adapter.to_example({"conversations": [{"from": "human", "value": "hi"}, {"from": "bing", "value": "yo"}]})
     assert err.value.reason == "invalid_role:bing"

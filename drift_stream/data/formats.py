@@ -357,9 +357,16 @@ class Adapter:
         system = self._string(row, "system", required=False)
         if system is None:  # an empty system prompt is kept, as a `messages` row's empty system turn is
             return messages
-        if any(m["role"] == "system" for m in messages):
-            raise RowError("duplicate_system")
-        return [{"role": "system", "content": system}] + messages
+        turns = [m for m in messages if m["role"] == "system"]
+        if not turns:
+            return [{"role": "system", "content": system}] + messages
+        # Both a system column and a system turn, as ShareGPT dumps often have: reconciled as LLaMA-Factory's
+        # sharegpt converter does (the conversation's own system turn is the prompt). An empty column, or the same
+        # text, leaves one system prompt; two different prompts are set aside, since training on either would be a
+        # guess.
+        if not system.strip() or any(t.get("content") == system for t in turns):
+            return messages
+        raise RowError("conflicting_system")
 
     def _instruction(self, row: Mapping[str, Any]) -> list[dict]:
         instruction = self._string(row, "instruction")

@@ -28,6 +28,8 @@ _CAUSES = {
     "no_loss_tokens": "no assistant tokens to score: check the chat template (--chat-template) and the adapter",
     "empty_response": "the assistant turns are empty",
     "no_assistant_turn": "no assistant turn in the rows: wrong --adapter, or prompts without responses",
+    "conflicting_system": "the rows carry a system column and a different system turn in the conversation: keep "
+                          "one of them (an empty column, or the same text, is accepted)",
 }
 
 
