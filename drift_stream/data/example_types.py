@@ -1,7 +1,7 @@
 """The canonical example types shared by adapters (formats.py) and tokenization (tokenization.py).
 
 Reject reasons (`RowError.reason`): missing_field:COL, wrong_type:COL, empty_field:COL, invalid_role:NAME,
-unsupported_content:TYPE, empty_conversation, misplaced_system, duplicate_system, no_assistant_turn, empty_response,
+unsupported_content:TYPE, empty_conversation, misplaced_system, conflicting_system, no_assistant_turn, empty_response,
 template_error:WHERE: MESSAGE (the template's own), template_span:assistant turn N ..., too_long:N>M,
 no_loss_tokens.
 """
