@@ -177,9 +177,12 @@ def test_refusals(runs, tmp_path):
     with pytest.raises(InputError, match="is a scored run, not a refined one"):
         export_run(str(runs / "run"), "trl", str(tmp_path / "a"))
     export_run(str(runs / "weights"), "trl", str(tmp_path / "b"))
-    with pytest.raises(RunDirMismatchError, match="choose another --out"):
+    # another config into the same --out: refused, naming the recorded and the new value
+    with pytest.raises(RunDirMismatchError, match=r'(?s)export.format: "trl" -> "llamafactory".*use a new --out'):
         export_run(str(runs / "weights"), "llamafactory", str(tmp_path / "b"))
     export_run(str(runs / "weights"), "trl", str(tmp_path / "b"))  # the same export again is fine
+    with pytest.raises(RunDirMismatchError, match="holds refine output .* not an export"):
+        export_run(str(runs / "weights"), "trl", str(runs / "keep"))  # never over a refine output
     with pytest.raises(ConfigError, match="unknown export format"):
         export_run(str(runs / "weights"), "axolotl", str(tmp_path / "c"))
     # a refine that did not finish: data/ without manifest.json

@@ -1,0 +1,169 @@
+"""Row layouts of `drift-stream export` (see export.py's docstring for each format): TRL and LLaMA-Factory records
+and their Arrow schemas, Fireworks' JSONL lines, and an atomic writer for JSONL shards."""
+
+from __future__ import annotations
+
+import contextlib
+import glob as globlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from drift_stream.errors import InputError
+from drift_stream.io.columns import ID, WEIGHT
+
+# one message per JSON object: exactly the keys the adapter passed to the chat template (export.py docstring)
+MESSAGES = pa.list_(pa.json_())
+LF_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(pa.struct([("type", pa.string()),
+                                                                                ("value", pa.string())]))),
+                        ("loss_weight", pa.float32())])
+
+
+def message_dict(message) -> dict:
+    """One message as the adapter passed it to the chat template, role and content first."""
+    return {"role": message["role"], "content": message.get("content"),
+            **{k: v for k, v in message.items() if k not in ("role", "content")}}
+
+
+def message_json(message, path: str, index: int) -> str:
+    """`message_dict` as JSON text (InputError naming the row when a value is not JSON)."""
+    turn = message_dict(message)
+    try:
+        return json.dumps(turn, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path} row {index}: a {turn['role']} message cannot be written as JSON ({err})") from err
+
+
+def trl_record(example, layout: str, path: str, index: int) -> dict:
+    if example.text is not None:
+        return {"text": example.text}
+    if example.response is not None:  # scored without a chat template: TRL's standard (string) layout
+        return {"prompt": example.prompt, "completion": example.response}
+    messages = [message_json(m, path, index) for m in example.messages]
+    if layout == "messages":
+        return {"messages": messages}
+    turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+    if turns != [len(messages) - 1]:
+        raise InputError(f"{path} row {index} (id {example.id}) has {len(turns)} assistant turns or does not end "
+                         "with one: prompt/completion trains the last answer only. Pass --layout messages and "
+                         "train with assistant_only_loss=True")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def _lf_content(message) -> list[dict]:
+    """LLaMA-Factory v1 content parts: reasoning, text, tool calls (assistant turns); text alone otherwise."""
+    content = message.get("content") or ""
+    if message["role"] != "assistant":
+        return [{"type": "text", "value": content}]
+    parts = []
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    if isinstance(reasoning, str) and reasoning:
+        parts.append({"type": "reasoning", "value": reasoning})
+    calls = message.get("tool_calls") or []
+    if content or not (parts or calls):
+        parts.append({"type": "text", "value": content})
+    for call in calls:
+        fn = call.get("function", call)
+        arguments = fn.get("arguments")
+        if isinstance(arguments, str):  # OpenAI's JSON-string arguments; v1's ToolCall holds the object
+            with contextlib.suppress(ValueError):
+                arguments = json.loads(arguments)
+        parts.append({"type": "tool_call",
+                      "value": json.dumps({"name": fn["name"], "arguments": arguments}, ensure_ascii=False)})
+    return parts
+
+
+def _needs_chat(example, path: str, index: int, trainer: str) -> None:
+    if example.messages is None:
+        kind = "plain text" if example.text is not None else "a plain-string prompt/completion pair"
+        raise InputError(f"{path} row {index} (id {example.id}) is {kind}, scored without a chat template; "
+                         f"{trainer} renders every sample with one: export it with --format trl or tokens")
+
+
+def lf_record(example, weight: float, path: str, index: int) -> dict:
+    _needs_chat(example, path, index, "LLaMA-Factory")
+    return {"messages": [{"role": m["role"], "content": _lf_content(m),
+                          "loss_weight": float(weight) if m["role"] == "assistant" else 0.0}
+                         for m in example.messages]}
+
+
+def fireworks_line(example, weight: float, path: str, index: int) -> bytes:
+    """One line of Fireworks' SFT JSONL: {"messages": [...], "weight": w} (root-level weight on every row)."""
+    _needs_chat(example, path, index, "Fireworks")
+    record = {"messages": [message_dict(m) for m in example.messages], "weight": float(weight)}
+    try:
+        return (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path} row {index}: the row cannot be written as JSON ({err})") from err
+
+
+def layout_schema(fmt: str, layout: str, form: str) -> pa.Schema:
+    """Schema of a trl / llamafactory / repeat shard; form: "chat", "text" (a `text` column) or "plain"
+    (prompt/completion strings)."""
+    fields = [(ID, pa.string())]
+    if fmt == "llamafactory":
+        fields.append(("messages", pa.list_(LF_MESSAGE)))
+    elif form == "text":
+        fields.append(("text", pa.string()))
+    elif form == "plain":
+        fields += [("prompt", pa.string()), ("completion", pa.string())]
+    elif layout == "messages":
+        fields.append(("messages", MESSAGES))
+    else:
+        fields += [("prompt", MESSAGES), ("completion", MESSAGES)]
+    if fmt != "repeat":
+        fields.append((WEIGHT, pa.float32()))
+    return pa.schema(fields)
+
+
+def records_table(records: list[dict], schema: pa.Schema) -> pa.Table:
+    """Records -> table; list<arrow.json> columns are built from their JSON text (from_pylist cannot)."""
+    columns = []
+    for field in schema:
+        values = [r[field.name] for r in records]
+        if field.type == MESSAGES:
+            text = pa.array(values, type=pa.list_(pa.string()))
+            columns.append(pa.ListArray.from_arrays(text.offsets, pa.ExtensionArray.from_storage(
+                MESSAGES.value_type, text.values)))
+        else:
+            columns.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@contextlib.contextmanager
+def atomic_lines_writer(fs: Any, path: str) -> Iterator[Any]:
+    """A binary handle whose file appears at `path` only if the block exits without error: io/atomic.py's rule for
+    parquet (local: temp file + fsync + rename, stale temps of killed writers removed; object stores: one upload,
+    discarded on error), for JSONL."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()
+            handle.closed = True  # so that __del__ does not complete the upload
+            raise
+        handle.close()
+        return
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    for stale in globlib.glob(os.path.join(globlib.escape(directory), globlib.escape(f".{name}.tmp") + "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+    temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(temp, "wb") as handle:
+        try:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            os.remove(temp)
+            raise
+    os.replace(temp, path)
