@@ -228,3 +228,43 @@ def test_multi_turn_rows_need_the_messages_layout(runs, tmp_path):
     export_run(str(multi), "trl", str(tmp_path / "msg"), layout="messages")
     out = _table(tmp_path / "msg")
     assert out[3]["messages"] == table[3]["messages"] and len(out) == 16
+
+
+def test_fireworks_export_is_its_weighted_sft_jsonl(runs, tmp_path):
+    """Fireworks' SFT JSONL (docs.fireworks.ai/fine-tuning/weighted-training): {"messages": [...], "weight": w}, the
+    root-level weight on every row; weight-0 rows left out; text / plain rows refused."""
+    manifest = export_run(str(runs / "weights"), "fireworks", str(tmp_path / "fw"))
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
+    files = sorted((tmp_path / "fw" / "data").iterdir())
+    assert [f.name for f in files] == ["train-00000-of-00001.jsonl"]
+    lines = [json.loads(line) for line in files[0].read_text().splitlines()]
+    refined = _table(runs / "weights")
+    assert len(lines) == len(refined) == manifest["rows_written"] == 16
+    for line, src in zip(lines, refined):  # refined order
+        assert set(line) == {"messages", "weight"}
+        assert line["messages"] == src["messages"]
+        assert line["weight"] == src["weight"]  # the float32 weight, exactly
+    # --keep-all: weights 1 on kept rows, the 8 dropped rows left out
+    kept = export_run(str(runs / "keep"), "fireworks", str(tmp_path / "fw-keep"))
+    lines = (tmp_path / "fw-keep" / "data" / "train-00000-of-00001.jsonl").read_text().splitlines()
+    assert kept["rows_written"] == 8 == len(lines) and kept["rows_zero_weight"] == 8
+    assert {json.loads(x)["weight"] for x in lines} == {1.0}
+
+
+def test_fireworks_refuses_text_rows(tmp_path):
+    import pyarrow as pa
+
+    root = tmp_path
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["The cat sat on the mat.", "Two plus two is four."]}),
+                   root / "text.parquet")
+    common = ["--threads", "1", "-q"]
+    assert main(["score", "--data", str(root / "text.parquet"), "--model", str(MODEL), "--scorer", "loss",
+                 "--adapter", "text", "--out", str(root / "run"), *common]) == 0
+    assert main(["refine", str(root / "run"), "--policy", "weights", "--out", str(root / "w"), *common]) == 0
+    with pytest.raises(InputError, match="plain text, scored without a chat template; Fireworks"):
+        export_run(str(root / "w"), "fireworks", str(root / "fw"))
+    # the token export takes them: loss on every token but the first, as scored
+    manifest = export_run(str(root / "w"), "tokens", str(root / "tok"))
+    assert manifest["form"] == "text" and manifest["rows_written"] == 2
+    for row in pq.read_table(root / "tok" / "data").to_pylist():
+        assert row["labels"][0] == -100 and all(x != -100 for x in row["labels"][1:])

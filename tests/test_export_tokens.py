@@ -147,16 +147,14 @@ def test_tinker_sum_over_datums_equals_weighted_sft_trainer_loss(run, normalize)
     """Tinker's cross_entropy is sum_t -logp(target_t) x weights_t over the batch's Datums; computed here by one
     unpadded forward per Datum (model_input -> logits -> log_softmax at target_tokens)."""
     trainer, model, batch = _trl_batch(run, normalize)
-    recipe = _recipe()
-    datums = recipe.datums(_tokens(run), normalize=normalize)
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         trl_loss = trainer.compute_loss(model, dict(batch))
-        for d in datums:
-            inputs = torch.tensor([d.model_input.to_ints()])
+        for d in tinker_fields(_tokens(run), normalize):  # the fields examples/tinker_recipe.py puts in each Datum
+            inputs = torch.tensor([d["model_input"]])
             logp = torch.log_softmax(model(input_ids=inputs).logits[0].double(), -1)  # [T-1, V]
-            targets = torch.as_tensor(d.loss_fn_inputs["target_tokens"].to_numpy())
-            weights = torch.as_tensor(d.loss_fn_inputs["weights"].to_numpy()).double()
+            targets = torch.tensor(d["target_tokens"])
+            weights = torch.tensor(d["weights"], dtype=torch.float32).double()
             total += -(logp.gather(1, targets[:, None])[:, 0] * weights).sum()
     # float32 forwards, unpadded vs padded batch: logits agree to ~1e-6 relative, summed over ~2k tokens
     torch.testing.assert_close(total.float(), trl_loss, rtol=2e-5, atol=0)
