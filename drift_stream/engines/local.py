@@ -5,8 +5,11 @@ chunks of `batch_rows` rows (read ahead on a background thread), score each chun
 `data/` and the rejected ones (undecodable lines and rows the scorer rejected) to `rejects/`, then publish both shards
 and write the marker. Output order within a shard is input order. Data rows carry every input column, `id` and the
 scorer's `drift_*` columns except `drift_reject_reason` (null there); rejects carry the reason, `drift_row_index` and,
-for undecodable lines, `drift_raw_line`. Afterwards the manifest is recomputed from all
-markers, so the process that finishes last leaves the complete manifest.
+for undecodable lines, `drift_raw_line`.
+
+Bookkeeping is O(files) (issue 23): a process writes its files' markers, lists the marker names once, and returns
+(and logs) its own counts; the process that sees the last marker settles the run once (`finish_run`), reading each
+marker once: one schema over every shard (io/settle.py), `schema.json`, the repeated-ids report and manifest.json.
 
 What is compared on resume (`config.json`, written once): the expanded input files, the scorer's `config_dict()`
 (its output-changing fields), and each input's identity (size and mtime / ETag; an IterableDataset's fingerprint:
@@ -15,15 +18,16 @@ execution-only fields (`batch_size`, `device`: recorded under "execution", confi
 `shard_index`, `batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options
 (never recorded). beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
 
-The run's one input schema (union of every input file's columns, io/schema.py) is recorded in `OUT/schema.json` by
-the first process, so every shard, resume and engine writes data shards of one schema. At the end,
+Planning reads nothing twice and nothing of another shard's files: each file is planned from its own footer or first
+rows while it is read (io/streams.py `iter_planned`), its plan recorded in its marker; the run's one schema (DESIGN.md
+section 4) is the union of those plans, settled when the last marker is written (io/settle.py: shards that differ
+from it, rare in a lake written by one tool, are rewritten then), and recorded in `OUT/schema.json`. At the end,
 `run_checks.check_rejections` warns when most rows were rejected (naming the top reasons and the likely cause) and
 raises AllRejectedError when every row was, unless `allow_all_rejected`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -53,14 +57,13 @@ from drift_stream.io.run_dir import (
     reason_code,
 )
 from drift_stream.io.schema import SchemaPlan, conform_table
+from drift_stream.io.settle import plan_to_dict, settle_shards, union_plan
 from drift_stream.io.streams import (
     Chunk,
     InputFile,
     expand_inputs,
-    input_schema,
     is_iterable_dataset,
-    iter_chunks,
-    plan_inputs,
+    iter_planned,
     shard_files,
 )
 from drift_stream.scoring.beta import resolve_beta
@@ -134,10 +137,9 @@ def run_score(
     execution = scorer.execution_config() if hasattr(scorer, "execution_config") else None
     # before the schema pass: a changed input is refused before it is read
     run.check_config(record, execution, inputs={f.url: dict(f.identity) for f in files})
-    plan = input_plan(files, run, scorer, config)
     # beta: auto is fitted once per run on the first rows of the WHOLE input and recorded in OUT/beta.json; every
     # other shard process and every resume reads that record (beta.py).
-    resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, plan), run)
+    resolve_beta(scorer, lambda: head_rows(files, scorer.config.calibration_rows, config, _strict(scorer)), run)
     for pop in ("pop_padding_stats", "pop_tokenization_stats"):  # calibration rows are no input file's: the
         if hasattr(scorer, pop):  # markers count only their own
             getattr(scorer, pop)()
@@ -150,21 +152,67 @@ def run_score(
     )
     if todo:
         (score_files or _score_files)(todo, run, scorer, config, progress)
-    manifest = run.update_manifest(record, [f.url for f in files])
-    if manifest["complete"]:
-        logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
-                    manifest["rows_scored"], manifest["rows_rejected"])
-    if plan.json_columns:
-        logger.warning("column(s) %s hold values of different JSON types in different rows: they are carried as "
-                       "JSON text (%s records it)", ", ".join(plan.json_columns), f"{run.url}/{PLAN_FILE}")
-    if manifest["complete"]:
-        report_repeated_ids(run)
+    manifest = finish_run(run, record, files, mine)
     check_rejections(manifest, scorer, allow_all_rejected=config.allow_all_rejected)
     return manifest
 
 
-def report_repeated_ids(run: RunDirectory, examples: int = 5) -> dict[str, Any]:
-    """Warn when ids repeat across the scored rows of a complete run: {"ids", "rows", "examples"}.
+def finish_run(run: RunDirectory, record: dict[str, Any], files: list[InputFile],
+               mine: list[InputFile]) -> dict[str, Any]:
+    """O(files) bookkeeping: the process that sees the last marker (one listing of names) settles the run once,
+    reading each marker once (one schema over every shard, schema.json, repeated ids, manifest.json); any other
+    process reads only its own markers and returns their counts (`complete` false, `num_completed_files` of the
+    run). Two processes finishing together may both settle: the result is the same."""
+    urls = [f.url for f in files]
+    names = run.completed_indexes()
+    if len(names) < len(files):
+        own = {f.index: m for f in mine if f.index in names and (m := run.read_json(_marker_rel(f.index)))}
+        counts = run.build_manifest(record, urls, own)
+        counts.update(complete=False, num_completed_files=len(names))
+        logger.info("this shard: %d rows in, %d scored, %d rejected; %d of %d input files of the run are done (the "
+                    "process that finishes the last one writes the manifest)", counts["rows_in"],
+                    counts["rows_scored"], counts["rows_rejected"], len(names), len(files))
+        return counts
+    markers = run.completed()
+    plan_record = settle_shards(run, markers)
+    extra: dict[str, Any] = {}
+    if plan_record is not None:
+        source = _source_id_column(markers)
+        if source is not None:
+            plan_record["source_id_column"] = extra["source_id_column"] = source
+        if run.read_json(PLAN_FILE) != plan_record:
+            run.write_json(PLAN_FILE, plan_record)
+        if plan_record["json_columns"]:
+            logger.warning("column(s) %s hold values of different JSON types in different rows: they are carried as "
+                           "JSON text (%s records it)", ", ".join(plan_record["json_columns"]),
+                           f"{run.url}/{PLAN_FILE}")
+    extra["repeated_ids"] = report_repeated_ids(run, markers=markers)
+    manifest = run.write_manifest(record, urls, markers, extra)
+    logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
+                manifest["rows_scored"], manifest["rows_rejected"])
+    return manifest
+
+
+def _marker_rel(index: int) -> str:
+    return f"completions/{index:05d}.json"
+
+
+def _source_id_column(markers: Mapping[int, dict]) -> dict[str, str] | None:
+    """{name, type} of SOURCE_ID (the input's non-string ids, kept) in the run's data shards, if any holds it."""
+    from drift_stream.io.settle import schema_from_text
+
+    types = [schema_from_text(m["data_schema"]).field(SOURCE_ID).type for m in markers.values()
+             if m.get("data_schema") and SOURCE_ID in schema_from_text(m["data_schema"]).names]
+    if not types:
+        return None
+    kept = union_plan([SchemaPlan(pa.schema([(SOURCE_ID, t)])) for t in types]).schema.field(SOURCE_ID).type
+    return {"name": SOURCE_ID, "type": str(kept)}
+
+
+def report_repeated_ids(run: RunDirectory, examples: int = 5, markers: Mapping[int, dict] | None = None
+                        ) -> dict[str, Any]:
+    """Warn when ids repeat across the scored rows of a complete run: {"ids", "rows", "examples"} (recorded in the
+    run manifest as `repeated_ids`). `markers`: the run's markers, when the caller has read them already.
 
     DESIGN.md section 4: every input column passes through and rows in = rows scored + rows rejected, so rows with a
     repeated id (identical rows share their content hash; inputs repeat their own ids) are kept as they are. The id
@@ -172,9 +220,15 @@ def report_repeated_ids(run: RunDirectory, examples: int = 5) -> dict[str, Any]:
     other run (refine/chain.py)."""
     import polars as pl
 
-    from drift_stream.io.run_reader import read_completed_shards
+    from drift_stream.io.run_reader import CompletedShards, read_completed_shards
 
-    counts = (read_completed_shards(run).scan().select(ID).group_by(ID).len(name="_n")
+    if markers is None:
+        shards = read_completed_shards(run)
+    else:  # the settling process: no second read of the markers
+        config = (run.read_config() or {}).get("config") or {}
+        shards = CompletedShards(run, tuple(config.get("input_files") or ()), dict(sorted(markers.items())), None,
+                                 config)
+    counts = (shards.scan().select(ID).group_by(ID).len(name="_n")
               .filter(pl.col("_n") > 1).sort(["_n", ID], descending=[True, False]).collect())
     found = {"ids": counts.height, "rows": int(counts["_n"].sum()) if counts.height else 0,
              "examples": [{"id": i, "rows": int(n)} for i, n in counts.head(examples).iter_rows()]}
@@ -187,36 +241,13 @@ def report_repeated_ids(run: RunDirectory, examples: int = 5) -> dict[str, Any]:
     return found
 
 
-def input_plan(files: list[InputFile], run: RunDirectory, scorer: Any, config: RunConfig) -> SchemaPlan:
-    """The run's one input schema (io/schema.py): read from OUT/schema.json when a earlier process recorded it
-    (resumes and other shard processes skip the schema pass), else computed over every input file and recorded."""
-    recorded = run._read_json(PLAN_FILE)
-    if recorded is not None:
-        return plan_from_dict(recorded)
-    adapter = getattr(scorer, "adapter", None)
-    plan = plan_inputs(files, config.storage_options, strict_columns=getattr(adapter, "columns", ()) or ())
-    record = plan_to_dict(plan)
-    out = data_schema(plan, scorer)
-    if out is not None and SOURCE_ID in out.names and SOURCE_ID not in plan.schema.names:
-        kept = out.field(SOURCE_ID).type
-        record["source_id_column"] = {"name": SOURCE_ID, "type": str(kept)}
-        logger.info("the input's %s column holds %s values: every output row's %s is its text (else a hash of the "
-                    "row's fields), the values are kept in %s", ID, kept, ID, SOURCE_ID)
-    return plan_from_dict(run.write_json_once(PLAN_FILE, record))  # the first of racing processes wins
-
-
-def plan_to_dict(plan: SchemaPlan) -> dict[str, Any]:
-    """JSON form of a plan: readable column list plus the exact Arrow schema (IPC, base64)."""
-    return {**plan.to_dict(), "arrow_schema_base64": base64.b64encode(plan.schema.serialize().to_pybytes()).decode()}
-
-
-def plan_from_dict(value: dict[str, Any]) -> SchemaPlan:
-    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(value["arrow_schema_base64"])))
-    return SchemaPlan.from_dict(schema, value)
+def _strict(scorer: Any) -> tuple[str, ...]:
+    """The columns the scorer's adapter reads (io/schema.py: rows of another type are rejected one by one)."""
+    return tuple(getattr(getattr(scorer, "adapter", None), "columns", ()) or ())
 
 
 def data_schema(plan: SchemaPlan, scorer: Any) -> pa.Schema | None:
-    """Schema of every data shard: the input plan, `id`, the scorer's columns (the scorer run on zero rows)."""
+    """Schema of a file's data shard: its input plan, `id`, the scorer's columns (the scorer run on zero rows)."""
     try:
         out = scorer(plan.schema.empty_table())
     except Exception:  # noqa: BLE001 - a custom scorer that cannot take zero rows: the first output decides
@@ -226,43 +257,49 @@ def data_schema(plan: SchemaPlan, scorer: Any) -> pa.Schema | None:
     return out.drop_columns([REJECT_REASON]).schema
 
 
-def with_output_ids(input_schema: pa.Schema, out_schema: pa.Schema | None) -> pa.Schema:
-    """`input_schema` with the scorer's id columns (string `id`, SOURCE_ID when the scorer keeps one): what the
-    rejects shards are written with, so a rejected row carries the same ids as a scored one."""
-    if out_schema is None or ID not in out_schema.names:
+def with_source_id(input_schema: pa.Schema, out_schema: pa.Schema | None) -> pa.Schema:
+    """`input_schema` plus SOURCE_ID when the scorer keeps one: what the rejects shards are written with (run_dir's
+    rejects_schema makes `id` a string), so a rejected row carries the same ids as a scored one."""
+    if out_schema is None or SOURCE_ID not in out_schema.names or SOURCE_ID in input_schema.names:
         return input_schema
-    fields = [out_schema.field(ID) if f.name == ID else f for f in input_schema]
-    if ID not in input_schema.names:
-        fields.append(out_schema.field(ID))
-    if SOURCE_ID in out_schema.names and SOURCE_ID not in input_schema.names:
-        fields.append(out_schema.field(SOURCE_ID))
-    return pa.schema(fields, metadata=input_schema.metadata)
+    return pa.schema([*input_schema, out_schema.field(SOURCE_ID)], metadata=input_schema.metadata)
 
 
-def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, plan: SchemaPlan | None = None) -> pa.Table:
-    """The first `num_rows` decodable rows of the input files, in input order."""
+def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, strict_columns: tuple[str, ...] = ()
+              ) -> pa.Table:
+    """The first `num_rows` decodable rows of the input files, in input order, conformed to the union of the plans
+    of the files they come from (each file planned from its own first rows)."""
     tables: list[pa.Table] = []
+    plans: list[SchemaPlan] = []
     have = 0
     for file in files:
-        schema = plan or input_schema(file, config.storage_options)
-        for chunk in iter_chunks(file, schema, min(config.batch_rows, num_rows), config.storage_options):
-            tables.append(chunk.table.slice(0, num_rows - have))
-            have += tables[-1].num_rows
-            if have >= num_rows:
-                break
+        items = iter_planned(file, min(config.batch_rows, num_rows), config.storage_options, strict_columns)
+        try:
+            for item in items:
+                if isinstance(item, SchemaPlan):
+                    plans.append(item)
+                    continue
+                tables.append(item.table.slice(0, num_rows - have))
+                have += tables[-1].num_rows
+                if have >= num_rows:
+                    break
+        finally:
+            items.close()
         if have >= num_rows:
             break
     if not tables:
         return pa.table({})
-    return pa.concat_tables(tables, promote_options="permissive")
+    plan = union_plan(plans)
+    return pa.concat_tables([conform_table(t, plan.schema) for t in tables])
 
 
-def _events(todo: list[InputFile], config: RunConfig, plan: SchemaPlan) -> Iterator[tuple[str, InputFile, Any]]:
-    """("start", file, schema), ("chunk", file, Chunk)..., ("end", file, None) for every file, in order."""
+def _events(todo: list[InputFile], config: RunConfig, strict: tuple[str, ...]
+            ) -> Iterator[tuple[str, InputFile, Any]]:
+    """("start", file, its plan), ("chunk", file, Chunk)..., ("end", file, None) for every file, in order: each
+    file is planned from its own first rows / footer while it is read (io/streams.py iter_planned)."""
     for file in todo:
-        yield "start", file, plan
-        for chunk in iter_chunks(file, plan, config.batch_rows, config.storage_options):
-            yield "chunk", file, chunk
+        for item in iter_planned(file, config.batch_rows, config.storage_options, strict):
+            yield ("start", file, item) if isinstance(item, SchemaPlan) else ("chunk", file, item)
         yield "end", file, None
 
 
@@ -271,14 +308,11 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
 
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
-    plan = _run_plan(run, todo, config)
-    out_schema = data_schema(plan, scorer)
-    events = prefetch(_events(todo, config, plan), config.prefetch_batches)
+    events = prefetch(_events(todo, config, _strict(scorer)), config.prefetch_batches)
     try:
         for kind, file, payload in events:
             if kind == "start":
-                current = _FileScoring(run.shard_writer(file, with_output_ids(payload.schema, out_schema)),
-                                       config.on_bad_row, out_schema, payload.json_columns)
+                current = _FileScoring.start(run, file, payload, scorer, config.on_bad_row)
             elif kind == "chunk":
                 bar.update(current.score(payload, scorer))
             else:
@@ -297,27 +331,24 @@ def score_file(file: InputFile, run: RunDirectory, scorer, config: RunConfig) ->
     """Score one input file into its data / rejects shards, then write its marker. Returns the marker.
 
     What a Ray actor runs per file: a failure anywhere leaves no marker, so the file is scored again from its start.
+    The file is planned from itself, so the driver reads no input before its actors start.
     """
-    plan = _run_plan(run, [file], config)
-    out_schema = data_schema(plan, scorer)
-    current = _FileScoring(run.shard_writer(file, with_output_ids(plan.schema, out_schema)), config.on_bad_row,
-                           out_schema, plan.json_columns)
-    chunks = prefetch(iter_chunks(file, plan, config.batch_rows, config.storage_options), config.prefetch_batches)
+    current: _FileScoring | None = None
+    items = prefetch(iter_planned(file, config.batch_rows, config.storage_options, _strict(scorer)),
+                     config.prefetch_batches)
     try:
-        for chunk in chunks:
-            current.score(chunk, scorer)
+        for item in items:
+            if isinstance(item, SchemaPlan):
+                current = _FileScoring.start(run, file, item, scorer, config.on_bad_row)
+            else:
+                current.score(item, scorer)
         return current.commit(scorer)
     except BaseException:
-        current.writer.abort()
+        if current is not None:
+            current.writer.abort()
         raise
     finally:
-        chunks.close()
-
-
-def _run_plan(run: RunDirectory, files: list[InputFile], config: RunConfig) -> SchemaPlan:
-    """The plan that `run_score` recorded in the run directory (else, for a direct caller, that of `files`)."""
-    recorded = run._read_json(PLAN_FILE)
-    return plan_from_dict(recorded) if recorded is not None else plan_inputs(files, config.storage_options)
+        items.close()
 
 
 def _bad_row_id(raw: str, scorer) -> str:
@@ -338,12 +369,18 @@ class _FileScoring:
     """Scores the chunks of one input file into its ShardWriter and keeps its counts."""
 
     def __init__(self, writer: ShardWriter, on_bad_row: str, out_schema: pa.Schema | None = None,
-                 json_columns: tuple[str, ...] = ()) -> None:
+                 plan: SchemaPlan | None = None) -> None:
         self.writer, self.on_bad_row, self.out_schema = writer, on_bad_row, out_schema
-        self.json_columns = json_columns
+        self.plan = plan
+        self.json_columns = plan.json_columns if plan is not None else ()
         self.rows_in = self.rows_scored = self.rows_rejected = 0
         self.by_reason: dict[str, int] = {}
         self.scores = ScoreSummary()
+
+    @classmethod
+    def start(cls, run: RunDirectory, file: InputFile, plan: SchemaPlan, scorer, on_bad_row: str) -> "_FileScoring":
+        out_schema = data_schema(plan, scorer)
+        return cls(run.shard_writer(file, with_source_id(plan.schema, out_schema)), on_bad_row, out_schema, plan)
 
     def _fail(self, row_index: int, reason: str) -> None:
         raise BadRowError(
@@ -408,6 +445,7 @@ class _FileScoring:
             "rejected_by_reason": dict(sorted(self.by_reason.items())),
             "json_text_columns": list(self.json_columns),
             "scorer_info": info,
+            **({"plan": plan_to_dict(self.plan)} if self.plan is not None else {}),  # io/settle.py unites them
         }
         if hasattr(scorer, "pop_padding_stats"):  # real vs padded tokens of this file's batches (batching.py)
             counts["padding"] = scorer.pop_padding_stats()

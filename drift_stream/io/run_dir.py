@@ -5,7 +5,8 @@ Layout (fixed names; N = number of input files, I = an input file's position in 
     OUT/data/train-IIIII-of-NNNNN.parquet      scored rows of input file I, in input order
     OUT/rejects/train-IIIII-of-NNNNN.parquet   rejected rows of input file I (only when any), drift_reject_reason
     OUT/completions/IIIII.json                 marker: input file I is done (counts, score summary)
-    OUT/manifest.json                          recomputed from the markers (schemas/run_manifest.schema.json)
+    OUT/manifest.json                          merged from the markers once the last is written (engines/local.py
+                                               finish_run; schemas/run_manifest.schema.json)
     OUT/config.json                            resolved config and input identities (write-once); a rerun with
                                                a different config or changed input files is refused
 
@@ -36,7 +37,7 @@ import pyarrow as pa
 
 from drift_stream.errors import InputChangedError, InputError, RunDirMismatchError
 from drift_stream.io.atomic import _AtomicParquet, write_bytes_atomic
-from drift_stream.io.columns import RAW_LINE, REJECT_REASON, ROW_INDEX
+from drift_stream.io.columns import ID, RAW_LINE, REJECT_REASON, ROW_INDEX
 from drift_stream.io.manifest import (
     ScoreSummary,
     config_diff,
@@ -44,6 +45,7 @@ from drift_stream.io.manifest import (
     merge_score_summaries,
 )
 from drift_stream.io.schema import conform_table
+from drift_stream.io.settle import schema_to_text
 from drift_stream.io.streams import InputFile, filesystem, redact_url
 from drift_stream.version import __version__
 
@@ -63,18 +65,20 @@ def shard_name(index: int, num_files: int) -> str:
 
 
 def rejects_schema(input_schema: pa.Schema) -> pa.Schema:
-    """Schema of rejects/ shards: input columns, `id` (string if absent), reason, row index, raw line."""
+    """Schema of rejects/ shards: input columns, `id` (always a string, as on scored rows; in its input position,
+    else appended), reason, row index, raw line."""
     fields = {f.name: f for f in input_schema}
-    fields.setdefault("id", pa.field("id", pa.string()))
+    fields[ID] = pa.field(ID, pa.string())
     for name, type_ in ((REJECT_REASON, pa.string()), (ROW_INDEX, pa.int64()), (RAW_LINE, pa.string())):
         fields[name] = pa.field(name, type_)
     return pa.schema(list(fields.values()), metadata=input_schema.metadata)
 
 
 def empty_data_schema(input_schema: pa.Schema) -> pa.Schema:
-    """Schema of a data shard with no scored rows (the scorer never ran on a good row of that file)."""
+    """Schema of a data shard with no scored rows (the scorer never ran on a good row of that file); `id` is a
+    string, as on scored rows."""
     fields = {f.name: f for f in input_schema}
-    fields.setdefault("id", pa.field("id", pa.string()))
+    fields[ID] = pa.field(ID, pa.string())
     for name, type_ in (("drift_score", pa.float32()), ("drift_grad_norm", pa.float32()), ("drift_num_tokens", pa.int32())):
         fields[name] = pa.field(name, type_)
     return pa.schema(list(fields.values()), metadata=input_schema.metadata)
@@ -133,6 +137,9 @@ class ShardWriter:
             "data_file": self.data_rel,
             "rejects_file": self.rejects_rel if self._rejects is not None else None,
             **counts,
+            # what io/settle.py unites once the run is complete (no shard is opened for it)
+            "data_schema": schema_to_text(self._data.schema),
+            **({"rejects_schema": schema_to_text(self._rejects.schema)} if self._rejects is not None else {}),
             "score_summary": scores.to_dict(),
         }
         self.run._write_json(f"completions/{self.file.index:05d}.json", marker)
@@ -358,6 +365,18 @@ class RunDirectory:
             "config": json.loads(json.dumps(config)),
         }
 
+    def write_manifest(self, config: Mapping[str, Any], input_files: list[str], markers: Mapping[int, dict],
+                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """manifest.json from markers the caller has read (each once), validated; written only if it changed.
+        `extra`: the settled facts (`source_id_column`, `repeated_ids`)."""
+        import jsonschema
+
+        manifest = {**self.build_manifest(config, input_files, markers), **(extra or {})}
+        jsonschema.validate(manifest, _load_manifest_schema())
+        if self._read_json(MANIFEST_FILE) != manifest:
+            self._write_json(MANIFEST_FILE, manifest)
+        return manifest
+
     def update_manifest(self, config: Mapping[str, Any], input_files: list[str]) -> dict[str, Any]:
         """Recompute manifest.json from the markers; write it only if it changed.
 
@@ -386,6 +405,10 @@ class RunDirectory:
     def read_json(self, rel: str) -> dict | None:
         """A small JSON file of the run directory (`beta.json`, `schema.json`, ...), or None when absent."""
         return self._read_json(rel)
+
+    def write_json(self, rel: str, value: Any) -> None:
+        """Replace a small JSON file of the run directory (atomic)."""
+        self._write_json(rel, value)
 
     def read_config(self) -> dict | None:
         """config.json as recorded by the first writer ({"config": ..., "version": ...}), or None."""

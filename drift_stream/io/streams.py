@@ -12,10 +12,10 @@ Sharding rule (`shard_files`): input file i goes to shard i % num_shards. More s
 extra shards get no files and finish at once), so a fixed-size Slurm array works for any input.
 
 Reading: parquet by `ParquetFile.iter_batches` (one row group in memory at a time); JSON text (JSON Lines, a JSON
-array, concatenated objects; any common encoding and line end: io/jsontext.py) record by record. One schema for the
-whole input (`plan_inputs`, io/schema.py): parquet footers and a first pass over each JSON text file count the types
-of every column; every chunk of every file is conformed to the union (missing columns null, one string / list
-flavour), so every output shard of a run has one schema. A column whose JSON type varies between rows is carried as
+array, concatenated objects; any common encoding and line end: io/jsontext.py) record by record. A file's plan (io/schema.py)
+comes from what is cheap: its parquet footer, or the first rows of JSON text (io/json_rows.py: at most 10,000 rows /
+8 MiB); `iter_planned` yields it and then the file's chunks, so planning reads nothing twice. `plan_inputs` unions
+the plans of several files (missing columns null, one string / list flavour). A column whose JSON type varies between rows is carried as
 JSON text when the adapter does not read it; in a column the adapter reads, a row of another type becomes a
 `BadRow` (`wrong_type:COLUMN`). A line that is not JSON or not a JSON object becomes a `BadRow` (`invalid_json`,
 `not_a_json_object`, `invalid_utf8`) carried next to the good rows, never dropped. A file that cannot be opened or
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -46,8 +47,9 @@ import pyarrow.parquet as pq
 from drift_stream.errors import ConfigError, InputError
 from drift_stream.io.compressed import ZstdFrames
 from drift_stream.io.identity import dataset_fingerprint, file_identity
+from drift_stream.io.json_rows import json_batches, take_sample
 from drift_stream.io.jsontext import RAW_LIMIT, BadRow, iter_json_records
-from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text, to_plain_string
+from drift_stream.io.schema import SchemaPlan, TypeStats, conform_table, plan_schema, to_json_text
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ PLAN_METADATA_KEY = b"drift_stream.schema_plan"  # schema metadata: which column
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 _GLOB_CHARS = set("*?[")
 _SECRET_QUERY_WORDS = ("signature", "token", "credential", "secret", "key", "password", "sig")
-_SCHEMA_PASS_LINES = 4096  # lines per chunk in the jsonl schema pass
+WHOLE_READ_BYTES = 8 << 20  # remote parquet files up to this size are fetched in one request
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def shard_files(files: Sequence[InputFile], num_shards: int, shard_index: int) -
 
 
 def file_type_stats(file: InputFile, storage_options: Mapping[str, Any] | None = None) -> TypeStats:
-    """Rows per (column, Arrow type) of one input file. Parquet: the footer; JSON text: the whole file, read once."""
+    """Rows per (column, Arrow type) of one input file, from what is cheap: parquet, its footer; JSON text, its first
+    SAMPLE_ROWS rows or SAMPLE_BYTES (json_rows.py)."""
     stats = TypeStats()
     if file.format == "parquet":
         with _open(file, storage_options) as handle:
@@ -200,6 +203,26 @@ def iter_chunks(
     elif file.format == "jsonl":
         yield from _json_chunks(file, plan, batch_rows, storage_options)
     else:
+        yield from _dataset_chunks(file, plan, batch_rows)
+
+
+def iter_planned(
+    file: InputFile, batch_rows: int, storage_options: Mapping[str, Any] | None = None, strict_columns: Sequence[str] = ()
+) -> Iterator[SchemaPlan | Chunk]:
+    """The file's own plan, then its chunks conformed to it: the file is read once. The plan comes from what is
+    cheap: a parquet footer, the first rows of JSON text (json_rows.py: SAMPLE_ROWS / SAMPLE_BYTES; a later row that
+    does not fit is a BadRow with its reason), a dataset's features."""
+    if batch_rows < 1:
+        raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
+    if file.format == "parquet":
+        yield from _parquet_chunks(file, None, batch_rows, storage_options, strict_columns)
+    elif file.format == "jsonl":
+        yield from _json_chunks(file, None, batch_rows, storage_options, strict_columns)
+    else:
+        stats = TypeStats()
+        stats.add_schema(_dataset_schema(file), 1)
+        plan = _with_plan_metadata(plan_schema(stats, strict_columns))
+        yield plan
         yield from _dataset_chunks(file, plan, batch_rows)
 
 
@@ -342,10 +365,32 @@ def _parquet_file(file: InputFile, handle) -> pq.ParquetFile:
         raise InputError(f"input file {file.url} is not a readable parquet file ({exc}); replace or remove it") from exc
 
 
-def _parquet_chunks(file, plan: SchemaPlan, batch_rows, storage_options) -> Iterator[Chunk]:
+def _parquet_reader(file: InputFile, storage_options, stack: contextlib.ExitStack) -> pq.ParquetFile:
+    """The parquet file, opened once for its footer and its row groups. A remote file of at most WHOLE_READ_BYTES
+    is fetched in one request: a footer read (pyarrow asks for the last 64 KiB) and the row groups read through
+    fsspec's read-ahead would fetch a small file twice."""
+    size = file.identity.get("size")
+    if _protocol(file.url) != "file" and size is not None and size <= WHOLE_READ_BYTES:
+        fs, path = filesystem(file.url, storage_options)
+        try:
+            return _parquet_file(file, pa.BufferReader(fs.cat_file(path)))
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _expand_one
+            raise InputError(f"cannot open input file {file.url}: {exc}") from exc
+    return _parquet_file(file, stack.enter_context(_open(file, storage_options)))
+
+
+def _parquet_chunks(file, plan: SchemaPlan | None, batch_rows, storage_options, strict_columns=()) -> Iterator:
+    """Chunks of `plan`; with plan None the file's own plan (from its footer) is yielded first."""
     start = 0
-    with _open(file, storage_options) as handle:
-        reader = _parquet_file(file, handle)
+    with contextlib.ExitStack() as stack:
+        reader = _parquet_reader(file, storage_options, stack)
+        if plan is None:
+            stats = TypeStats()
+            stats.add_schema(reader.schema_arrow, max(reader.metadata.num_rows, 1))
+            plan = _with_plan_metadata(plan_schema(stats, strict_columns))
+            yield plan
         try:
             for batch in reader.iter_batches(batch_size=batch_rows):
                 yield _conform_chunk(file, pa.Table.from_batches([batch]), start, plan)
@@ -357,10 +402,13 @@ def _parquet_chunks(file, plan: SchemaPlan, batch_rows, storage_options) -> Iter
                              "replace or remove it") from exc
 
 
-def _json_records(file: InputFile, storage_options) -> Iterator[tuple[int, dict | BadRow]]:
-    """(row_index, object or BadRow) for every record of a JSON text file (jsontext.iter_json_records)."""
+def _json_records(file: InputFile, storage_options, opened: dict | None = None) -> Iterator[tuple[int, dict | BadRow]]:
+    """(row_index, object or BadRow) for every record of a JSON text file (jsontext.iter_json_records);
+    `opened["handle"]` is the decompressed stream (its tell() measures the sample)."""
     try:
         with _open_text_stream(file, storage_options) as handle:
+            if opened is not None:
+                opened["handle"] = handle
             yield from iter_json_records(handle, file.url)
     except InputError:
         raise
@@ -368,85 +416,37 @@ def _json_records(file: InputFile, storage_options) -> Iterator[tuple[int, dict 
         raise InputError(f"input file {file.url} cannot be read to the end ({exc}); replace or remove it") from exc
 
 
+def _position(opened: dict) -> int:
+    try:
+        return int(opened["handle"].tell())
+    except (KeyError, OSError, ValueError, AttributeError):  # a stream without tell(): the row bound alone
+        return 0
+
+
 def _json_stats(file: InputFile, storage_options) -> TypeStats:
-    stats = TypeStats()
-    rows: list[dict] = []
-    for _, decoded in _json_records(file, storage_options):
-        if isinstance(decoded, dict):
-            rows.append(decoded)
-            if len(rows) >= _SCHEMA_PASS_LINES:
-                stats.add_rows(rows)
-                rows.clear()
-    stats.add_rows(rows)
-    return stats
-
-
-def _rows_to_table(rows: list[dict], index: list[int], plan: SchemaPlan) -> tuple[pa.Table, list[int], list[BadRow]]:
-    """Rows (JSON objects) as a table of `plan`; rows that do not fit (a strict column of another type) are BadRows."""
-    for row in rows:
-        for name in plan.json_columns:  # every value, strings too ("n/a" -> "\"n/a\""): the column is JSON text
-            if row.get(name) is not None:
-                row[name] = to_json_text(row[name])
-        for name in plan.string_columns:
-            if row.get(name) is not None and not isinstance(row[name], str) and not isinstance(row[name], (dict, list)):
-                row[name] = to_plain_string(row[name])
-    if not plan.schema:  # objects without keys ({}): a table of no columns that still has its rows
-        return pa.Table.from_struct_array(pa.array(rows, pa.struct([]))), index, []
+    opened: dict = {}
+    records = _json_records(file, storage_options, opened)
     try:
-        return pa.Table.from_pylist(rows, schema=plan.schema), index, []
-    except (pa.ArrowException, ValueError, TypeError, OverflowError):
-        pass
-    good, good_index, bad = [], [], []
-    for row, i in zip(rows, index):
-        try:
-            pa.Table.from_pylist([row], schema=plan.schema)
-        except (pa.ArrowException, ValueError, TypeError, OverflowError):
-            column = next((f.name for f in plan.schema if not _fits(row.get(f.name), f.type)), "row")
-            bad.append(BadRow(i, f"wrong_type:{column}", to_json_text(row)[:RAW_LIMIT]))
-            continue
-        good.append(row)
-        good_index.append(i)
+        return take_sample(records, lambda: _position(opened))[1]
+    finally:
+        records.close()
+
+
+def _json_chunks(file, plan: SchemaPlan | None, batch_rows, storage_options, strict_columns=()) -> Iterator:
+    """Chunks of `plan`; with plan None the file's own plan (from its sample, read once) is yielded first."""
+    opened: dict = {}
+    source = _json_records(file, storage_options, opened)
+    records: Iterator = source
     try:
-        return pa.Table.from_pylist(good, schema=plan.schema), good_index, bad
-    except (pa.ArrowException, ValueError, TypeError, OverflowError):
-        # pyarrow reads a struct from a dict or from a list of pairs, and one conversion cannot mix the two
-        # ([[]] fits a list<struct> alone, not next to [{...}]): convert row by row
-        singles = [pa.Table.from_pylist([row], schema=plan.schema) for row in good]
-        return pa.concat_tables(singles) if singles else plan.schema.empty_table(), good_index, bad
-
-
-def _fits(value: Any, type_: pa.DataType) -> bool:
-    try:
-        pa.array([value], type_)
-        return True
-    except (pa.ArrowException, ValueError, TypeError, OverflowError):
-        return False
-
-
-def _json_chunks(file, plan: SchemaPlan, batch_rows, storage_options) -> Iterator[Chunk]:
-    rows: list[dict] = []
-    index: list[int] = []
-    bad: list[BadRow] = []
-
-    def emit() -> Chunk:
-        table, kept, misfits = _rows_to_table(rows, index, plan)
-        chunk = Chunk(file, table, np.asarray(kept, dtype=np.int64),
-                      sorted(bad + misfits, key=lambda b: b.row_index))
-        rows.clear()
-        index.clear()
-        bad.clear()
-        return chunk
-
-    for line_no, decoded in _json_records(file, storage_options):
-        if isinstance(decoded, BadRow):
-            bad.append(decoded)
-        else:
-            rows.append(decoded)
-            index.append(line_no)
-        if len(rows) + len(bad) >= batch_rows:
-            yield emit()
-    if rows or bad:
-        yield emit()
+        if plan is None:
+            sample, stats = take_sample(source, lambda: _position(opened))
+            plan = _with_plan_metadata(plan_schema(stats, strict_columns))
+            yield plan
+            records = itertools.chain(sample, source)
+        for table, kept, bad in json_batches(records, plan, batch_rows):
+            yield Chunk(file, table, np.asarray(kept, dtype=np.int64), bad)
+    finally:
+        source.close()
 
 
 def _conform_chunk(file: InputFile, table: pa.Table, start: int, plan: SchemaPlan) -> Chunk:

@@ -269,7 +269,16 @@ def weight_summary_line(manifest: dict) -> str | None:
 
 def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
     """A few lines for the terminal: rows, score distribution, correlations, bank, and for a refine output
-    directory its weights (IncompleteRunError: `gather`)."""
+    directory its weights (IncompleteRunError: `gather`).
+
+    A score run that is still incomplete (a shard of an array that finished before the others) with
+    `allow_incomplete` gets one line from a listing of its markers, reading no data: the full summary (which reads
+    the score column once) is printed by the process that completes the run, so an N-task array does one full-run
+    read, not N."""
+    if allow_incomplete:
+        partial = _incomplete_score_run(run_dir, storage_options)
+        if partial is not None:
+            return partial
     s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
                command="the run summary")
     st = s.score_stats
@@ -298,6 +307,25 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
         if line:
             lines.append(line)
     return "\n".join(lines)
+
+
+def _incomplete_score_run(run_dir: str, storage_options: dict | None) -> str | None:
+    """One line for a score run directory whose input files are not all marked done yet, else None."""
+    try:
+        run = RunDirectory.open(run_dir, storage_options)
+    except InputError:
+        return None
+    manifest = run.read_manifest()
+    if manifest is not None and (manifest.get("kind") != "score" or manifest.get("complete")):
+        return None
+    inputs = ((run.read_config() or {}).get("config") or {}).get("input_files")
+    if not inputs:
+        return None
+    done = len(run.completed_indexes())
+    if done >= len(inputs):
+        return None
+    return (f"run {run.url}  (INCOMPLETE: {done} of {len(inputs)} input files scored; the process that scores the "
+            f"last one prints the run's summary, or run `drift-stream report {run.url}`)")
 
 
 def _gap_text(gap: Any) -> str:

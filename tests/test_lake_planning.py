@@ -1,0 +1,170 @@
+"""Issue 23: planning from what is cheap (each file from its own footer / first rows, read once), one schema settled
+when the last marker is written, and O(files) bookkeeping (a shard process reads only its own markers)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_stream.engines.local import RunConfig, run_score
+from drift_stream.io import json_rows
+from drift_stream.io.columns import ID, SOURCE_ID
+from drift_stream.io.run_dir import RunDirectory, empty_data_schema, rejects_schema
+from drift_stream.io.schema import SchemaPlan
+from drift_stream.io.streams import expand_inputs, iter_chunks, iter_planned, plan_inputs
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "schemas" / "run_manifest.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def make_scorer(tiny_model_dir):
+    from drift_stream.scoring.build import build_scorer
+
+    return lambda: build_scorer("random", model=tiny_model_dir, adapter="messages", seed=0)
+
+
+def chat(i: int, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], **extra}
+
+
+def lines(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+# ------------------------------------------------------------------------------------------------ bounded planning
+
+
+def test_a_plan_needs_only_the_sample_not_the_whole_file(tmp_path):
+    """A gzip file of 4 x SAMPLE_ROWS rows cut short at half its bytes: planning it succeeds (it reads the first
+    SAMPLE_ROWS rows and the reader's 1 MiB read-ahead, not the cut); reading it stops with the InputError naming
+    the file."""
+    n = 4 * json_rows.SAMPLE_ROWS
+    data = gzip.compress(lines({"k": i, "text": hashlib.sha256(str(i).encode()).hexdigest() * 3} for i in range(n)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    files = expand_inputs([str(tmp_path / "cut.jsonl.gz")])
+    plan = plan_inputs(files)
+    assert plan.schema.names == ["k", "text"]
+    items = iter_planned(files[0], 1000)
+    assert isinstance(next(items), SchemaPlan)
+    with pytest.raises(Exception, match="cut.jsonl.gz"):
+        for _ in items:
+            pass
+
+
+def test_rows_after_the_sample_that_do_not_fit_are_rejected_with_their_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(json_rows, "SAMPLE_ROWS", 5)
+    records = [{"k": i, "tag": "t"} for i in range(12)]
+    records[7] = {"k": 7, "tag": "t", "late": True}  # a key the sample never showed
+    records[9] = {"k": "nine", "tag": "t"}  # another type than the sample's
+    (tmp_path / "x.jsonl").write_bytes(lines(records))
+    file = expand_inputs([str(tmp_path / "x.jsonl")])[0]
+    items = list(iter_planned(file, 4))
+    plan, chunks = items[0], items[1:]
+    assert plan.schema == pa.schema([("k", pa.int64()), ("tag", pa.string())])
+    bad = [(b.row_index, b.reason) for c in chunks for b in c.bad_rows]
+    assert bad == [(7, "unplanned_column:late"), (9, "wrong_type:k")]
+    assert json.loads([b for c in chunks for b in c.bad_rows][0].raw) == records[7]  # kept whole in rejects
+    kept = [int(i) for c in chunks for i in c.row_index]
+    assert kept == [0, 1, 2, 3, 4, 5, 6, 8, 10, 11]
+    # the same file read with a plan given from outside (iter_chunks) is read the same way
+    again = list(iter_chunks(file, plan, 4))
+    assert [(b.row_index, b.reason) for c in again for b in c.bad_rows] == bad
+
+
+def test_output_schemas_give_id_as_string():
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    assert rejects_schema(schema).field(ID).type == pa.string()
+    assert rejects_schema(schema).names[:2] == ["id", "text"]  # in its input position
+    assert empty_data_schema(schema).field(ID).type == pa.string()
+
+
+# --------------------------------------------------------------------------------- settling and O(files) bookkeeping
+
+
+def two_writers(root: Path) -> list[str]:
+    """File 0: parquet, int ids, a `meta` struct; file 1: JSON Lines, no ids, `meta` a string, an extra column."""
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([chat(i, id=i, meta={"lang": "en"}) for i in range(6)]), root / "a.parquet")
+    (root / "b.jsonl").write_bytes(lines(chat(10 + i, meta="web", score=0.5) for i in range(5)))
+    return [str(root / "a.parquet"), str(root / "b.jsonl")]
+
+
+class CountingReads:
+    """Counts the run directory's JSON reads by file (an observer that calls through)."""
+
+    def __init__(self, monkeypatch):
+        self.reads: list[str] = []
+        original = RunDirectory._read_json
+
+        def read(run, rel):
+            self.reads.append(rel)
+            return original(run, rel)
+
+        monkeypatch.setattr(RunDirectory, "_read_json", read)
+
+    def markers(self) -> list[str]:
+        return [r for r in self.reads if r.startswith("completions/")]
+
+
+def test_shards_plan_their_own_files_and_the_last_one_settles_one_schema(tmp_path, make_scorer, monkeypatch):
+    paths = two_writers(tmp_path / "pool")
+    out = tmp_path / "run"
+    seen = CountingReads(monkeypatch)
+    first = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=0), make_scorer(),
+                      progress=False)
+    assert not first["complete"] and first["num_completed_files"] == 1 and first["rows_scored"] == 6
+    assert seen.markers() == ["completions/00000.json"]  # its own marker only
+    assert not (out / "manifest.json").exists() and not (out / "schema.json").exists()
+    shard0 = pq.read_schema(out / "data" / "train-00000-of-00002.parquet")
+    assert shard0.field("meta").type == pa.struct([("lang", pa.string())])  # planned from its own file
+
+    seen.reads.clear()
+    last = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=1), make_scorer(),
+                     progress=False)
+    assert last["complete"] and (last["rows_in"], last["rows_scored"]) == (11, 11)
+    assert sorted(seen.markers()) == ["completions/00000.json", "completions/00001.json"]  # each read once
+    jsonschema.validate(last, SCHEMA)
+    schemas = [pq.read_schema(p) for p in sorted((out / "data").glob("*.parquet"))]
+    assert all(s.remove_metadata().equals(schemas[0].remove_metadata()) for s in schemas)
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((out / "data").glob("*.parquet")))
+    assert [json.loads(v) for v in table.column("meta").to_pylist()] == [{"lang": "en"}] * 6 + ["web"] * 5
+    assert table.column("score").to_pylist() == [None] * 6 + [0.5] * 5
+    assert table.column(SOURCE_ID).to_pylist() == list(range(6)) + [None] * 5
+    assert table.column(ID).to_pylist()[:6] == [str(i) for i in range(6)]
+    plan = json.loads((out / "schema.json").read_text())
+    assert plan["json_columns"] == ["meta"] and "score: double" in plan["schema"]
+    assert plan["source_id_column"] == last["source_id_column"] == {"name": SOURCE_ID, "type": "int64"}
+    assert last["repeated_ids"] == {"ids": 0, "rows": 0, "examples": []}
+    assert json.loads((out / "manifest.json").read_text()) == last
+
+    # a rerun of the finished run changes nothing (the settled shards are not encoded twice)
+    before = {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")}
+    again = run_score(RunConfig(data=tuple(paths), out=str(out)), make_scorer(), progress=False)
+    assert again == last
+    assert {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")} == before
+
+
+def test_a_homogeneous_lake_is_settled_without_rewriting_a_shard(tmp_path, make_scorer):
+    root = tmp_path / "pool"
+    root.mkdir()
+    for f in range(3):
+        pq.write_table(pa.Table.from_pylist([chat(10 * f + i, id=f"d{f}-{i % 2}") for i in range(4)]),
+                       root / f"p{f}.parquet")
+    out = tmp_path / "run"
+    for index in (1, 0, 2):
+        run_score(RunConfig(data=(str(root),), out=str(out), num_shards=3, shard_index=index), make_scorer(),
+                  progress=False)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    manifest = run_score(RunConfig(data=(str(root),), out=str(out), num_shards=3, shard_index=2), make_scorer(),
+                         progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")} == mtimes
+    assert manifest["complete"] and manifest["repeated_ids"]["ids"] == 6  # d{f}-0 and d{f}-1, twice each
+    assert manifest["repeated_ids"]["examples"][0] == {"id": "d0-0", "rows": 2}
+    assert "source_id_column" not in manifest
