@@ -293,14 +293,29 @@ def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, strict_c
     return pa.concat_tables([conform_table(t, plan.schema) for t in tables])
 
 
-def _events(todo: list[InputFile], config: RunConfig, strict: tuple[str, ...]
-            ) -> Iterator[tuple[str, InputFile, Any]]:
-    """("start", file, its plan), ("chunk", file, Chunk)..., ("end", file, None) for every file, in order: each
-    file is planned from its own first rows / footer while it is read (io/streams.py iter_planned)."""
+def _events(todo: list[InputFile], config: RunConfig, scorer) -> Iterator[tuple[str, InputFile, Any]]:
+    """("start", file, its plan), ("chunk", file, (Chunk, prepared rows))..., ("end", file, None) for every file,
+    in order. Runs on the prefetch thread: each file is planned from its own first rows / footer while it is read
+    (io/streams.py iter_planned), and each chunk is tokenized here (`prepare_chunk`), so chunk i+1 is read and
+    tokenized while the model runs chunk i."""
     for file in todo:
-        for item in iter_planned(file, config.batch_rows, config.storage_options, strict):
+        for item in _planned_items(file, config, scorer):
             yield ("start", file, item) if isinstance(item, SchemaPlan) else ("chunk", file, item)
         yield "end", file, None
+
+
+def _planned_items(file: InputFile, config: RunConfig, scorer) -> Iterator[Any]:
+    """The file's plan, then (Chunk, PreparedRows | None) per chunk."""
+    prepare = getattr(scorer, "prepare_chunk", None)
+    items = iter_planned(file, config.batch_rows, config.storage_options, _strict(scorer))
+    try:
+        for item in items:
+            if isinstance(item, SchemaPlan):
+                yield item
+            else:
+                yield item, (prepare(item.table) if prepare is not None and item.table.num_rows else None)
+    finally:
+        items.close()
 
 
 def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunConfig, progress: bool) -> None:
@@ -308,13 +323,13 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
 
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
-    events = prefetch(_events(todo, config, _strict(scorer)), config.prefetch_batches)
+    events = prefetch(_events(todo, config, scorer), config.prefetch_batches)
     try:
         for kind, file, payload in events:
             if kind == "start":
                 current = _FileScoring.start(run, file, payload, scorer, config.on_bad_row)
             elif kind == "chunk":
-                bar.update(current.score(payload, scorer))
+                bar.update(current.score(*payload, scorer=scorer))
             else:
                 marker = current.commit(scorer)
                 current = None
@@ -334,14 +349,13 @@ def score_file(file: InputFile, run: RunDirectory, scorer, config: RunConfig) ->
     The file is planned from itself, so the driver reads no input before its actors start.
     """
     current: _FileScoring | None = None
-    items = prefetch(iter_planned(file, config.batch_rows, config.storage_options, _strict(scorer)),
-                     config.prefetch_batches)
+    items = prefetch(_planned_items(file, config, scorer), config.prefetch_batches)
     try:
         for item in items:
             if isinstance(item, SchemaPlan):
                 current = _FileScoring.start(run, file, item, scorer, config.on_bad_row)
             else:
-                current.score(item, scorer)
+                current.score(*item, scorer=scorer)
         return current.commit(scorer)
     except BaseException:
         if current is not None:
@@ -376,6 +390,7 @@ class _FileScoring:
         self.rows_in = self.rows_scored = self.rows_rejected = 0
         self.by_reason: dict[str, int] = {}
         self.scores = ScoreSummary()
+        self.tokenization: dict[str, int] | None = None  # counters of the chunks tokenized ahead (prepare_chunk)
 
     @classmethod
     def start(cls, run: RunDirectory, file: InputFile, plan: SchemaPlan, scorer, on_bad_row: str) -> "_FileScoring":
@@ -388,14 +403,18 @@ class _FileScoring:
             "Fix the row, or rerun with --on-bad-row reject to send bad rows to rejects/"
         )
 
-    def score(self, chunk: Chunk, scorer) -> int:
-        """Score one chunk; returns the number of input rows it held."""
+    def score(self, chunk: Chunk, prepared: Any = None, *, scorer) -> int:
+        """Score one chunk (`prepared`: its rows tokenized ahead, or None); returns the number of input rows."""
         table, n_bad = chunk.table, len(chunk.bad_rows)
         if self.on_bad_row == "error" and chunk.bad_rows:
             self._fail(chunk.bad_rows[0].row_index, chunk.bad_rows[0].reason)
         parts: list[pa.Table] = []
+        if prepared is not None:
+            self.tokenization = self.tokenization or {}
+            for key, value in prepared.tokenization.items():
+                self.tokenization[key] = self.tokenization.get(key, 0) + value
         if table.num_rows:
-            out = scorer(table)
+            out = scorer(table) if prepared is None else scorer.score_table(table, prepared)
             if not isinstance(out, pa.Table) or out.num_rows != table.num_rows:
                 got = out.num_rows if isinstance(out, pa.Table) else type(out).__name__
                 raise DriftError(f"the scorer returned {got} rows for {table.num_rows}: it must keep every row")
@@ -449,6 +468,11 @@ class _FileScoring:
         }
         if hasattr(scorer, "pop_padding_stats"):  # real vs padded tokens of this file's batches (batching.py)
             counts["padding"] = scorer.pop_padding_stats()
-        if hasattr(scorer, "pop_tokenization_stats"):  # turns whose reasoning the template dropped (tokenization.py)
+        if self.tokenization is not None or hasattr(scorer, "prepare_chunk"):
+            # tokenized on the prefetch thread: this file's chunks' own counters (popping the tokenizer's here
+            # would take some of the next file's, tokenized ahead); turns whose reasoning the template dropped
+            zero = {key: 0 for key in scorer.chat.stats()} if hasattr(getattr(scorer, "chat", None), "stats") else {}
+            counts["tokenization"] = {**zero, **(self.tokenization or {})}
+        elif hasattr(scorer, "pop_tokenization_stats"):
             counts["tokenization"] = scorer.pop_tokenization_stats()
         return self.writer.commit(counts, self.scores)

@@ -147,7 +147,27 @@ def random_unit(seed: int, row_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def adapter_rows(table: pa.Table, adapter) -> list[dict]:
+    """The rows of `table` as dicts of the columns `adapter` reads (its fields and id column) that the table has:
+    the other columns (a long `meta`, a pass-through blob) stay in Arrow."""
+    names = [c for c in dict.fromkeys(getattr(adapter, "columns", None) or table.column_names)
+             if c in table.column_names]
+    if not names:
+        return [{} for _ in range(table.num_rows)]
+    return table.select(names).to_pylist()
+
+
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedRows:
+    """One chunk's rows as the scorer needs them (`BatchScorer.prepare_chunk`), one entry per row."""
+
+    ids: list[str]
+    tokenized: list[Any]  # TokenizedExample, or None where rejected
+    reasons: list[str | None]
+    tokenization: dict  # the tokenizer's counters for these rows (ChatTokenizer.pop_stats)
 
 
 @dataclass
@@ -215,14 +235,14 @@ class BatchScorer:
 
     # -- the shared path ---------------------------------------------------------------------------------------
     def prepare(self, table: pa.Table) -> tuple[list[str], list[Any], list[str | None]]:
-        """ids, tokenized examples (None where rejected) and reject reasons, one per row."""
+        """ids, tokenized examples (None where rejected) and reject reasons, one per row. Only the columns the
+        adapter reads become Python objects (`adapter_rows`)."""
         from drift_stream.data.example_types import RowError
 
-        rows = table.to_pylist()
         ids: list[str] = []
         tokenized: list[Any] = []
         reasons: list[str | None] = []
-        for row in rows:
+        for row in adapter_rows(table, self.adapter):
             ids.append(self.adapter.row_id(row))
             try:
                 tokenized.append(self.chat.encode(self.adapter.to_example(row)))
@@ -232,9 +252,19 @@ class BatchScorer:
                 reasons.append(err.reason)
         return ids, tokenized, reasons
 
-    def score_table(self, table: pa.Table) -> pa.Table:
-        n = table.num_rows
+    def prepare_chunk(self, table: pa.Table) -> "PreparedRows":
+        """`prepare` plus the tokenizer's counters of this chunk alone: what a worker thread computes for chunk i+1
+        while the model runs chunk i (engines/local.py). The scores do not depend on where it ran (tested)."""
         ids, tokenized, reasons = self.prepare(table)
+        return PreparedRows(ids, tokenized, reasons, self.pop_tokenization_stats())
+
+    def score_table(self, table: pa.Table, prepared: "PreparedRows | None" = None) -> pa.Table:
+        """`table` plus the score columns; `prepared`: `prepare_chunk(table)`, computed ahead."""
+        n = table.num_rows
+        if prepared is None:
+            ids, tokenized, reasons = self.prepare(table)
+        else:
+            ids, tokenized, reasons = prepared.ids, prepared.tokenized, list(prepared.reasons)
         valid = [i for i in range(n) if tokenized[i] is not None]
         score = np.full(n, np.nan)
         grad_norm = np.full(n, np.nan)
