@@ -311,8 +311,9 @@ def test_refine_and_report_on_real_s3(s3_server):
     assert sum(x.num_rows for x in read_out(f"s3://{bucket}/rep", so)) == r["rows_written"]
     fs = s3_server.filesystem()
     assert json.loads(fs.cat_file(f"{bucket}/top/manifest.json")) == m
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/top")) == [
-        "manifest.json"] + [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    assert sorted(p.split(f"{bucket}/top/", 1)[1] for p in fs.find(f"{bucket}/top")) == (
+        [f"completions/{i:05d}.json" for i in range(4)] + [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)]
+        + ["manifest.json", "refine_config.json", "refine_plan.json"])  # nothing left behind on S3
     write_report(f"s3://{bucket}/run", storage_options=so)
     assert b'id="rejects"' in fs.cat_file(f"{bucket}/run/report.html")
 

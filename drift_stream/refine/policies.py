@@ -19,10 +19,14 @@ Policies (DESIGN.md section 2):
                      among N rows reaches z ~ sqrt(N) and can take most of the weight.
                    Every map is monotone non-decreasing in the score. Low temperature -> sharper weights.
 * ``repeat``       integer copies from the same weights: ``floor(w) + Bernoulli(w - floor(w))`` drawn from ``seed``;
-                   each row is written that many times, shuffled across the output shards. No weight column
-                   (a trainer that reads weights would count them twice).
+                   each row is written that many times, shuffled across the output shards (a uniformly random
+                   shard per copy, each shard a uniformly random permutation), by a two-pass external shuffle in
+                   bounded memory (refine/repeat.py). No weight column (a trainer that reads weights would count
+                   them twice).
 
 Only the (id, score) columns of the whole run are ever scanned at once (polars, lazily); rows stream shard by shard.
+Resumable: a completion marker per output shard, the fitted cut / weight map recorded before the first row is
+written, a rerun with other settings refused (refine/resume.py; refine/plan.py fits the plan).
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -41,26 +44,27 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from drift_stream.bank.checkpoint import kill_point
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.atomic import atomic_parquet_writer
 from drift_stream.io.columns import ID, KEEP, NUM_TOKENS, SCORE, WEIGHT
 from drift_stream.io.manifest import provenance
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import read_completed_shards
 from drift_stream.io.schema import conform_table, one_output_schema
-from drift_stream.refine.chain import Prefilter, mask_scores, survivor_mask
+from drift_stream.refine.chain import Prefilter, survivor_mask
+from drift_stream.refine.plan import fit_plan
+from drift_stream.refine.repeat import write_repeat
+from drift_stream.refine.resume import RefineOutput, source_identities
 from drift_stream.refine.selection import (
     TopCut,
-    stratified_cuts,
     stratified_mask,
-    top_cut,
     top_mask,
 )
 from drift_stream.refine.weight_map import (
     WEIGHT_MAPS,
     Moments,
     WeightMap,
-    fit_weight_map,
     weight_summary,
 )
 
@@ -176,11 +180,11 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         raise InputError(f"cannot read {path}: {e}") from e
 
 
-def _iter_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.RecordBatch]:
+def _iter_batches(fs: fsspec.AbstractFileSystem, path: str, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     try:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            yield from pf.iter_batches(batch_size=BATCH_ROWS)
+            yield from pf.iter_batches(batch_size=rows)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"cannot read shard {path}: {e}") from e
 
@@ -213,23 +217,6 @@ def _add_field(schema: pa.Schema, field: pa.Field) -> pa.Schema:
 # ------------------------------------------------------------------------------------------------------- policies
 
 
-def _check_scores(lf: pl.LazyFrame, root: str) -> tuple[int, dict[str, float]]:
-    stats = lf.select(
-        pl.len().alias("n"),
-        pl.col(SCORE).null_count().alias("nulls"),
-        pl.col(SCORE).is_nan().sum().alias("nans"),
-        pl.col(SCORE).cast(pl.Float64).mean().alias("mean"),
-        pl.col(SCORE).cast(pl.Float64).std(ddof=0).alias("std"),
-        pl.col(SCORE).min().cast(pl.Float64).alias("min"),
-        pl.col(SCORE).max().cast(pl.Float64).alias("max"),
-    ).collect().row(0, named=True)
-    if stats["nulls"] or stats["nans"]:
-        raise InputError(f"{root}/data has {stats['nulls']} null and {stats['nans']} NaN drift_score values: scored "
-                         "shards must hold finite scores only (unscorable rows belong in rejects/)")
-    return int(stats["n"]), {k: stats[k] for k in ("mean", "std", "min", "max")}
-
-
-
 # ------------------------------------------------------------------------------------------------------- refine_run
 
 
@@ -245,7 +232,9 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     prefilters: Prefilter(run, drop_worst) or (run, fraction) pairs, applied first (filters in sequence, chain.py).
     weight_map, clip_z: the weights / repeat map of the score (module docstring); the manifest's `weight_summary`
     gives the spread of the weights written (max, effective sample size, the top 1% of rows' share).
-    Returns the refine manifest (schemas/refine_manifest.schema.json).
+    Resumable (refine/resume.py): a rerun with the same settings skips the output shards that have a completion
+    marker and reuses the recorded cut / weight map; other settings or changed source shards are refused
+    (RunDirMismatchError). Returns the refine manifest (schemas/refine_manifest.schema.json).
     """
     from tqdm.auto import tqdm
 
@@ -270,6 +259,9 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     shards = completed.data_files
     if not shards:
         raise InputError(f"{run_dir} has no finished input file: nothing to refine")
+    target = RefineOutput(out, storage_options)
+    identity = ({"refine": recorded, "source_run": source}, source_identities(src_fs, shards, src, source_run.is_local))
+    target.check_config(*identity)
     schemas, counts = zip(*(_shard_schema(src_fs, s) for s in shards))
     for path, schema in zip(shards, schemas):
         missing = [c for c in (ID, SCORE) if c not in schema.names]
@@ -290,64 +282,56 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     lf = completed.scan().select(ID, SCORE)
-    n, stats = _check_scores(lf, src)
-    if n != offsets[-1]:
-        raise InputError(f"shard row counts ({offsets[-1]}) disagree with the scan ({n}) under {src}/data")
-    logger.info("refine %s: %d scored rows in %d shards, policy %s", run_dir, n, len(shards), policy)
-    survive, chained, n_policy = None, None, n  # rows the policy sees: all, or those the prefilters keep
+    survive = None  # [run rows] bool: the rows the prefilters keep (None: all)
     if config.prefilters:
-        survive, chained = survivor_mask(lf, config.prefilters, lambda run: read_completed_shards(
-                                             RunDirectory.open(run, storage_options), allow_incomplete=allow_incomplete,
-                                             command="refine").scan().select(ID, SCORE))
-        n_policy = int(survive.sum())
-        if not n_policy:
-            raise ConfigError(f"the prefilters {[str(p.run) for p in config.prefilters]} leave no row of {run_dir}")
-        _, stats = _check_scores(lf.filter(pl.Series(survive)), src)
-    policy_scores = (lf if survive is None else lf.filter(pl.Series(survive))).select(SCORE)  # the n_policy rows
-    if config.prefilters:
-        lf = mask_scores(lf, survive)
-
-    cut: dict[str, Any] | None = None
-    top: TopCut | None = None
-    strata: tuple[dict[str, TopCut], list[float]] | None = None
-    wmap: WeightMap | None = None
-    if policy.kind == "top":
-        k = int(math.floor(policy.value * n_policy + 0.5))
-        if k == 0:
-            logger.warning("top:%g of %d rows keeps no row", policy.value, n_policy)
-        elif config.stratify_by or config.length_buckets:
-            columns = list(dict.fromkeys([ID, SCORE, *config.stratify_by]
-                                         + ([NUM_TOKENS] if config.length_buckets else [])))
-            cuts, groups, edges = stratified_cuts(completed.scan().select(columns).with_row_index("_row"),
-                                                   k, config)
-            strata = (cuts, edges)
-        else:
-            top = top_cut(lf.with_row_index("_row"), k)
-        cut = {"score": None if top is None else top.score, "id": None if top is None else top.id,
-               "row": None if top is None else top.row, "rows_target": k}
-        if strata is not None:
-            cut["strata"] = [{"key": key.split("\x1f"), **groups[key]} for key in sorted(groups)]
-            cut["length_edges"] = strata[1] or None
-    elif policy.kind in ("threshold", "positive"):
-        cut = {"score": float(policy.value or 0.0)}
+        survive, _ = survivor_mask(lf, config.prefilters, lambda run: read_completed_shards(
+                                       RunDirectory.open(run, storage_options), allow_incomplete=allow_incomplete,
+                                       command="refine").scan().select(ID, SCORE))
+    loaded = target.load_plan()
+    if loaded is None:
+        plan = fit_plan(lf, completed, config, policy, survive, offsets, src, run_dir,
+                        storage_options, allow_incomplete)
+        target.check_config(*identity, record=True)  # before the plan: a plan is always under its config
+        loaded = target.save_plan(*plan)
     else:
-        wmap = fit_weight_map(policy_scores, stats, n_policy, kind=config.weight_map,
-                              temperature=config.temperature, clip_z=config.clip_z)
+        logger.info("refine %s: resuming with the cut / weight map recorded in %s", out, target.url)
+    plan, wmap = loaded
+    n, stats, n_policy = plan["rows_in"], plan["score_stats_in"], plan["rows_after_prefilters"]
+    policy_scores = (lf if survive is None else lf.filter(pl.Series(survive))).select(SCORE)  # the n_policy rows
+    top = None if plan["top"] is None else TopCut(**plan["top"])
+    strata = None if plan["strata"] is None else \
+        ({k: TopCut(**v) for k, v in plan["strata"]["cuts"].items()}, plan["strata"]["edges"])
 
     num_out = len(shards)
     names = [f"{dst}/data/train-{i:05d}-of-{num_out:05d}.parquet" for i in range(num_out)]
+    markers = target.finished(names)
+    if len(markers) == num_out and old is not None:
+        logger.info("refine %s -> %s is complete: nothing to do", run_dir, out)
+        return old
+    if markers:
+        logger.info("refine %s -> %s: %d of %d output shards already written, skipped", run_dir, out,
+                    len(markers), num_out)
     bar = tqdm(total=n, unit="rows", desc=f"refine {policy}", disable=not progress, dynamic_ncols=True)
-    acc = _Accumulator()
     try:
         if policy.kind == "repeat":
-            written = _write_repeat(src_fs, shards, schemas, out_fs, names, wmap, config, bar, acc, survive)
+            acc = _Accumulator()
+            write_repeat(lambda i, rows: _iter_batches(src_fs, shards[i], rows), num_out, schemas[0], out_fs, names, wmap,
+                         config.seed, n_policy, acc, survive, set(markers),
+                         lambda b, rows: markers.__setitem__(b, _commit(target, b, names, rows)),
+                         on_batch=bar.update)
         else:
-            written = []
             for i, (path, schema) in enumerate(zip(shards, schemas)):
-                written.append(_write_shard(src_fs, path, schema, out_fs, names[i], policy, config, top, wmap,
-                                            int(offsets[i]), bar, acc, strata, survive))
+                if i in markers:
+                    bar.update(int(counts[i]))
+                    continue
+                shard_acc = _Accumulator()
+                rows = _write_shard(src_fs, path, schema, out_fs, names[i], policy, config, top, wmap,
+                                    int(offsets[i]), bar, shard_acc, strata, survive)
+                markers[i] = _commit(target, i, names, rows, shard_acc)
+            acc = _Accumulator.merged(markers[i] for i in range(num_out))
     finally:
         bar.close()
+    written = [int(markers[i]["rows"]) for i in range(num_out)]
 
     manifest = {
         **provenance("refine"),
@@ -359,7 +343,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         "rows_in": n,
         "rows_kept": acc.kept,
         "rows_written": int(sum(written)),
-        "cut": cut,
+        "cut": plan["cut"],
         "score_stats_in": stats,
         "score_stats_kept": acc.score_stats(),
         "weight_stats": acc.weight_stats() if wmap is not None else None,
@@ -367,15 +351,25 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
                                          temperature=config.temperature, clip_z=config.clip_z) if wmap is not None else None,
         "repeat": ({"copies_total": int(sum(written)), "rows_with_copies": acc.kept,
                     "expected_copies": float(n_policy)} if policy.kind == "repeat" else None),
-        "prefilters": chained,
+        "prefilters": plan["prefilters"],
         "rows_after_prefilters": n_policy,
         "shards": [{"path": f"data/{os.path.basename(p)}", "rows": int(r)} for p, r in zip(names, written)],
     }
-    write_bytes_atomic(out_fs, f"{dst}/manifest.json", json.dumps(manifest, indent=2).encode())
+    target.write_manifest(manifest)
     logger.info("refine %s -> %s: kept %d of %d rows, wrote %d", run_dir, out, acc.kept, n, manifest["rows_written"])
     if not completed.complete:
         logger.warning("refined an incomplete run: %s", completed.describe())
     return manifest
+
+
+def _commit(target: RefineOutput, index: int, names: list[str], rows: int, acc=None) -> dict:
+    """Write output shard `index`'s completion marker (its shard is complete) and return it."""
+    marker = {"index": index, "path": f"data/{os.path.basename(names[index])}", "rows": int(rows)}
+    if acc is not None:
+        marker.update(scores=acc.scores.to_dict(), weights=acc.weights.to_dict())
+    target.write_marker(index, marker)
+    kill_point("refine", index)  # the SIGKILL resume tests' hook (bank/checkpoint.py); nothing unless asked
+    return marker
 
 
 class _Accumulator:
@@ -383,6 +377,15 @@ class _Accumulator:
 
     def __init__(self) -> None:
         self.scores, self.weights = Moments(), Moments()
+
+    @classmethod
+    def merged(cls, markers) -> "_Accumulator":
+        """The moments of the shards' markers, added in shard order (the same sums whether or not a run resumed)."""
+        out = cls()
+        for marker in markers:
+            out.scores.merge(Moments.from_dict(marker["scores"]))
+            out.weights.merge(Moments.from_dict(marker["weights"]))
+        return out
 
     @property
     def kept(self) -> int:
@@ -434,51 +437,4 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
             written += table.num_rows
             first_row += batch.num_rows
             bar.update(batch.num_rows)
-    return written
-
-
-def _write_repeat(src_fs, shards: list[str], schemas, out_fs, names: list[str], wmap: WeightMap,
-                  config: RefineConfig, bar, acc, survive: np.ndarray | None = None) -> list[int]:
-    """Two-pass external shuffle: copies go to random buckets on local disk, then each bucket is permuted."""
-    num_out = len(names)
-    schema = schemas[0]  # one_output_schema: the same for every shard
-    with tempfile.TemporaryDirectory(prefix="drift-repeat-") as tmp:
-        parts: list[list[str]] = [[] for _ in range(num_out)]
-        first_row = 0
-        for i, path in enumerate(shards):
-            rng = np.random.default_rng([config.seed, 0, i])
-            writers: dict[int, pq.ParquetWriter] = {}
-            for batch in _iter_batches(src_fs, path):
-                score = batch.column(SCORE).to_numpy(zero_copy_only=False)
-                weight = wmap(score)
-                alive = np.ones(len(weight), dtype=bool) if survive is None else \
-                    survive[first_row: first_row + len(weight)]
-                first_row += len(weight)
-                weight = np.where(alive, weight, 0.0)  # rows the prefilters drop get no copy
-                base = np.floor(weight)
-                copies = (base + (rng.random(len(weight)) < weight - base)).astype(np.int64)
-                acc.scores.add(score[copies > 0])
-                acc.weights.add(weight[alive].astype(np.float32))
-                index = np.repeat(np.arange(len(copies)), copies)
-                bucket = rng.integers(0, num_out, size=index.size)
-                table = pa.Table.from_batches([batch]).take(pa.array(index))
-                for b in np.unique(bucket):
-                    if b not in writers:
-                        part = os.path.join(tmp, f"bucket-{b:05d}-part-{i:05d}.parquet")
-                        parts[b].append(part)
-                        writers[b] = pq.ParquetWriter(part, schema)
-                    writers[b].write_table(conform_table(table.filter(pa.array(bucket == b)), schema))
-                bar.update(batch.num_rows)
-            for w in writers.values():
-                w.close()
-        written = []
-        for b, dest in enumerate(names):
-            table = (pa.concat_tables([pq.read_table(p) for p in parts[b]]) if parts[b]
-                     else schema.empty_table())
-            perm = np.random.default_rng([config.seed, 1, b]).permutation(table.num_rows)
-            with atomic_parquet_writer(out_fs, dest, schema) as writer:
-                writer.write(table.take(pa.array(perm, pa.int64())))
-            written.append(table.num_rows)
-            for p in parts[b]:
-                os.remove(p)
     return written

@@ -51,6 +51,18 @@ class WeightMap:
             return np.ones_like(s)
         return np.exp(np.clip((s - self.mean) / self.scale, -self.clip, self.clip) - self.top - self.log_norm)
 
+    def to_record(self) -> dict:
+        """The map's scalars as JSON (floats round-trip exactly; an infinite clip is null). rank's arrays are not in
+        it: `rank_table` / `from_record(record, table)` carry them (refine/resume.py stores them as parquet)."""
+        return {"kind": self.kind, "mean": self.mean, "scale": self.scale,
+                "clip": None if math.isinf(self.clip) else self.clip, "top": self.top, "log_norm": self.log_norm}
+
+    @classmethod
+    def from_record(cls, record: dict, values: np.ndarray | None = None, table: np.ndarray | None = None) -> WeightMap:
+        clip = math.inf if record["clip"] is None else float(record["clip"])
+        return cls(record["kind"], mean=record["mean"], scale=record["scale"], clip=clip, top=record["top"],
+                   log_norm=record["log_norm"], values=values, table=table)
+
 
 def fit_weight_map(scores: pl.LazyFrame, stats: dict[str, float], n: int, *, kind: str = "rank",
                    temperature: float = 1.0, clip_z: float = 3.0) -> WeightMap:
@@ -110,6 +122,27 @@ class Moments:
             self.sum += float(x.sum())
             self.sumsq += float(np.square(x).sum())
             self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+
+    def merge(self, other: Moments) -> None:
+        """Add `other`'s rows (refine merges per-shard moments in shard order, so a resumed run sums alike)."""
+        if other.n:
+            self.n += other.n
+            self.sum += other.sum
+            self.sumsq += other.sumsq
+            self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
+    def to_dict(self) -> dict:
+        """JSON-exact (a completion marker holds it); min / max null while empty."""
+        return {"n": self.n, "sum": self.sum, "sumsq": self.sumsq, "min": self.min if self.n else None,
+                "max": self.max if self.n else None}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Moments:
+        out = cls()
+        if record["n"]:
+            out.n, out.sum, out.sumsq = int(record["n"]), float(record["sum"]), float(record["sumsq"])
+            out.min, out.max = float(record["min"]), float(record["max"])
+        return out
 
     def stats(self) -> dict[str, float] | None:
         if not self.n:
