@@ -66,9 +66,11 @@ def library_defaults() -> dict[tuple[str, str], object]:
     assert _field_default(FeatureConfig, "proj_dim_in") == _field_default(FeatureConfig, "proj_dim_out")
     out[("bank build", "proj_dim")] = _field_default(FeatureConfig, "proj_dim_in")
     out[("bank build", "last_n_blocks")] = _field_default(FeatureConfig, "last_n_blocks")
+    out[("bank build", "track_experts")] = _field_default(FeatureConfig, "track_experts")
     for name in ("adapter", "verifier", "fisher_data", "fisher_adapter", "device", "storage_options", "overwrite"):
         out[("bank build", name)] = _param_default(build_bank, name)
-    for name in ("seed", "temperature", "keep_all", "length_buckets", "storage_options", "allow_incomplete"):
+    for name in ("seed", "temperature", "weight_map", "clip_z", "keep_all", "length_buckets", "storage_options",
+                 "allow_incomplete"):
         out[("refine", name)] = _param_default(refine_run, name)
     out[("refine", "stratify_by")] = None if _param_default(refine_run, "stratify_by") == () else "differs"
     out[("refine", "prefilter")] = None if _param_default(refine_run, "prefilters") == () else "differs"

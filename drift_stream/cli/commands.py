@@ -87,7 +87,8 @@ def bank_build_cmd(args, progress: bool = True) -> int:
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
         ),
-        features=FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim, last_n_blocks=args.last_n_blocks),
+        features=FeatureConfig(proj_dim_in=args.proj_dim, proj_dim_out=args.proj_dim, last_n_blocks=args.last_n_blocks,
+                               track_experts=args.track_experts),
         fisher_examples=args.fisher_examples,
         no_contrast=args.no_contrast,
         max_rollouts=args.max_rollouts,
@@ -107,7 +108,8 @@ def bank_build_cmd(args, progress: bool = True) -> int:
         from drift_stream.engines.ray_bank import RayBankWorkers
 
         workers = RayBankWorkers(args.model, config.features, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                                 cpus_per_actor=args.cpus_per_actor, device=args.device, threads=args.threads,
+                                 cpus_per_actor=args.cpus_per_actor, device=args.device, dtype=args.dtype,
+                                 threads=args.threads,
                                  address=args.ray_address)
     with workers as pool:
         build_bank(
@@ -147,6 +149,8 @@ def refine_cmd(args, progress: bool = True) -> int:
         args.out,
         seed=args.seed,
         temperature=args.temperature,
+        weight_map=args.weight_map,
+        clip_z=args.clip_z,
         keep_all=args.keep_all,
         stratify_by=tuple(c.strip() for c in args.stratify_by.split(",") if c.strip()) if args.stratify_by else (),
         length_buckets=args.length_buckets,
@@ -160,6 +164,11 @@ def refine_cmd(args, progress: bool = True) -> int:
             f"refined {manifest['rows_in']} rows with policy {args.policy}: "
             f"{manifest['rows_written']} rows written to {args.out}"
         )
+        from drift_stream.refine.report import weight_summary_line
+
+        spread = weight_summary_line(manifest)
+        if spread:
+            print(spread)
     fraction = manifest.get("source_fraction_files", 1.0)
     if fraction < 1.0:  # printed even with --quiet: the output covers only part of the pool
         print(f"warning: the run is incomplete; refined {100 * fraction:.1f}% of its input files "

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from drift_stream.engines.local import ON_BAD_ROW
     from drift_stream.model.loading import DTYPES
     from drift_stream.refine.export import FORMATS, LAYOUTS
+    from drift_stream.refine.weight_map import WEIGHT_MAPS
     from drift_stream.scoring.base import SCORERS
     from drift_stream.version import __version__
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template(b)
     b.add_argument("--proj-dim", type=int, default=16, help="projection size per side per module")
     b.add_argument("--last-n-blocks", type=int, default=None, help="track only the last N blocks")
+    b.add_argument("--track-experts", action="store_true", help="also track fused MoE expert weights (Qwen3-MoE, "
+                   "Mixtral, GPT-OSS layouts; slower): the bank manifest's coverage says what the features see")
     b.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="padded tokens per featurize call instead of 8 rows, rows sorted by length (speed and "
                         "memory only)")
@@ -171,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="top:P | threshold:T | positive | weights | repeat")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the weights map")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature T of the weights map")
+    p.add_argument("--weight-map", default="rank", choices=WEIGHT_MAPS,
+                   help="weights/repeat: rank (exp(Phi^-1 of the rank) / T, bounded, default), clipped_z "
+                        "(exp(clip(z, -C, C) / T)), or exp_z (exp(z / T), unbounded: the map of 0.1.0)")
+    p.add_argument("--clip-z", type=float, default=3.0, metavar="C", help="clipped_z: clip z to [-C, C] (default 3)")
     p.add_argument("--keep-all", action="store_true", help="write every row with a `keep` column")
     p.add_argument("--stratify-by", default=None, metavar="COL[,COL]",
                    help="top:P inside each group of these columns, keeping the pool's mix (e.g. task)")
