@@ -183,3 +183,52 @@ def test_sigkill_then_rerun_on_s3_equals_uninterrupted_run(s3_server, make_score
     assert data.equals(read_prefix(fs, f"{bucket}/ref/data"))
     assert len(set(data.column("id").to_pylist())) == data.num_rows == 232
     assert read_prefix(fs, f"{bucket}/killed/rejects").equals(read_prefix(fs, f"{bucket}/ref/rejects"))
+
+
+def test_an_array_on_s3_reads_each_input_byte_once_and_settles_one_schema(s3_server, make_scorer, monkeypatch):
+    """Issue 23 on S3: two shard processes over files of two writers (a struct `meta` / a string `meta`). Every
+    input byte is fetched once (observed in s3fs), the first shard writes no manifest, the last one settles one
+    schema over both data shards (the struct becomes JSON text) and fetches the markers in one batched call."""
+    import s3fs.core
+
+    fs, bucket = s3_server.filesystem(), s3_server.new_bucket("lake")
+    fs.pipe_file(f"{bucket}/in/a.parquet", parquet_bytes([{**chat(i), "meta": {"lang": "en"}} for i in range(30)]))
+    fs.pipe_file(f"{bucket}/in/b.jsonl.gz", gzip.compress(jsonl_bytes({**chat(30 + i), "meta": "web"}
+                                                                        for i in range(20))))
+    stored = sum(fs.size(f"{bucket}/in/{n}") for n in ("a.parquet", "b.jsonl.gz"))
+    fetched: list[int] = []
+    fetch = s3fs.core.S3File._fetch_range
+
+    def observed(self, start, end):
+        data = fetch(self, start, end)
+        if self.key.startswith("in/"):
+            fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", observed)
+    cat = s3fs.core.S3FileSystem._cat_file
+
+    async def observed_cat(self, path, *a, **k):
+        data = await cat(self, path, *a, **k)
+        if "/in/" in path:
+            fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_cat_file", observed_cat)
+    out = f"s3://{bucket}/run"
+    for index in (0, 1):
+        manifest = run_score(RunConfig(data=(f"s3://{bucket}/in/",), out=out, num_shards=2, shard_index=index,
+                                       batch_rows=8, storage_options=s3_server.storage_options), make_scorer(),
+                             progress=False)
+        if index == 0:
+            assert not manifest["complete"] and not fs.exists(f"{bucket}/run/manifest.json")
+    assert sum(fetched) == stored  # every input byte once, in an array of two
+    jsonschema.validate(manifest, SCHEMA)
+    assert manifest["complete"] and manifest["rows_scored"] == 50
+    schemas = [pq.read_schema(fs.open(p, "rb")) for p in sorted(fs.glob(f"{bucket}/run/data/*.parquet"))]
+    assert len(schemas) == 2 and schemas[0].remove_metadata().equals(schemas[1].remove_metadata())
+    data = read_prefix(fs, f"{bucket}/run/data")
+    assert [json.loads(v) for v in data.column("meta").to_pylist()] == [{"lang": "en"}] * 30 + ["web"] * 20
+    assert json.loads(fs.cat_file(f"{bucket}/run/schema.json"))["json_columns"] == ["meta"]
+    markers = RunDirectory.open(out, s3_server.storage_options).completed()
+    assert sorted(markers) == [0, 1] and markers[1]["rows_scored"] == 20

@@ -317,13 +317,15 @@ class RunDirectory:
         return {int(name[:-5]) for name in self._marker_names() if name[:-5].isdigit()}
 
     def completed(self) -> dict[int, dict]:
-        """Markers of finished input files, by input index."""
-        markers = {}
-        for name in self._marker_names():
-            marker = self._read_json(f"completions/{name}")
-            if marker is not None:
-                markers[int(marker["input_index"])] = marker
-        return markers
+        """Markers of finished input files, by input index. On an object store they are fetched in one batched,
+        concurrent call (fsspec `cat` of the list): 1,000 markers one GET after another cost ~1,000 round trips."""
+        rels = [f"completions/{name}" for name in self._marker_names()]
+        if self.is_local or len(rels) < 2:
+            texts = [self._read_json(rel) for rel in rels]
+        else:
+            blobs = self.fs.cat([self._path(rel) for rel in rels], on_error="omit")
+            texts = [json.loads(blob.decode("utf-8")) for blob in blobs.values() if isinstance(blob, bytes)]
+        return {int(marker["input_index"]): marker for marker in texts if marker is not None}
 
     def shard_writer(self, file: InputFile, input_schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self, file, input_schema)
