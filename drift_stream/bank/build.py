@@ -13,6 +13,11 @@ reason and left out of the vectors, with a warning.
 
 Bank directory (fixed names; written and loaded by bank/store.py): bank.safetensors, manifest.json
 (schemas/bank_manifest.schema.json), rollouts.parquet.
+Resumable: queries are processed in chunks of `checkpoint_queries` (rollouts, verification, features, g_j:
+bank/chunks.py), each saved to OUT/checkpoints/ (bank/checkpoint.py) before the next; a rerun of a killed build with
+the same settings restores the saved chunks and builds the rest, to the same bank (other settings are refused).
+Rollout features live one chunk at a time; with save_rollout_vectors they are combined from the chunk files into
+bank.safetensors without an [R, D] array in memory. The checkpoints are removed once the bank is written.
 Proximity gap of a query: reference_loss - rollout_loss (token-weighted mean NLL of all its rollouts); overall: the
 mean over the queries that have both.
 Queries without a contrast (adaptive K, reference as a positive target, dropping) and query weighting (uniform |
@@ -33,7 +38,9 @@ from drift_stream.bank.config import (
     truncated_share,
     truncation_warning,
 )
-from drift_stream.bank.contrast import contrast_counts, query_weights, top_up_rollouts
+from drift_stream.bank.checkpoint import BankCheckpoints, kill_point, queries_digest
+from drift_stream.bank.chunks import ChunkContext, build_chunk, merge_adaptive
+from drift_stream.bank.contrast import contrast_counts, query_weights
 from drift_stream.bank.store import (
     BANK_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -43,8 +50,9 @@ from drift_stream.bank.store import (
     fingerprint_tokenizer,
     write_bank,
 )
-from drift_stream.bank.targets import _encode_all, _off_policy, _on_policy, _Targets
+from drift_stream.bank.targets import _encode_all
 from drift_stream.errors import BankError, ConfigError
+from drift_stream.io.config_fields import output_dict
 from drift_stream.model.batching import plan_batches
 from drift_stream.rollouts.engine import (
     generate_rollouts,
@@ -132,12 +140,10 @@ def build_bank(
     """
     import torch
 
-    from drift_stream.data.example_types import Example
     from drift_stream.data.tokenization import ChatTokenizer
     from drift_stream.grads.coverage import coverage_warning
     from drift_stream.grads.features import GradientFeaturizer
     from drift_stream.rollouts.verifiers import (
-        VerifyResult,
         load_verifier,
         verify_rollouts,
     )
@@ -164,72 +170,62 @@ def build_bank(
     if not query_list:
         raise ConfigError(f"no validation query fits the tokenizer ({len(rejected)} rejected: {rejected[:3]})")
     timings = dict.fromkeys(("generation", "verification", "gradients", "preconditioner"), 0.0)
+    token_stats = chat_tok.pop_stats()  # the prompts': counted by every run, a resumed one too
 
-    rollouts = []
+    # Chunks of queries, each checkpointed (bank/checkpoint.py); a rerun skips the chunks a killed build saved.
+    size = config.checkpoint_queries
+    chunks = [query_list[s:s + size] for s in range(0, len(query_list), size)]
+    store = BankCheckpoints(out_dir)
+    if (out_dir / MANIFEST_FILE).exists():  # --overwrite of a complete bank: start over
+        store.clear()
     backend = resolve_backend(config.rollouts.backend, model_path)
-    if on_policy and backend == "vllm":  # vLLM runs before the HF model is loaded, so both never share the GPU
+    pregenerated = None
+    pending = [q for c, chunk in enumerate(chunks) if not store.done(c) for q in chunk]
+    if on_policy and backend == "vllm" and pending:  # vLLM runs before the HF model is loaded: never both on the GPU
         t0 = time.perf_counter()
-        rollouts = generate_rollouts(model_path, tokenizer, chat_tok, query_list, config.rollouts, progress)
+        pregenerated = {}
+        for r in generate_rollouts(model_path, tokenizer, chat_tok, pending, config.rollouts, progress):
+            pregenerated.setdefault(r.query_id, []).append(r)
         timings["generation"] = time.perf_counter() - t0
     if model_path is not None:
         model = load_model(model_path, device=device, dtype=dtype)
-    generate = workers.generate_rollouts if workers is not None and backend != "vllm" else generate_rollouts
-    featurize_all = workers.featurize_all if workers is not None else None
-    if on_policy and backend != "vllm":
-        t0 = time.perf_counter()
-        rollouts = generate(model, tokenizer, chat_tok, query_list, config.rollouts, progress)
-        timings["generation"] = time.perf_counter() - t0
-    results: list[VerifyResult] = []
-    if on_policy:
-        t0 = time.perf_counter()
-        by_id = {q.id: q for q in query_list}
-        results = verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rollouts],
-                                  config.verifier_timeout_s, progress)
-        timings["verification"] = time.perf_counter() - t0
-    adaptive = None
-    if on_policy and config.max_rollouts is not None:
-        import dataclasses
-
-        t0 = time.perf_counter()
-        gen_model = model_path if backend == "vllm" else model
-        rollouts, results, adaptive = top_up_rollouts(
-            lambda qs, seed: generate(gen_model, tokenizer, chat_tok, qs,
-                                               dataclasses.replace(config.rollouts, seed=seed), progress),
-            lambda rs: verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rs],
-                                       config.verifier_timeout_s, progress),
-            query_list, rollouts, results, num_rollouts=config.rollouts.num_rollouts,
-            max_rollouts=config.max_rollouts, seed=config.rollouts.seed, correct_threshold=config.correct_threshold)
-        timings["adaptive_rollouts"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    model_fingerprint = fingerprint_model(model)
+    store.check_record({"config": output_dict(config), "model": model_path,
+                        "model_fingerprint": model_fingerprint["fingerprint"],
+                        "tokenizer": fingerprint_tokenizer(tokenizer)["fingerprint"],
+                        "queries": queries_digest(query_list), "verifier": verifier and verifier.spec()},
+                       overwrite=overwrite)
     featurizer = GradientFeaturizer(model, config.features)
     skipped = coverage_warning(featurizer.coverage())
     if skipped:  # fused MoE experts or large unhooked parameters: the bank's query vectors do not see them
         logger.warning("%s", skipped)
-    batch_args = (chat_tok.pad_token_id, config.feature_batch_size)
-    # Reference answers: the off-policy targets, and the other side of the proximity gap.
-    refs, ref_errors = _encode_all(
-        {j: (Example(id=q.id, messages=tuple(q.messages) + ({"role": "assistant", "content": q.reference_response},)),)
-         for j, q in enumerate(query_list) if q.reference_response is not None}, chat_tok.encode)
-    ref_errors.update({j: "no_reference" for j, q in enumerate(query_list) if q.reference_response is None})
-    refs = _Targets(featurizer, refs, *batch_args, "reference", progress,
-                    loss_only=on_policy and config.no_contrast != "reference", featurize_all=featurize_all,
-                    max_batch_tokens=config.max_batch_tokens)
-    ref_loss = {j: float(refs.loss[refs.row[j]]) for j in refs.owners if refs.ok(j)}
-    if on_policy:
-        # Each rollout's own tokens: prompt + completion, loss on the completion.
-        encoded, encode_errors = _encode_all(
-            {i: (r.prompt_ids, r.completion_ids, r.query_id) for i, r in enumerate(rollouts)}, chat_tok.encode_rollout)
-        feats = _Targets(featurizer, encoded, *batch_args, "rollout features", progress, featurize_all=featurize_all,
-                         max_batch_tokens=config.max_batch_tokens)
-        rows, vectors, table, rollout_vectors, target_pass = _on_policy(
-            query_list, rollouts, results, feats, encode_errors, ref_loss, ref_errors, config, tokenizer,
-            refs if config.no_contrast == "reference" else None)
-    else:
-        (rows, vectors), table, rollout_vectors, target_pass = _off_policy(query_list, refs, ref_errors), [], None, {}
-    timings["gradients"] = time.perf_counter() - t0
+    ctx = ChunkContext(
+        config=config, model=model, gen_model=model_path if backend == "vllm" else model, tokenizer=tokenizer,
+        chat_tok=chat_tok, featurizer=featurizer, verifier=verifier,
+        generate=workers.generate_rollouts if workers is not None and backend != "vllm" else generate_rollouts,
+        verify=lambda rs, by_id: verify_rollouts(verifier, [(r.completion, by_id[r.query_id]) for r in rs],
+                                                 config.verifier_timeout_s, progress),
+        featurize_all=workers.featurize_all if workers is not None else None, progress=progress,
+        pregenerated=pregenerated)
+    for c, chunk in enumerate(chunks):
+        if store.done(c):
+            logger.info("bank build: chunk %d of %d (%d queries) restored from %s", c + 1, len(chunks), len(chunk),
+                        store.root)
+            continue
+        store.save(c, *build_chunk(ctx, chunk))
+        kill_point("bank", c)  # the SIGKILL resume tests' hook; nothing unless asked
+    markers = [store.marker(c) for c in range(len(chunks))]
+    rows, vectors, target_pass = [], {}, {}
+    for c, m in enumerate(markers):
+        rows += m["rows"]
+        vectors.update(store.vectors(c, m["vector_ids"]))
+        target_pass.update(m["target_pass"])
+        for key, value in m["timings"].items():
+            timings[key] = timings.get(key, 0.0) + value
+    adaptive = merge_adaptive([m["adaptive"] for m in markers])
+    num_rollouts = sum(m["rollouts"] for m in markers)
 
-    truncation = {"rollouts": len(rollouts), "truncated": sum(r.finish_reason == "length" for r in rollouts),
+    truncation = {"rollouts": num_rollouts, "truncated": sum(m["truncated"] for m in markers),
                   "policy": config.truncated, "max_new_tokens": config.rollouts.max_new_tokens}
     if on_policy and truncated_share(truncation) >= TRUNCATION_WARN_SHARE:
         logger.warning(truncation_warning(truncation))
@@ -258,6 +254,8 @@ def build_bank(
         kind = "identity"
     pre, fisher_info = _fit_preconditioner(kind, config, featurizer, fisher_data, fisher_adapter, chat_tok,
                                            storage_options)
+    for stats in [chat_tok.pop_stats()] + [m["tokenization"] for m in markers]:  # the Fisher rows', the chunks'
+        token_stats = {k: token_stats.get(k, 0) + v for k, v in stats.items()}
     b = pre.apply(g)  # [m, D] float64
     if config.normalize:
         b = b / b.norm(dim=1, keepdim=True)
@@ -269,7 +267,7 @@ def build_bank(
     manifest = {
         "format": "drift-stream-bank", "format_version": BANK_FORMAT_VERSION, "version": _package_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {**fingerprint_model(model), "path": model_path}, "tokenizer": fingerprint_tokenizer(tokenizer),
+        "model": {**model_fingerprint, "path": model_path}, "tokenizer": fingerprint_tokenizer(tokenizer),
         "projector": {"fingerprint": fingerprint_projector(spec), "spec": spec},
         "modules": [m["name"] for m in spec["modules"]], "dim": featurizer.dim, "coverage": featurizer.coverage(),
         "signing": config.signing, "targets": config.targets, "verifier": verifier and verifier.spec(),
@@ -283,18 +281,21 @@ def build_bank(
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "truncation": truncation,
         "tokenization": {**{k: v for k, v in chat_tok.config_dict().items()
-                            if k in ("template", "chat_template_sha1", "stop_token_ids")}, **chat_tok.stats()},
+                            if k in ("template", "chat_template_sha1", "stop_token_ids")}, **token_stats},
         "contrast": {"no_contrast": config.no_contrast, "query_weighting": config.query_weighting,
                      "adaptive": adaptive, "queries": contrast_counts(rows) if on_policy else None,
                      "reference_targets": sum(bool(r["reference_target"]) for r in rows)},
     }
     tensors = {"query_vectors": b.float().contiguous(), "signed_vectors": g.float().contiguous(),
                **{k: v.contiguous() for k, v in pre.state_dict().items()}}
-    if rollout_vectors is not None:
-        tensors["rollout_vectors"] = rollout_vectors.contiguous()
+    streamed = None
+    if on_policy and config.save_rollout_vectors:  # [R, D] from the chunks' files, one chunk in memory at a time
+        streamed = {"rollout_vectors": ([store.rollout_vector_file(c) for c in range(len(chunks))], "rollout_vectors")}
     if config.query_weighting != "uniform":  # uniform stores none: the scorer takes the plain mean, as before
         tensors["query_weights"] = torch.from_numpy(weights).float().contiguous()
-    write_bank(out_dir, tensors, manifest, table)
+    write_bank(out_dir, tensors, manifest, rollout_files=[store.table_file(c) for c in range(len(chunks))],
+               streamed=streamed)
+    store.clear()
     logger.info("bank written to %s: %d queries, dim %d, pass rate %s, proximity gap %s", out_dir, len(kept_ids),
                 featurizer.dim, manifest["pass_rate"], manifest["proximity_gap"]["gap"])
     return ValidationBank.load(out_dir)

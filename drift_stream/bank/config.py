@@ -46,6 +46,10 @@ class BankConfig:
     stop_tokens: tuple[str, ...] = ()  # --stop-token (repeatable): more tokens that end rollouts
     # --max-batch-tokens: padded tokens per featurize call (rows sorted by length) instead of feature_batch_size rows
     max_batch_tokens: int | None = execution_only(None)
+    # queries per checkpoint: rollouts, verification and features of that many queries are done and saved together
+    # (OUT/checkpoints/), so a killed build resumes from its last saved chunk and holds the features of one chunk's
+    # rollouts only. Compared on resume: the chunks set the feature batches (float bits)
+    checkpoint_queries: int = 64
 
     def __post_init__(self):
         for name, value, allowed in (("signing", self.signing, SIGNINGS), ("targets", self.targets, TARGETS),
@@ -56,7 +60,7 @@ class BankConfig:
             raise ConfigError(f"damping must be a number >= 0, got {self.damping!r}")
         if not 0.0 < self.correct_threshold <= 1.0:
             raise ConfigError(f"correct_threshold must be in (0, 1], got {self.correct_threshold}")
-        for name in ("fisher_examples", "feature_batch_size", "max_tokens"):
+        for name in ("fisher_examples", "feature_batch_size", "max_tokens", "checkpoint_queries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         validate_max_batch_tokens(self.max_batch_tokens)

@@ -127,7 +127,7 @@ def fingerprint_projector(spec: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------------- on disk
 
-def _rollouts_schema():
+def rollouts_schema():
     import pyarrow as pa
 
     return pa.schema([
@@ -138,22 +138,29 @@ def _rollouts_schema():
     ])
 
 
-def write_bank(out_dir: Path, tensors: dict, manifest: dict, rollout_rows: list[dict]) -> None:
-    """Each file written under a temporary name then renamed; manifest.json last (it marks a complete bank)."""
+def write_bank(out_dir: Path, tensors: dict, manifest: dict, rollout_rows: list[dict] | None = None, *,
+               rollout_files: list[Path] = (), streamed: dict | None = None) -> None:
+    """Each file written under a temporary name then renamed; manifest.json last (it marks a complete bank).
+
+    The rollouts are `rollout_rows`, or the rows of the parquet `rollout_files` in order (bank build's chunk
+    checkpoints, read one at a time); `streamed`: tensors concatenated from chunk files
+    (`bank.checkpoint.write_safetensors`), e.g. rollout_vectors [R, D] without holding them in memory."""
     import jsonschema
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from safetensors.torch import save_file
+
+    from drift_stream.bank.checkpoint import concat_parquet, write_safetensors
 
     jsonschema.validate(manifest, _manifest_schema())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    tmp = out_dir / f".{TENSORS_FILE}.tmp"
-    save_file(tensors, str(tmp))  # no metadata: safetensors writes its map in random order, breaking byte equality
-    os.replace(tmp, out_dir / TENSORS_FILE)
-    tmp = out_dir / f".{ROLLOUTS_FILE}.tmp"
-    pq.write_table(pa.Table.from_pylist(rollout_rows, schema=_rollouts_schema()), str(tmp))
-    os.replace(tmp, out_dir / ROLLOUTS_FILE)
+    write_safetensors(out_dir / TENSORS_FILE, tensors, streamed)  # tensors by name, no metadata: same bytes always
+    if rollout_rows is not None:
+        tmp = out_dir / f".{ROLLOUTS_FILE}.tmp"
+        pq.write_table(pa.Table.from_pylist(rollout_rows, schema=rollouts_schema()), str(tmp))
+        os.replace(tmp, out_dir / ROLLOUTS_FILE)
+    else:
+        concat_parquet(out_dir / ROLLOUTS_FILE, list(rollout_files), rollouts_schema())
     tmp = out_dir / f".{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, out_dir / MANIFEST_FILE)
