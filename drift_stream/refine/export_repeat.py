@@ -1,10 +1,12 @@
 """`export --format repeat` in bounded memory: a shard's copies are shuffled by an external shuffle.
 
 Each copy is sent to one of K spill files (Arrow IPC, zstd, in a local temp directory) drawn uniformly at random,
-K = ceil(expected copies / BUCKET_ROWS); then each spill file is read alone, permuted, and appended to the output.
+K = ceil(expected copies / BUCKET_ROWS) up to MAX_BUCKETS open files; then each spill file is read alone, permuted,
+and appended to the output.
 Uniform buckets followed by a uniform permutation within each give a uniformly random order of the whole shard (every
 order of the copies is equally likely given the bucket sizes), while memory holds one input batch or one bucket:
-~BUCKET_ROWS copies, whatever the shard's size. Draws come from default_rng([seed, shard, 1]), apart from the copy
+~BUCKET_ROWS copies, whatever the shard's size up to BUCKET_ROWS x MAX_BUCKETS (8.4M) copies (beyond, buckets grow
+with the shard: refine writes one shard per input file). Draws come from default_rng([seed, shard, 1]), apart from the copy
 counts' stream default_rng([seed, shard]), so the counts are those of `refine --policy repeat`'s rule.
 """
 
@@ -18,14 +20,18 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-BUCKET_ROWS = 1 << 16  # copies per spill file on average: ~65k rows of conversations, tens of MB
+# copies per spill file on average: twice an input batch (export_source.BATCH_ROWS), so a bucket costs about what a
+# batch costs and the peak is reached from the first shard of ~10^4 rows on (tests/test_export_resume.py: VmHWM at
+# 10^4, 10^5, 10^6 rows)
+BUCKET_ROWS = 1 << 14
+MAX_BUCKETS = 512  # spill files open at once (each an fd; the common soft limit is 1024)
 
 
 class RepeatShuffle:
     """Collects a shard's copies (`add`, one table at a time) and gives them back shuffled (`drain`)."""
 
     def __init__(self, expected_copies: float, seed: int, shard: int) -> None:
-        self.buckets = max(1, math.ceil(expected_copies / BUCKET_ROWS))
+        self.buckets = min(MAX_BUCKETS, max(1, math.ceil(expected_copies / BUCKET_ROWS)))
         self.rng = np.random.default_rng([seed, shard, 1])
         self._dir = tempfile.TemporaryDirectory(prefix="drift-repeat-")
         self._writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
