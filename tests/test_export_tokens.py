@@ -199,3 +199,15 @@ def test_changed_template_is_refused(run, tmp_path):
             export_run(str(run / "refined"), "tokens", str(tmp_path / "t"))
     finally:
         template.write_text(original)
+
+
+def test_tokenizer_path_override(run, tmp_path):
+    """The recorded model path is not reachable (moved): --tokenizer points at a copy, the fingerprint still matches,
+    the rows are the same, and the manifest names the path used."""
+    import shutil
+
+    moved = tmp_path / "moved-model"
+    shutil.copytree(MODEL, moved)
+    manifest = export_run(str(run / "refined"), "tokens", str(tmp_path / "t"), tokenizer=str(moved))
+    assert manifest["tokenization"]["model"] == str(moved)
+    assert pq.read_table(tmp_path / "t" / "data").equals(pq.read_table(run / "tokens" / "data"))
