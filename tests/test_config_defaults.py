@@ -81,7 +81,7 @@ def library_defaults() -> dict[tuple[str, str], object]:
     out[("bank build", "dtype")] = _param_default(build_bank, "dtype")
     from drift_stream.refine.export import export_run
 
-    for name in ("layout", "seed", "dataset_name", "allow_incomplete", "storage_options"):
+    for name in ("layout", "seed", "dataset_name", "tokenizer", "allow_incomplete", "storage_options"):
         out[("export", name)] = _param_default(export_run, name)
     return out
 

@@ -189,11 +189,12 @@ def export_cmd(args) -> int:
     from drift_stream.refine.export import export_run
 
     manifest = export_run(args.run_dir, args.format, args.out, layout=args.layout, seed=args.seed,
-                          dataset_name=args.dataset_name, allow_incomplete=args.allow_incomplete,
-                          storage_options=args.storage_options)
+                          dataset_name=args.dataset_name, tokenizer=args.tokenizer,
+                          allow_incomplete=args.allow_incomplete, storage_options=args.storage_options)
     if not args.quiet:
+        kept = f"; {manifest['shards_resumed']} shard(s) kept from an earlier run" if manifest.get("shards_resumed") else ""
         print(f"exported {manifest['rows_in']} rows as {args.format}: {manifest['rows_written']} rows written to "
-              f"{args.out} ({manifest['rows_zero_weight']} of weight 0 left out)")
+              f"{args.out} ({manifest['rows_zero_weight']} of weight 0 left out{kept})")
     return 0
 
 

@@ -200,12 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=_json_arg, default=None)
     _add_common(p)
 
-    p = sub.add_parser("export", help="write a refined run in the layout a trainer loads (TRL, LLaMA-Factory, repeat)")
+    p = sub.add_parser("export", help="write a refined run in the layout a trainer loads (TRL, LLaMA-Factory, Tinker / "
+                       "SageMaker tokens, Fireworks, repeat); a rerun resumes, skipping finished shards")
     p.add_argument("run_dir", help="the --out of `drift-stream refine`")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="trl: prompt/completion (or messages) + weight; llamafactory: v1 messages with loss_weight "
-                   "+ dataset_info.yaml; repeat: integer copies for trainers without weights")
+                   "+ dataset_info.yaml; repeat: integer copies for trainers without weights; tokens: input_ids, "
+                   "labels, target_tokens and per-token weights as scoring tokenized them (Tinker, SageMaker); "
+                   "fireworks: messages + root-level weight, JSONL")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokens: the scored run's tokenizer where the model path its config.json records is not "
+                   "reachable here (it must reproduce the run's recorded tokenization)")
     p.add_argument("--layout", default="prompt_completion", choices=LAYOUTS,
                    help="trl/repeat rows: prompt/completion (last answer trained) or messages (multi-turn; train "
                    "with assistant_only_loss=True)")
