@@ -135,6 +135,10 @@ METHODS = {  # v3 (issue 16); v2 candidates that the v2 run settled are in EXTRA
 # does the score matter once the composition is held fixed? Each "target-only" method keeps round(P*n) rows of the
 # target tasks only, top P inside each target task x response-length quartile ("oracle clean target-tasks"' mix).
 EXTRA_METHODS = {
+    # the library's weight maps (issue 24: which map is refine's default): "drift weights" above is exp_z
+    "drift weights rank": ("drift", "weights:rank", "drift"),
+    "drift weights clipped_z": ("drift", "weights:clipped_z", "drift"),
+    "drift weights exp_z": ("drift", "weights:exp_z", "drift"),
     "if answer-refs": ("if_answer", "top:{f}", "baseline"),
     "loss strat_len:{f}": ("loss", "strat_len:{f}", "baseline"),
     "less strat_len:{f}": ("less", "strat_len:{f}", "baseline"),
@@ -391,6 +395,20 @@ def method_scores(ctx, scorer: str, seed: int, cached: dict):
     return s
 
 
+def library_weights(scores, kind: str, temperature: float = 1.0) -> np.ndarray:
+    """Weights [n], mean 1, from drift_stream.refine.weight_map (what `refine --policy weights --weight-map KIND`
+    writes), so the benchmark's dev split can choose the library's default map."""
+    import polars as pl
+
+    from drift_stream.io.columns import SCORE
+    from drift_stream.refine.weight_map import fit_weight_map
+
+    s = np.asarray(scores, dtype=np.float64)
+    stats = {"mean": float(s.mean()), "std": float(s.std()), "max": float(s.max())}
+    wmap = fit_weight_map(pl.DataFrame({SCORE: s}).lazy(), stats, s.size, kind=kind, temperature=temperature)
+    return wmap(s)
+
+
 def select(ctx, scores, selection: str, seed: int = 0, cached: dict | None = None):
     """Per-row training weights [n] (0 = dropped) for a selection spec (seed / cached: for a prefilter's scorer)."""
     pool = ctx["splits"].pool
@@ -399,6 +417,8 @@ def select(ctx, scores, selection: str, seed: int = 0, cached: dict | None = Non
         return np.ones(len(pool))
     if selection == "weights":
         return rl.softmax_weights(scores)
+    if selection.startswith("weights:"):  # the library's weight map (refine --weight-map): rank | clipped_z | exp_z
+        return library_weights(scores, selection.split(":", 1)[1])
     if selection.startswith("pre:"):  # filters in sequence: pre:SCORER:X|SELECTION (refine --prefilter)
         return v3.chained_select(ctx, select, scores, selection, method_scores, seed, {} if cached is None else cached)
     kind, frac = selection.split(":")
