@@ -200,7 +200,15 @@ def test_scored_rows_match_the_published_schema(model_dir):
 
     types = schema["properties"]
     # the published schema names exactly the columns io/columns.py defines (scored, id, and refine's two)
-    assert set(types) == {*columns.SCORE_COLUMNS, columns.ID, columns.KEEP, columns.WEIGHT}
+    assert set(types) == {*columns.SCORE_COLUMNS, columns.ID, columns.KEEP, columns.WEIGHT, columns.TURN_KEEP,
+                          columns.TURN_WEIGHTS}
+    optional = (columns.QUERY_SCORES, columns.TURN_SCORES, columns.TURN_INPUT_WEIGHTS)
     for name in columns.SCORE_COLUMNS:
-        if name != columns.QUERY_SCORES:  # only with --keep-query-scores
+        if name not in optional:  # only with --keep-query-scores / --granularity turn
             assert out.schema.field(name).type == getattr(pa, types[name]["x-arrow-type"])(), name
+    assert not set(optional) & set(out.column_names)
+    turned = build_scorer("loss", model=model_dir, adapter="messages", granularity="turn")(pa.Table.from_pylist(ROWS))
+    for row in turned.to_pylist():
+        jsonschema.validate(row, schema)
+    for name in (columns.TURN_SCORES, columns.TURN_INPUT_WEIGHTS):
+        assert types[name]["x-arrow-type"] == "list<float32>" and turned.schema.field(name).type == pa.list_(pa.float32())

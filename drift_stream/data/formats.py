@@ -350,6 +350,9 @@ class Adapter:
             turn["content"] = None if content is None else _content_text(content, f"{col}.{self.content_key}")
             if turn.get("tool_calls") is not None:
                 _check_tool_calls(turn["tool_calls"], col)
+            weight = _turn_weight(item, col)
+            if weight is not None and turn["role"] == "assistant":  # other turns are context already
+                turn["weight"] = weight
             turns.append(turn)
         return turns
 
@@ -404,6 +407,28 @@ def _plain_json(value: Any) -> Any:
     return value
 
 
+# A message's loss weight: OpenAI chat fine-tuning's 0/1 `weight`, LLaMA-Factory's float `loss_weight`.
+_WEIGHT_KEYS = ("weight", "loss_weight")
+
+
+def _turn_weight(item: Mapping[str, Any], col: str) -> float | None:
+    """The message's `weight` / `loss_weight` as a float >= 0, None when neither is given; RowError
+    `invalid_weight:COL.KEY` for another value (not a finite number >= 0, or the two keys differing)."""
+    found = None
+    for key in _WEIGHT_KEYS:
+        value = item.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and \
+                not (type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0):
+            raise RowError(f"invalid_weight:{col}.{key}")
+        value = float(value)
+        if not (value >= 0.0 and value != float("inf")) or (found is not None and value != found):
+            raise RowError(f"invalid_weight:{col}.{key}")
+        found = value
+    return found
+
+
 def _check_tool_calls(calls: Any, col: str) -> None:
     """OpenAI tool calls: [{"type": "function", "function": {"name": str, "arguments": str | dict}}]."""
     if not isinstance(calls, list):
@@ -443,3 +468,5 @@ def _check_conversation(messages: Sequence[Message]) -> None:
     if any(not (m["content"] or "").strip() and not m.get("tool_calls")
            and not (m.get("reasoning_content") or "").strip() for m in assistant):
         raise RowError("empty_response")
+    if all(m.get("weight", 1.0) == 0.0 for m in assistant):
+        raise RowError("no_weighted_turn")

@@ -192,3 +192,19 @@ def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, in
         if (e > lo and s < hi) or (s == e and lo <= s < hi):
             mask[i] = 1
     return mask
+
+
+def token_turns(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """For each token, the index of the span it overlaps (as `token_mask` decides overlap), -1 for none:
+    `token_mask` is `[int(k >= 0) for k in token_turns(...)]`. Cost O(tokens + spans)."""
+    turns = [-1] * len(offsets)
+    j = 0
+    for i, (s, e) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        if j == len(spans):
+            break
+        lo, hi = spans[j]
+        if (e > lo and s < hi) or (s == e and lo <= s < hi):
+            turns[i] = j
+    return turns

@@ -18,7 +18,7 @@ from drift_stream.data.template_spans import (
     END_OF_TURN_TEXTS,
     cut_points,
     locate_assistant_turns,
-    token_mask,
+    token_turns,
 )
 from drift_stream.errors import ConfigError
 
@@ -201,9 +201,15 @@ class ChatTokenizer:
     # -- public encoders
 
     def encode(self, example: Example) -> TokenizedExample:
-        """input_ids [T] and loss_mask [T] of an example, with the overlong policy applied."""
-        ids, mask = self._build(example)
-        return self._finish(example.id, ids, mask)
+        """input_ids [T] and loss_mask [T] of an example, with the overlong policy applied. A chat row also gets
+        turn_index [T] and turn_weights (one per assistant turn); a turn of weight 0 is out of the loss mask."""
+        if example.messages is None:
+            ids, mask = self._build(example)
+            return self._finish(example.id, ids, mask)
+        ids, turns = self._build(example)
+        weights = tuple(float(m.get("weight", 1.0)) for m in example.messages if m.get("role") == "assistant")
+        mask = [int(k >= 0 and weights[k] != 0.0) for k in turns]
+        return self._finish(example.id, ids, mask, turns, weights)
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Generation prompt [T]: the tokens of `messages` rendered with the generation prompt (header + prefill).
@@ -211,7 +217,7 @@ class ChatTokenizer:
         The loss span of an assistant turn in `encode` starts where this text ends, so the prompt is a token prefix
         of the encoded row except where the template renders earlier turns differently once a later turn exists
         (Qwen3 and R1 strip reasoning), or where a token merges across the header's end (content starting "\n")."""
-        messages = [dict(m) for m in messages]
+        messages = _template_messages(messages)
         if self.uses_chat_template:
             ids = self._tokenize([self._render(messages, True, None)])[0]
         else:
@@ -247,6 +253,7 @@ class ChatTokenizer:
     # -- internals
 
     def _build(self, example: Example) -> tuple[list[int], list[int]]:
+        """(ids, loss mask); for a chat row (ids, turn index per token: the assistant turn, -1 elsewhere)."""
         if example.text is not None:
             ids = self._lead + self._tokenize([example.text])[0] + [self.eos_token_id]
             return ids, [0] + [1] * (len(ids) - 1)
@@ -254,21 +261,23 @@ class ChatTokenizer:
             prompt, response = self._tokenize([example.prompt, example.response])
             body = response + [self.eos_token_id]
             return self._lead + prompt + body, [0] * (len(self._lead) + len(prompt)) + [1] * len(body)
-        messages = [dict(m) for m in example.messages]
+        messages = _template_messages(example.messages)
         if self.uses_chat_template:
             return self._chat(messages)
-        return self._plain(messages, generation_prompt=False)
+        return self._plain(messages, generation_prompt=False, turns=True)
 
-    def _finish(self, id: str, ids: list[int], mask: list[int]) -> TokenizedExample:
+    def _finish(self, id: str, ids: list[int], mask: list[int], turns: list[int] | None = None,
+                weights: tuple[float, ...] | None = None) -> TokenizedExample:
         if len(ids) > self.max_tokens:
             if self.overlong == "reject":
                 raise RowError(f"too_long:{len(ids)}>{self.max_tokens}")
             ids, mask = ids[: self.max_tokens], mask[: self.max_tokens]
+            turns = None if turns is None else turns[: self.max_tokens]
         if mask:
             mask[0] = 0  # token 0 has no context to be predicted from
         if not any(mask):
             raise RowError("no_loss_tokens")
-        return TokenizedExample(id=id, input_ids=ids, loss_mask=mask)
+        return TokenizedExample(id=id, input_ids=ids, loss_mask=mask, turn_index=turns, turn_weights=weights)
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -367,26 +376,34 @@ class ChatTokenizer:
                     "run counts them as reasoning_dropped. Pass a template that keeps it (--chat-template, e.g. "
                     "TRL's *_training.jinja) to score the reasoning",
                     self.template_name, (self._template_sha1 or "")[:12])
-        return ids, token_mask(offsets, located.spans)
+        return ids, token_turns(offsets, located.spans)
 
-    def _plain(self, messages: list[dict], generation_prompt: bool) -> tuple[list[int], list[int]]:
-        # (text, loss) pieces in order; "\n\n" separates turns; tokenized in one call
+    def _plain(self, messages: list[dict], generation_prompt: bool, turns: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, loss mask), or with `turns` (ids, the assistant turn of each token, -1 elsewhere)."""
+        # (text, turn) pieces in order, turn -1 outside the loss; "\n\n" separates turns; tokenized in one call
         pieces: list[tuple[str, int]] = []
+        turn = -1
         for i, m in enumerate(messages):
             if i:
-                pieces.append(("\n\n", 0))
+                pieces.append(("\n\n", -1))
             if m["role"] == "assistant":
-                pieces += [("Assistant:", 0), (" " + _plain_assistant_text(m), 1), ("", 1)]  # "" marks EOS
+                turn += 1
+                pieces += [("Assistant:", -1), (" " + _plain_assistant_text(m), turn), ("", turn)]  # "" marks EOS
             else:
-                pieces.append((f"{m['role'].capitalize()}: {m.get('content') or ''}", 0))
+                pieces.append((f"{m['role'].capitalize()}: {m.get('content') or ''}", -1))
         if generation_prompt:
-            pieces += [("\n\n", 0)] * bool(messages) + [("Assistant:", 0)]
-        ids, mask = list(self._lead), [0] * len(self._lead)
-        for (text, loss), toks in zip(pieces, self._tokenize([t for t, _ in pieces]) if pieces else []):
+            pieces += [("\n\n", -1)] * bool(messages) + [("Assistant:", -1)]
+        ids, mask = list(self._lead), [-1] * len(self._lead)
+        for (text, k), toks in zip(pieces, self._tokenize([t for t, _ in pieces]) if pieces else []):
             toks = toks if text else [self.eos_token_id]
             ids += toks
-            mask += [loss] * len(toks)
-        return ids, mask
+            mask += [k] * len(toks)
+        return ids, mask if turns else [int(k >= 0) for k in mask]
+
+
+def _template_messages(messages: Sequence[Message]) -> list[dict]:
+    """Messages as the chat template gets them: a turn's loss `weight` is ours, not the template's."""
+    return [{k: v for k, v in m.items() if k != "weight"} if "weight" in m else dict(m) for m in messages]
 
 
 def _announce_plain(tokenizer: Any) -> None:

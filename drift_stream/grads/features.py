@@ -422,15 +422,27 @@ class GradientFeaturizer:
                 raise RuntimeError("no tracked module ran in the forward pass: is the model called another way?")
             if total.requires_grad:
                 torch.autograd.grad(total, state.leaves, allow_unused=True)
-            parts = []
-            for t in self.modules:
-                s = state.sums.get(t.name)
-                if s is None:  # module not on the loss path: zero gradient
-                    s = torch.zeros(batch_size, self.config.proj_dim_out, self.config.proj_dim_in,
-                                    dtype=self.compute_dtype, device=self.device)
-                parts.append(s.reshape(batch_size, -1).to(self.device))
-            features = torch.cat(parts, dim=1)  # [B, D]
-        loss = loss.detach()
+            features = self._collect(state, batch_size)
+        return self._output(features, loss.detach(), num_tokens)
+
+    def _collect(self, state: _Capture, batch_size: int):
+        """The features [B, D] the hooks summed during the last backward (state.sums)."""
+        import torch
+
+        parts = []
+        for t in self.modules:
+            s = state.sums.get(t.name)
+            if s is None:  # module not on the loss path: zero gradient
+                s = torch.zeros(batch_size, self.config.proj_dim_out, self.config.proj_dim_in,
+                                dtype=self.compute_dtype, device=self.device)
+            parts.append(s.reshape(batch_size, -1).to(self.device))
+        return torch.cat(parts, dim=1)  # [B, D]
+
+    def _output(self, features, loss, num_tokens) -> FeatureOutput:
+        """FeatureOutput of features [B, D], loss [B] and num_tokens [B]: unusable rows flagged and zeroed."""
+        import torch
+
+        batch_size = features.shape[0]
         bad = [None] * batch_size
         rows_finite = torch.isfinite(features).all(dim=1).cpu().tolist()
         loss_finite = torch.isfinite(loss).cpu().tolist()

@@ -19,7 +19,10 @@ NUM_TOKENS = "drift_num_tokens"  # loss tokens of the row, int32
 LOSS = "drift_loss"  # mean NLL of the loss tokens, float32
 QUERY_SCORES = "drift_query_scores"  # list<float32>, one per bank query (--keep-query-scores)
 REJECT_REASON = "drift_reject_reason"  # why a row was set aside (rejects/ shards; null on scored rows)
-SCORE_COLUMNS = (SCORE, GRAD_NORM, NUM_TOKENS, LOSS, QUERY_SCORES, REJECT_REASON)
+# per assistant turn, in conversation order (--granularity turn only; a text or prompt+completion row is one turn)
+TURN_SCORES = "drift_turn_scores"  # list<float32>: each turn's own score (loss masked to it); null: weight-0 turn
+TURN_INPUT_WEIGHTS = "drift_turn_input_weights"  # list<float32>: each turn's input `weight` / `loss_weight` (else 1)
+SCORE_COLUMNS = (SCORE, GRAD_NORM, NUM_TOKENS, LOSS, QUERY_SCORES, TURN_SCORES, TURN_INPUT_WEIGHTS, REJECT_REASON)
 
 # rejected rows (run directory rejects/ shards): besides the input columns, ID and REJECT_REASON
 ROW_INDEX = "drift_row_index"  # position of the row (jsonl: line number) in its input file
@@ -28,3 +31,6 @@ RAW_LINE = "drift_raw_line"  # the undecodable line as text; null for rows the s
 # refined rows (refine/)
 WEIGHT = "weight"  # float32, mean 1 over kept rows (policy weights) or copies' weight
 KEEP = "keep"  # bool (filter policies with --keep-all)
+# refined rows, granularity turn (refine/turns.py): one entry per assistant turn, as TURN_SCORES
+TURN_KEEP = "turn_keep"  # list<bool>: the filter policy kept the turn (KEEP: any turn kept)
+TURN_WEIGHTS = "turn_weights"  # list<float32>: the turn's policy weight, mean 1 over scored turns (0: unscored turn)

@@ -4,6 +4,8 @@ ifd (instruction-following difficulty loss(y|x) / loss(y), rows with IFD > 1 sen
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from drift_stream.scoring.base import (
@@ -12,6 +14,7 @@ from drift_stream.scoring.base import (
     _ModelScorer,
     random_unit,
 )
+from drift_stream.scoring.turns import max_turns, per_example, turn_index_batch, turn_losses
 
 
 class RandomScorer(BatchScorer):
@@ -20,15 +23,34 @@ class RandomScorer(BatchScorer):
     def _score_examples(self, examples):
         n = len(examples)
         score = np.array([random_unit(self.config.seed, ex.id) for ex in examples])
-        return ExampleScores(score=score, grad_norm=np.full(n, np.nan), loss=np.full(n, np.nan), bad=[None] * n)
+        turns = None
+        if self.config.granularity == "turn":  # turn k: U[0, 1) from (seed, "id\x1fk"); NaN on a weight-0 turn
+            turns = [np.array([random_unit(self.config.seed, f"{ex.id}\x1f{k}") if w != 0 else np.nan
+                               for k, w in enumerate(ex.turn_weights or (1.0,))]) for ex in examples]
+        return ExampleScores(score=score, grad_norm=np.full(n, np.nan), loss=np.full(n, np.nan), bad=[None] * n,
+                             turn_scores=turns)
 
 
 class LossScorer(_ModelScorer):
     name = "loss"
 
     def _score_examples(self, examples):
+        if self.config.granularity == "turn":
+            return self._score_turns(examples)
         loss, bad = self._losses(examples)
         return ExampleScores(score=-loss, grad_norm=np.full(len(loss), np.nan), loss=loss, bad=bad)
+
+    def _score_turns(self, examples):
+        """Row loss and each turn's mean NLL from one forward per batch (scoring/turns.py)."""
+        loss = np.full(len(examples), np.nan)
+        turn_loss = np.full((len(examples), max_turns(examples)), np.nan)
+        for idx, batch in self._planned(examples):
+            chunk = [examples[i] for i in idx]
+            index = turn_index_batch(chunk, batch["input_ids"].shape[1])
+            loss[idx], turn_loss[idx, : max_turns(chunk)] = turn_losses(self.model, batch, index, max_turns(chunk))
+        bad = [None if math.isfinite(v) else "nonfinite_loss" for v in loss]
+        return ExampleScores(score=-loss, grad_norm=np.full(len(loss), np.nan), loss=loss, bad=bad,
+                             turn_scores=per_example(-turn_loss, examples))
 
 
 class IFDScorer(_ModelScorer):

@@ -20,6 +20,7 @@ from drift_stream.scoring.base import (
     chat_tokenizer_for,
 )
 from drift_stream.scoring.stats import spearman
+from drift_stream.scoring.turns import max_turns, per_example, turn_index_batch
 
 logger = logging.getLogger(__name__)
 
@@ -131,23 +132,41 @@ class DriftScorer(_ModelScorer):
             return completed
         return self.chat.tokenizer
 
-    def _raw(self, examples):
-        """Per-query raw scores [n, m], gradient norms [n], losses [n], bad reasons."""
+    def _raw(self, examples, turns: bool = False):
+        """Per-query raw scores [n, m], gradient norms [n], losses [n], bad reasons; with `turns` also the turns'
+        raw scores [n, K, m] and norms [n, K] (NaN where a row has no scored turn k; scoring/turns.py)."""
         import torch
 
         featurizer = self.featurizer
-        vectors = self.bank.query_vectors  # [m, D] float32
+        vectors = self.bank.query_vectors.to(torch.float64)  # [m, D]
         n = len(examples)
         raws = np.zeros((n, vectors.shape[0]))
         norms, losses, bad = np.zeros(n), np.zeros(n), [None] * n
+        width = max_turns(examples) if turns else 0
+        turn_raws = np.full((n, width, vectors.shape[0]), np.nan)
+        turn_norms = np.full((n, width), np.nan)
         for idx, batch in self._planned(examples):
-            out = featurizer.featurize(batch)
+            if turns:
+                from drift_stream.grads.turn_features import featurize_turns
+
+                chunk = [examples[i] for i in idx]
+                out, per_turn = featurize_turns(featurizer, batch, turn_index_batch(chunk, batch["input_ids"].shape[1]),
+                                                max_turns(chunk))
+                for k, part in enumerate(per_turn):
+                    ok = np.array([r is None for r in part.bad])
+                    rows = np.asarray(idx)[ok]
+                    turn_raws[rows, k] = (part.features[ok].to(torch.float64) @ vectors.T).numpy()
+                    turn_norms[rows, k] = part.grad_norm[ok].double().numpy()
+            else:
+                out = featurizer.featurize(batch)
             feats = out.features.to(torch.float64).cpu()  # [B, D]
-            raws[idx] = (feats @ vectors.to(torch.float64).T).numpy()  # [B, m]
+            raws[idx] = (feats @ vectors.T).numpy()  # [B, m]
             norms[idx] = out.grad_norm.double().cpu().numpy()
             losses[idx] = out.loss.double().cpu().numpy()
             for i, reason in zip(idx, out.bad):
                 bad[i] = reason
+        if turns:
+            return raws, norms, losses, bad, (turn_raws, turn_norms)
         return raws, norms, losses, bad
 
     def calibrate(self, batch: Any) -> float:
@@ -200,13 +219,23 @@ class DriftScorer(_ModelScorer):
                 "beta: auto has not been calibrated: call scorer.calibrate(rows) on a sample first "
                 "(the CLI does this on the first --calibration-rows rows of the input)"
             )
-        raw, norm, loss, bad = self._raw(examples)
+        turns = self.config.granularity == "turn"
+        raw, norm, loss, bad, *turn_parts = self._raw(examples, turns=turns)
         scale = np.power(np.maximum(norm, 1e-30), self._beta)[:, None]  # [n, 1]
         per_query = raw / scale  # [n, m]
         # S = sum_j w_j score_j / sum_j w_j (bank query_weighting, bank/contrast.py); no weights: the plain mean
         weights = self.bank.query_weights
-        score = weighted_query_mean(per_query, None if weights is None else weights.double().numpy())
-        return ExampleScores(score=score, grad_norm=norm, loss=loss, bad=bad, query_scores=per_query)
+        weights = None if weights is None else weights.double().numpy()
+        score = weighted_query_mean(per_query, weights)
+        turn_scores = None
+        if turns:  # the same formula per turn: [n, K, m] / ||u_k||^beta, mean over queries
+            turn_raw, turn_norm = turn_parts[0]
+            per_turn = turn_raw / np.power(np.maximum(turn_norm, 1e-30), self._beta)[:, :, None]
+            n, width, m = per_turn.shape
+            turn_mean = weighted_query_mean(per_turn.reshape(n * width, m), weights).reshape(n, width)
+            turn_scores = per_example(turn_mean, examples)
+        return ExampleScores(score=score, grad_norm=norm, loss=loss, bad=bad, query_scores=per_query,
+                             turn_scores=turn_scores)
 
     def _extra_config(self) -> dict:
         return {"bank": str(self.bank.path), "bank_fingerprint": self.bank.fingerprint}
