@@ -69,6 +69,7 @@ class ScoreConfig:
     chat_template: str | None = None  # --chat-template FILE: a Jinja template replacing the tokenizer's
     use_chat_template: bool = True  # --no-chat-template: the documented plain format
     stop_tokens: tuple[str, ...] = ()  # --stop-token: more end-of-turn tokens
+    granularity: str = "row"  # --granularity turn: also a score per assistant turn (scoring/turns.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
@@ -76,6 +77,9 @@ class ScoreConfig:
             raise ConfigError("chat_template and use_chat_template=False exclude each other: choose one")
         if self.scorer not in SCORERS:
             raise ConfigError(f"unknown scorer {self.scorer!r}: choose one of {', '.join(SCORERS)}")
+        if self.granularity not in ("row", "turn") or self.granularity == "turn" and self.scorer == "ifd":
+            raise ConfigError(f"granularity must be 'row' or 'turn' (turn: any scorer but ifd), got "
+                              f"{self.granularity!r} with scorer {self.scorer!r}")
         if self.overlong not in ("reject", "truncate"):
             raise ConfigError(f"overlong must be 'reject' or 'truncate', got {self.overlong!r}")
         if self.max_tokens < 2:
@@ -179,6 +183,7 @@ class ExampleScores:
     loss: np.ndarray  # [n] float64 (NaN where not computed)
     bad: list[str | None]  # [n] reason when a row turned out unscorable (non-finite)
     query_scores: np.ndarray | None = None  # [n, m]
+    turn_scores: list | None = None  # granularity turn: [n] arrays [turns] (NaN: unscored turn; scoring/turns.py)
 
 
 class BatchScorer:
@@ -271,6 +276,7 @@ class BatchScorer:
         loss = np.full(n, np.nan)
         num_tokens = np.zeros(n, dtype=np.int32)
         query_scores: list[Any] = [None] * n
+        turn_scores: list[Any] = [None] * n
         if valid:
             # Sorting by length keeps padding low; per-example numbers do not depend on the batch they fall in.
             order = sorted(valid, key=lambda i: len(tokenized[i].input_ids))
@@ -285,6 +291,8 @@ class BatchScorer:
                 loss[i] = result.loss[pos]
                 if result.query_scores is not None and self.config.keep_query_scores:
                     query_scores[i] = result.query_scores[pos].astype(np.float32).tolist()
+                if result.turn_scores is not None:
+                    turn_scores[i] = result.turn_scores[pos]
         rejected = np.array([r is not None for r in reasons], dtype=bool)
         score[rejected] = np.nan
         out = _with_ids(table, ids, self.adapter)
@@ -297,6 +305,11 @@ class BatchScorer:
         out = out.append_column("drift_loss", pa.array(_nullable(loss), pa.float32()))
         if self.config.keep_query_scores and self.name in GRADIENT_SCORERS:
             out = out.append_column("drift_query_scores", pa.array(query_scores, pa.list_(pa.float32())))
+        if self.config.granularity == "turn":
+            from drift_stream.scoring.turns import turn_columns
+
+            for name, column in turn_columns(tokenized, turn_scores, reasons):
+                out = out.append_column(name, column)
         out = out.append_column("drift_reject_reason", pa.array(reasons, pa.string()))
         return out
 
