@@ -303,29 +303,53 @@ class RunDirectory:
         return stored
 
     # ------------------------------------------------------------------ markers and shards
-    def _marker_names(self) -> list[str]:
+    def _marker_entries(self) -> dict[str, tuple]:
+        """{marker name: version} from one listing; the version (size, ETag / mtime, inode) tells a marker from a
+        rewritten one."""
         directory = self._path("completions")
         self.fs.invalidate_cache(directory)
         try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)]
+            entries = self.fs.ls(directory, detail=True)
         except FileNotFoundError:
-            return []
-        return sorted(n for n in names if n.endswith(".json") and not n.startswith("."))
+            return {}
+        out = {}
+        for entry in entries:
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".json") and not name.startswith("."):
+                out[name] = (entry.get("size"), entry.get("ETag") or entry.get("etag") or entry.get("mtime")
+                             or str(entry.get("LastModified")), entry.get("ino"))
+        return dict(sorted(out.items()))
+
+    def _marker_names(self) -> list[str]:
+        return list(self._marker_entries())
 
     def completed_indexes(self) -> set[int]:
         """Input indexes whose completion marker exists (reads names only)."""
         return {int(name[:-5]) for name in self._marker_names() if name[:-5].isdigit()}
 
     def completed(self) -> dict[int, dict]:
-        """Markers of finished input files, by input index. On an object store they are fetched in one batched,
+        """Markers of finished input files, by input index (treat them as read-only).
+
+        Each marker version is read once per process (`_MARKERS`: the settling process, its summary and a refine
+        in the same process share the reads), and on an object store the rest are fetched in one batched,
         concurrent call (fsspec `cat` of the list): 1,000 markers one GET after another cost ~1,000 round trips."""
-        rels = [f"completions/{name}" for name in self._marker_names()]
-        if self.is_local or len(rels) < 2:
-            texts = [self._read_json(rel) for rel in rels]
+        entries = self._marker_entries()
+        keys = {name: (self.url, self.root, name, version) for name, version in entries.items()}
+        todo = [name for name, key in keys.items() if key not in _MARKERS]
+        if self.is_local or len(todo) < 2:
+            fetched = {name: self._read_json(f"completions/{name}") for name in todo}
         else:
-            blobs = self.fs.cat([self._path(rel) for rel in rels], on_error="omit")
-            texts = [json.loads(blob.decode("utf-8")) for blob in blobs.values() if isinstance(blob, bytes)]
-        return {int(marker["input_index"]): marker for marker in texts if marker is not None}
+            paths = {self._path(f"completions/{name}"): name for name in todo}
+            blobs = self.fs.cat(list(paths), on_error="omit")
+            fetched = {paths[path]: json.loads(blob.decode("utf-8")) for path, blob in blobs.items()
+                       if isinstance(blob, bytes) and path in paths}
+        if len(_MARKERS) + len(fetched) > _MARKERS_MAX:
+            _MARKERS.clear()
+        for name, marker in fetched.items():
+            if marker is not None:
+                _MARKERS[keys[name]] = marker
+        markers = (_MARKERS.get(key) or fetched.get(name) for name, key in keys.items())
+        return {int(marker["input_index"]): marker for marker in markers if marker is not None}
 
     def shard_writer(self, file: InputFile, input_schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self, file, input_schema)
@@ -415,6 +439,10 @@ class RunDirectory:
     def read_config(self) -> dict | None:
         """config.json as recorded by the first writer ({"config": ..., "version": ...}), or None."""
         return self._read_json(CONFIG_FILE)
+
+
+_MARKERS: dict[tuple, dict] = {}  # (run url, root, marker name, version) -> marker, read once per process
+_MARKERS_MAX = 200_000
 
 
 def _sum_padding(markers: list[dict]) -> dict[str, Any]:

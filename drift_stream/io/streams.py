@@ -177,8 +177,9 @@ def file_type_stats(file: InputFile, storage_options: Mapping[str, Any] | None =
 def plan_inputs(
     files: Sequence[InputFile], storage_options: Mapping[str, Any] | None = None, strict_columns: Sequence[str] = ()
 ) -> SchemaPlan:
-    """The one schema of a whole input (io/schema.py): every file's chunks are conformed to it, so every output
-    shard of a run has the same columns and types. `strict_columns`: the columns the adapter reads."""
+    """One plan for several files (io/schema.py), each counted from what is cheap (`file_type_stats`): their chunks
+    conformed to it share one schema. `strict_columns`: the columns the adapter reads. (`drift-stream score` plans
+    each file alone, `iter_planned`, and unites the plans once the run is complete: io/settle.py.)"""
     stats = TypeStats()
     for file in files:
         stats.merge(file_type_stats(file, storage_options))

@@ -271,10 +271,10 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
     """A few lines for the terminal: rows, score distribution, correlations, bank, and for a refine output
     directory its weights (IncompleteRunError: `gather`).
 
-    A score run that is still incomplete (a shard of an array that finished before the others) with
-    `allow_incomplete` gets one line from a listing of its markers, reading no data: the full summary (which reads
-    the score column once) is printed by the process that completes the run, so an N-task array does one full-run
-    read, not N."""
+    With `allow_incomplete`, a score run whose manifest.json is not yet complete (a shard of an array that finished
+    before the others; the manifest is written once, by the process that settles the run) gets one line from a
+    listing of its markers, reading no data: the full summary (which reads the score column once) is printed by the
+    process that completes the run, so an N-task array does one full-run read, not N."""
     if allow_incomplete:
         partial = _incomplete_score_run(run_dir, storage_options)
         if partial is not None:
@@ -321,11 +321,11 @@ def _incomplete_score_run(run_dir: str, storage_options: dict | None) -> str | N
     inputs = ((run.read_config() or {}).get("config") or {}).get("input_files")
     if not inputs:
         return None
+    # no complete manifest yet: the process settling the run (it writes the manifest, then prints the summary) may
+    # be at work right now, even when every marker is there already
     done = len(run.completed_indexes())
-    if done >= len(inputs):
-        return None
-    return (f"run {run.url}  (INCOMPLETE: {done} of {len(inputs)} input files scored; the process that scores the "
-            f"last one prints the run's summary, or run `drift-stream report {run.url}`)")
+    return (f"run {run.url}  (INCOMPLETE: {done} of {len(inputs)} input files scored; the process that completes "
+            f"the run prints its summary, or run `drift-stream report {run.url}`)")
 
 
 def _gap_text(gap: Any) -> str:
