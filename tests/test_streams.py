@@ -323,3 +323,25 @@ def test_read_over_http(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_publisher_runs_in_order_bounds_what_waits_and_reraises():
+    from drift_stream.io.background import Publisher
+
+    done, seen = [], []
+    gate = threading.Event()
+    publisher = Publisher(depth=2)
+    publisher.submit(lambda: gate.wait(5) and done.append(0) or 0, then=seen.append)
+    publisher.submit(lambda: done.append(1) or 1, then=seen.append)
+    assert seen == []  # nothing waited for yet: the caller goes on
+    gate.set()
+    for i in range(2, 5):
+        publisher.submit(lambda i=i: done.append(i) or i, then=seen.append)
+    publisher.close()
+    assert done == [0, 1, 2, 3, 4] and seen == [0, 1, 2, 3, 4]
+
+    failing = Publisher(depth=1)
+    failing.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.submit(lambda: None)  # the first error comes back with the next call
+    failing.close()

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from drift_stream.engines.run_checks import check_rejections
 from drift_stream.errors import BadRowError, ConfigError, DriftError
-from drift_stream.io.background import prefetch
+from drift_stream.io.background import Publisher, prefetch
 from drift_stream.io.columns import (
     ID,
     RAW_LINE,
@@ -324,6 +324,7 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
     events = prefetch(_events(todo, config, scorer), config.prefetch_batches)
+    publisher = Publisher(depth=2)  # a finished file's shards and marker are uploaded while the next is scored
     try:
         for kind, file, payload in events:
             if kind == "start":
@@ -331,15 +332,29 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
             elif kind == "chunk":
                 bar.update(current.score(*payload, scorer=scorer))
             else:
-                marker = current.commit(scorer)
+                publisher.submit(_publish, current.writer, current.counts(scorer), current.scores, then=_log_marker)
                 current = None
-                logger.info("%s: %d rows in, %d scored, %d rejected", file.url, marker["rows_in"],
-                            marker["rows_scored"], marker["rows_rejected"])
     finally:
         events.close()  # stops the reader thread now, even when an error is propagating
         if current is not None:
             current.writer.abort()
-        bar.close()
+        try:
+            publisher.close()  # the files finished before an error are still published
+        finally:
+            bar.close()
+
+
+def _publish(writer: ShardWriter, counts: dict[str, Any], scores: ScoreSummary) -> dict[str, Any]:
+    try:
+        return writer.commit(counts, scores)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _log_marker(marker: dict[str, Any]) -> None:
+    logger.info("%s: %d rows in, %d scored, %d rejected", marker["input_file"], marker["rows_in"],
+                marker["rows_scored"], marker["rows_rejected"])
 
 
 def score_file(file: InputFile, run: RunDirectory, scorer, config: RunConfig) -> dict[str, Any]:
@@ -454,6 +469,11 @@ class _FileScoring:
         return table.num_rows + n_bad
 
     def commit(self, scorer) -> dict[str, Any]:
+        """Publish the shards and the marker now. Returns the marker."""
+        return self.writer.commit(self.counts(scorer), self.scores)
+
+    def counts(self, scorer) -> dict[str, Any]:
+        """The marker's counts (and an empty shard's schema); the scorer's per-file counters are taken here."""
         if self.rows_scored == 0 and self.out_schema is not None:
             self.writer.write_scored(self.out_schema.empty_table())  # an empty shard still has the run's schema
         info = scorer.manifest_info() if hasattr(scorer, "manifest_info") else {}
@@ -475,4 +495,4 @@ class _FileScoring:
             counts["tokenization"] = {**zero, **(self.tokenization or {})}
         elif hasattr(scorer, "pop_tokenization_stats"):
             counts["tokenization"] = scorer.pop_tokenization_stats()
-        return self.writer.commit(counts, self.scores)
+        return counts
