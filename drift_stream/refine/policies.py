@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from drift_stream.bank.checkpoint import kill_point
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
 from drift_stream.io.atomic import atomic_parquet_writer
-from drift_stream.io.columns import ID, KEEP, NUM_TOKENS, SCORE, WEIGHT
+from drift_stream.io.columns import ID, KEEP, NUM_TOKENS, SCORE, TURN_SCORES, WEIGHT
 from drift_stream.io.manifest import provenance
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import read_completed_shards
@@ -60,6 +60,14 @@ from drift_stream.refine.selection import (
     TopCut,
     stratified_mask,
     top_mask,
+)
+from drift_stream.refine.turns import (
+    check_turn_config,
+    check_turn_shard,
+    fit_turn_plan,
+    turn_offsets,
+    turn_policy_scores,
+    write_turn_shard,
 )
 from drift_stream.refine.weight_map import (
     WEIGHT_MAPS,
@@ -141,9 +149,11 @@ class RefineConfig:
     prefilters: tuple[Prefilter, ...] = ()  # --prefilter RUN X: drop the worst X by RUN's score first (chain.py)
     weight_map: str = "rank"  # weights / repeat: rank | clipped_z | exp_z (module docstring)
     clip_z: float = 3.0  # weight_map clipped_z: z is clipped to [-clip_z, clip_z]
+    granularity: str = "row"  # turn: the policy over assistant turns (drift_turn_scores; refine/turns.py)
 
     def __post_init__(self) -> None:
         policy = Policy.parse(self.policy)
+        check_turn_config(self, policy)
         object.__setattr__(self, "stratify_by", tuple(self.stratify_by))
         object.__setattr__(self, "prefilters", tuple(Prefilter.coerce(p) for p in self.prefilters))
         if self.prefilters and (self.stratify_by or self.length_buckets):
@@ -223,7 +233,7 @@ def _add_field(schema: pa.Schema, field: pa.Field) -> pa.Schema:
 def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, temperature: float = 1.0,
                keep_all: bool = False, stratify_by: tuple[str, ...] | list[str] = (), length_buckets: int = 0,
                storage_options: dict | None = None, progress: bool = True, allow_incomplete: bool = False,
-               prefilters: tuple = (), weight_map: str = "rank", clip_z: float = 3.0) -> dict:
+               prefilters: tuple = (), weight_map: str = "rank", clip_z: float = 3.0, granularity: str = "row") -> dict:
     """Apply `policy` to the scored shards of `run_dir`, write `out/data/train-*.parquet` and `out/manifest.json`.
 
     Only finished input files are read (`io.run_reader.read_completed_shards`); a run with unfinished input files
@@ -232,6 +242,7 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     prefilters: Prefilter(run, drop_worst) or (run, fraction) pairs, applied first (filters in sequence, chain.py).
     weight_map, clip_z: the weights / repeat map of the score (module docstring); the manifest's `weight_summary`
     gives the spread of the weights written (max, effective sample size, the top 1% of rows' share).
+    granularity "turn": the policy over the run's scored assistant turns (refine/turns.py; weight stats over turns).
     Resumable (refine/resume.py): a rerun with the same settings skips the output shards that have a completion
     marker and reuses the recorded cut / weight map; other settings or changed source shards are refused
     (RunDirMismatchError). Returns the refine manifest (schemas/refine_manifest.schema.json).
@@ -241,7 +252,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     policy = Policy.parse(policy)
     config = RefineConfig(str(policy), seed=seed, temperature=float(temperature), keep_all=keep_all,
                           stratify_by=tuple(stratify_by), length_buckets=int(length_buckets),
-                          prefilters=tuple(prefilters), weight_map=weight_map, clip_z=clip_z)
+                          prefilters=tuple(prefilters), weight_map=weight_map, clip_z=clip_z, granularity=granularity)
+    turns = config.granularity == "turn"
     source_run = RunDirectory.open(run_dir, storage_options)
     src_fs, src = source_run.fs, source_run.root
     out_fs, dst = open_path(out, storage_options)
@@ -250,6 +262,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     source = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
     old = read_json(out_fs, f"{dst}/manifest.json")
     recorded = json.loads(json.dumps(asdict(config)))  # as manifest.json holds it (tuples become lists)
+    if not turns:
+        del recorded["granularity"]  # row refines record what they did before turns existed
     if old is not None and (old.get("config"), old.get("source_run")) != (recorded, source):
         raise RunDirMismatchError(
             f"{out} holds a refine of {old.get('source_run')} with config {old.get('config')}; this one is of "
@@ -271,6 +285,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         if added and added in schema.names:
             raise ConfigError(f"shard {path} already has a {added!r} column; refine would overwrite it. "
                               "Drop the column first or refine with another policy")
+        if turns:
+            check_turn_shard(schema, path)
         needed = list(config.stratify_by) + ([NUM_TOKENS] if config.length_buckets else [])
         absent = [c for c in needed if c not in schema.names]
         if absent:
@@ -288,9 +304,10 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
                                        RunDirectory.open(run, storage_options), allow_incomplete=allow_incomplete,
                                        command="refine").scan().select(ID, SCORE))
     loaded = target.load_plan()
+    turn_lf = completed.scan().select(ID, TURN_SCORES) if turns else None
     if loaded is None:
-        plan = fit_plan(lf, completed, config, policy, survive, offsets, src, run_dir,
-                        storage_options, allow_incomplete)
+        plan = fit_turn_plan(turn_lf, config, policy, src) if turns else \
+            fit_plan(lf, completed, config, policy, survive, offsets, src, run_dir, storage_options, allow_incomplete)
         target.check_config(*identity, record=True)  # before the plan: a plan is always under its config
         loaded = target.save_plan(*plan)
     else:
@@ -298,6 +315,8 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
     plan, wmap = loaded
     n, stats, n_policy = plan["rows_in"], plan["score_stats_in"], plan["rows_after_prefilters"]
     policy_scores = (lf if survive is None else lf.filter(pl.Series(survive))).select(SCORE)  # the n_policy rows
+    if turns:
+        policy_scores, first_turns = turn_policy_scores(turn_lf), turn_offsets(turn_lf, offsets)
     top = None if plan["top"] is None else TopCut(**plan["top"])
     strata = None if plan["strata"] is None else \
         ({k: TopCut(**v) for k, v in plan["strata"]["cuts"].items()}, plan["strata"]["edges"])
@@ -325,6 +344,11 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
                     bar.update(int(counts[i]))
                     continue
                 shard_acc = _Accumulator()
+                if turns:
+                    rows = write_turn_shard(_iter_batches(src_fs, path), schema, out_fs, names[i], policy, config, top,
+                                            wmap, int(first_turns[i]), shard_acc, bar)
+                    markers[i] = _commit(target, i, names, rows, shard_acc)
+                    continue
                 rows = _write_shard(src_fs, path, schema, out_fs, names[i], policy, config, top, wmap,
                                     int(offsets[i]), bar, shard_acc, strata, survive)
                 markers[i] = _commit(target, i, names, rows, shard_acc)
