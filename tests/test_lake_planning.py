@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.engines.local import RunConfig, run_score
-from drift_stream.io import json_rows
+from drift_stream.io import json_rows, run_dir
 from drift_stream.io.columns import ID, SOURCE_ID
 from drift_stream.io.run_dir import RunDirectory, empty_data_schema, rejects_schema
 from drift_stream.io.schema import SchemaPlan
@@ -126,6 +126,7 @@ def test_shards_plan_their_own_files_and_the_last_one_settles_one_schema(tmp_pat
     assert shard0.field("meta").type == pa.struct([("lang", pa.string())])  # planned from its own file
 
     seen.reads.clear()
+    run_dir._MARKERS.clear()  # as in another process: nothing read yet
     last = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=1), make_scorer(),
                      progress=False)
     assert last["complete"] and (last["rows_in"], last["rows_scored"]) == (11, 11)

@@ -166,7 +166,7 @@ def finish_run(run: RunDirectory, record: dict[str, Any], files: list[InputFile]
     urls = [f.url for f in files]
     names = run.completed_indexes()
     if len(names) < len(files):
-        own = {f.index: m for f in mine if f.index in names and (m := run.read_json(_marker_rel(f.index)))}
+        own = run.completed({f.index for f in mine} & names)
         counts = run.build_manifest(record, urls, own)
         counts.update(complete=False, num_completed_files=len(names))
         logger.info("this shard: %d rows in, %d scored, %d rejected; %d of %d input files of the run are done (the "
@@ -191,10 +191,6 @@ def finish_run(run: RunDirectory, record: dict[str, Any], files: list[InputFile]
     logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
                 manifest["rows_scored"], manifest["rows_rejected"])
     return manifest
-
-
-def _marker_rel(index: int) -> str:
-    return f"completions/{index:05d}.json"
 
 
 def _source_id_column(markers: Mapping[int, dict]) -> dict[str, str] | None:

@@ -327,14 +327,15 @@ class RunDirectory:
         """Input indexes whose completion marker exists (reads names only)."""
         return {int(name[:-5]) for name in self._marker_names() if name[:-5].isdigit()}
 
-    def completed(self) -> dict[int, dict]:
-        """Markers of finished input files, by input index (treat them as read-only).
+    def completed(self, indexes: set[int] | None = None) -> dict[int, dict]:
+        """Markers of finished input files, by input index (treat them as read-only); `indexes`: only those.
 
         Each marker version is read once per process (`_MARKERS`: the settling process, its summary and a refine
         in the same process share the reads), and on an object store the rest are fetched in one batched,
         concurrent call (fsspec `cat_ranges`): 1,000 markers one GET after another cost ~1,000 round trips."""
         entries = self._marker_entries()
-        keys = {name: (self.url, self.root, name, version) for name, version in entries.items()}
+        keys = {name: (self.url, self.root, name, version) for name, version in entries.items()
+                if indexes is None or (name[:-5].isdigit() and int(name[:-5]) in indexes)}
         todo = [name for name, key in keys.items() if key not in _MARKERS]
         if self.is_local or len(todo) < 2:
             fetched = {name: self._read_json(f"completions/{name}") for name in todo}

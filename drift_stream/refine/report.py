@@ -324,8 +324,8 @@ def _incomplete_score_run(run_dir: str, storage_options: dict | None) -> str | N
     # no complete manifest yet: the process settling the run (it writes the manifest, then prints the summary) may
     # be at work right now, even when every marker is there already
     done = len(run.completed_indexes())
-    return (f"run {run.url}  (INCOMPLETE: {done} of {len(inputs)} input files scored; the process that completes "
-            f"the run prints its summary, or run `drift-stream report {run.url}`)")
+    return (f"run {run.url}  (INCOMPLETE: not settled yet, {done} of {len(inputs)} input files scored; the "
+            f"process that completes the run prints its summary, or run `drift-stream report {run.url}`)")
 
 
 def _gap_text(gap: Any) -> str:
