@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_report  # noqa: E402
-import refine_lib as rl  # noqa: E402
-from refine_v3 import paired_stats  # noqa: E402
+import real_report
+import refine_lib as rl
+from refine_v3 import paired_stats
 
 logger = logging.getLogger("refine_real")
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,12 @@ def _slug(text: str) -> str:
 
 
 def make_data(cfg: RealBenchConfig):
-    from drift_stream.embedded.real_tasks import NONTARGET, TARGET, RealTaskRecipe, make_real_splits
+    from drift_stream.embedded.real_tasks import (
+        NONTARGET,
+        TARGET,
+        RealTaskRecipe,
+        make_real_splits,
+    )
 
     recipe = RealTaskRecipe(seed=cfg.data_seed, pool_size=cfg.pool_size, warmup_size=cfg.warmup_size,
                             queries=cfg.queries,
