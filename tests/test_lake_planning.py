@@ -169,3 +169,26 @@ def test_a_homogeneous_lake_is_settled_without_rewriting_a_shard(tmp_path, make_
     assert manifest["complete"] and manifest["repeated_ids"]["ids"] == 6  # d{f}-0 and d{f}-1, twice each
     assert manifest["repeated_ids"]["examples"][0] == {"id": "d0-0", "rows": 2}
     assert "source_id_column" not in manifest
+
+
+def test_the_driver_reads_no_input_before_the_engine_starts(tmp_path, make_scorer, monkeypatch):
+    """What `--engine ray` relies on: run_score lists the files and checks the config, then hands the files to the
+    engine (`score_files`, a RayEngine there) without opening one of them (no schema pass on the driver)."""
+    from drift_stream.engines.local import score_file
+    from drift_stream.io import streams
+
+    paths = two_writers(tmp_path / "pool")
+    opened: list[str] = []
+    original = streams._open
+    monkeypatch.setattr(streams, "_open", lambda file, *a, **k: opened.append(file.url) or original(file, *a, **k))
+    seen_at_start: list[list[str]] = []
+
+    def engine(todo, run, scorer, config, progress):
+        seen_at_start.append(list(opened))
+        for file in todo:
+            score_file(file, run, scorer, config)
+
+    manifest = run_score(RunConfig(data=tuple(paths), out=str(tmp_path / "run")), make_scorer(), progress=False,
+                         score_files=engine)
+    assert seen_at_start == [[]] and sorted(opened) == sorted(paths)  # then each file opened once, by its worker
+    assert manifest["complete"] and manifest["rows_scored"] == 11
