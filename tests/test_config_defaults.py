@@ -69,7 +69,7 @@ def library_defaults() -> dict[tuple[str, str], object]:
     out[("bank build", "track_experts")] = _field_default(FeatureConfig, "track_experts")
     for name in ("adapter", "verifier", "fisher_data", "fisher_adapter", "device", "storage_options", "overwrite"):
         out[("bank build", name)] = _param_default(build_bank, name)
-    for name in ("seed", "temperature", "weight_map", "clip_z", "keep_all", "length_buckets", "storage_options",
+    for name in ("seed", "temperature", "weight_map", "clip_z", "granularity", "keep_all", "length_buckets", "storage_options",
                  "allow_incomplete"):
         out[("refine", name)] = _param_default(refine_run, name)
     out[("refine", "stratify_by")] = None if _param_default(refine_run, "stratify_by") == () else "differs"

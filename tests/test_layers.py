@@ -55,12 +55,12 @@ def _library_tuples():
     from drift_stream.model.loading import DTYPES
     from drift_stream.refine.export import FORMATS, LAYOUTS
     from drift_stream.refine.weight_map import WEIGHT_MAPS
-    from drift_stream.scoring.base import SCORERS
+    from drift_stream.scoring.base import GRANULARITIES, SCORERS
 
     return {"--engine": ENGINES, "--scorer": SCORERS, "--overlong": OVERLONG_POLICIES, "--on-bad-row": ON_BAD_ROW,
             "--dtype": DTYPES, "--signing": SIGNINGS, "--targets": TARGETS, "--preconditioner": PRECONDITIONERS,
             "--truncated": TRUNCATED, "--no-contrast": NO_CONTRAST, "--query-weighting": QUERY_WEIGHTINGS,
-            "--format": FORMATS, "--layout": LAYOUTS, "--weight-map": WEIGHT_MAPS}
+            "--format": FORMATS, "--layout": LAYOUTS, "--weight-map": WEIGHT_MAPS, "--granularity": GRANULARITIES}
 
 
 def test_cli_choices_are_the_library_option_tuples_both_ways():

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     from drift_stream.model.loading import DTYPES
     from drift_stream.refine.export import FORMATS, LAYOUTS
     from drift_stream.refine.weight_map import WEIGHT_MAPS
-    from drift_stream.scoring.base import SCORERS
+    from drift_stream.scoring.base import GRANULARITIES, SCORERS
     from drift_stream.version import __version__
 
     parser.add_argument("--version", action="version", version=f"drift-stream {__version__}")
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=_beta_arg, default=1.0, help="debiasing exponent: a number or 'auto' (default 1)")
     p.add_argument("--calibration-rows", type=int, default=256, help="rows used to fit --beta auto")
     p.add_argument("--keep-query-scores", action="store_true", help="add drift_query_scores (one per query)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="row",
+                   help="turn: also drift_turn_scores, one score per assistant turn (its loss alone), and "
+                        "drift_turn_input_weights; not with --scorer ifd")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward")
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="padded tokens per forward/backward instead of --batch-size rows: rows of each --batch-rows "
@@ -179,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights/repeat: rank (exp(Phi^-1 of the rank) / T, bounded, default), clipped_z "
                         "(exp(clip(z, -C, C) / T)), or exp_z (exp(z / T), unbounded: the map of 0.1.0)")
     p.add_argument("--clip-z", type=float, default=3.0, metavar="C", help="clipped_z: clip z to [-C, C] (default 3)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="row",
+                   help="turn: the policy over the assistant turns of a run scored with --granularity turn "
+                        "(turn_keep / turn_weights columns)")
     p.add_argument("--keep-all", action="store_true", help="write every row with a `keep` column")
     p.add_argument("--stratify-by", default=None, metavar="COL[,COL]",
                    help="top:P inside each group of these columns, keeping the pool's mix (e.g. task)")

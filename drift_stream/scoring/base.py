@@ -38,6 +38,7 @@ from drift_stream.model.batching import (
 
 logger = logging.getLogger(__name__)
 
+GRANULARITIES = ("row", "turn")  # --granularity: a score per row, or also one per assistant turn
 SCORERS = ("drift", "less", "if", "loss", "ifd", "random")
 GRADIENT_SCORERS = ("drift", "less", "if")
 # The off-policy baselines are defined by their beta (DESIGN.md section 2): less = LESS's cosine-like normalisation,
@@ -77,7 +78,7 @@ class ScoreConfig:
             raise ConfigError("chat_template and use_chat_template=False exclude each other: choose one")
         if self.scorer not in SCORERS:
             raise ConfigError(f"unknown scorer {self.scorer!r}: choose one of {', '.join(SCORERS)}")
-        if self.granularity not in ("row", "turn") or self.granularity == "turn" and self.scorer == "ifd":
+        if self.granularity not in GRANULARITIES or self.granularity == "turn" and self.scorer == "ifd":
             raise ConfigError(f"granularity must be 'row' or 'turn' (turn: any scorer but ifd), got "
                               f"{self.granularity!r} with scorer {self.scorer!r}")
         if self.overlong not in ("reject", "truncate"):
