@@ -4,7 +4,11 @@ trl|llamafactory|repeat|tokens|fireworks` (docs/trainers.md: which trainer reads
 RUN is the --out of `drift-stream refine` (its manifest.json says kind "refine"). Each row's weight is its `weight`
 column (`--policy weights`), else its `keep` column (`--keep-all`), else 1 (a filter's output holds kept rows only).
 Rows are turned back into conversations by the adapter the source run was scored with (recorded in its config.json),
-so every input format exports the same way. Rows of weight 0 are left out of every format but `repeat` (which
+so every input format exports the same way. Each assistant turn k gets its own weight (export_source.turn_weights_out):
+its input message `weight` (OpenAI 0/1, LLaMA-Factory `loss_weight`; else 1) x `turn_weights[k]` (a per-turn weights
+refine: the row weight is their mean, so it is not multiplied in again), or x the row's weight x `turn_keep[k]` (a
+per-turn filter), or x the row's weight; llamafactory, tokens and fireworks carry it per turn, trl and repeat cut
+weight-0 trailing turns only (see each format). Rows of weight 0 are left out of every format but `repeat` (which
 writes them 0 times; a weighted trainer would skip them anyway). Output: `OUT/data/train-0000i-of-0000N.parquet`
 (`.jsonl` for fireworks; one per refined shard, written atomically), `OUT/completions/0000i.json` (a marker per
 finished shard), `OUT/config.json` (what the export was made from), `OUT/manifest.json` (counts, written last), and
@@ -19,41 +23,48 @@ rerun that differs in any of them is refused (RunDirMismatchError, printing both
 * ``trl``: TRL's conversational prompt/completion layout, `{"id", "prompt": [messages before the answer],
   "completion": [{"role": "assistant", ...}], "weight"}` (SFTTrainer's default `completion_only_loss` then trains on
   the answer, as drift scored it), or with `layout="messages"` `{"id", "messages", "weight"}` for multi-turn rows
-  (train with `assistant_only_loss=True`: every assistant turn, as drift scored it). Each message is the dict the
-  adapter handed the chat template when the row was scored, stored as one JSON object (Arrow's `arrow.json`, which
-  `datasets` reads back as its `Json` feature): `tool_calls` (arguments as given, string or object),
-  `reasoning_content`, a tool-call-only turn's `content: null`, a tool turn's `tool_call_id` / `name` all reach
-  TRL's `apply_chat_template` unchanged, and no key appears that the row did not have (a struct column would add
-  every other row's keys as nulls). Text rows: `{"id", "text", "weight"}`. Plain-string prompt/completion rows
-  (the `prompt_completion` adapter's `string_format: text`, scored without a chat template): TRL's standard layout
-  `{"id", "prompt": str, "completion": str, "weight"}`, which TRL tokenizes without a template; `layout` applies to
-  conversations only. `load_dataset("parquet", data_files=OUT + "/data/*.parquet")` then `WeightedSFTTrainer`.
-  TRL's completion mask is everything the template renders after the prompt: where the template writes text after
-  the end-of-turn token (the shipped one writes a newline) TRL also trains on it, while drift's mask stops at the
-  token. Standard (string) rows: TRL tokenizes prompt + completion + EOS in one call, drift each part apart; the
-  tokens agree unless the tokenizer merges across the boundary (TRL warns when it does).
+  (train with `assistant_only_loss=True`: every assistant turn, as drift scored it). TRL reads no per-turn weight: a
+  conversation is cut after its last assistant turn of weight > 0 (dropped or input-weight-0 trailing turns go), and
+  prompt/completion takes a row whose only turn of weight > 0 is then the last one (earlier weight-0 turns are its
+  prompt); a weight-0 turn before a trained one stays in `--layout messages` and is trained (logged). Each message is
+  the dict the adapter handed the chat template when the row was scored, stored as one JSON object (Arrow's
+  `arrow.json`, which `datasets` reads back as its `Json` feature): `tool_calls` (arguments as given, string or
+  object), `reasoning_content`, a tool-call-only turn's `content: null`, a tool turn's `tool_call_id` / `name` all
+  reach TRL's `apply_chat_template` unchanged, and no key appears that the row did not have (a struct column would add
+  every other row's keys as nulls). Text rows: `{"id", "text", "weight"}`. Plain-string prompt/completion rows (the
+  `prompt_completion` adapter's `string_format: text`, scored without a chat template): TRL's standard layout `{"id",
+  "prompt": str, "completion": str, "weight"}`, which TRL tokenizes without a template; `layout` applies to
+  conversations only. `load_dataset("parquet", data_files=OUT + "/data/*.parquet")` then `WeightedSFTTrainer`. TRL's
+  completion mask is everything the template renders after the prompt: where the template writes text after the
+  end-of-turn token (the shipped one writes a newline) TRL also trains on it, while drift's mask stops at the token.
+  Standard (string) rows: TRL tokenizes prompt + completion + EOS in one call, drift each part apart; the tokens agree
+  unless the tokenizer merges across the boundary (TRL warns when it does).
 * ``llamafactory``: LLaMA-Factory 0.9.5's v1 sample (`llamafactory/v1/utils/types.py` SFTSample): `{"messages":
-  [{"role", "content": [{"type": "text", "value"}], "loss_weight"}]}` with the row's weight on every assistant
-  message and 0.0 on the others (set explicitly: its renderer reads `message.get("loss_weight", ...)`, so a null
-  would break it). An assistant turn's content is its parts in the order templates render them: `reasoning`
-  (reasoning_content), `text`, then one `tool_call` per call, valued `{"name", "arguments"}` as a JSON string with
-  the arguments as an object (v1 `ToolCall`; its renderer writes `json.dumps(arguments)`). v1 messages have no field
-  for a tool turn's `tool_call_id` / `name`: they are left out. Text rows and plain-string prompt/completion rows
-  are refused (LLaMA-Factory renders every sample with a chat template; drift scored these without one). v1 reads
-  a dataset-info YAML, not v0's dataset_info.json (`v1/core/data_engine.py`: a `.yaml` path is loaded with
-  OmegaConf): `OUT/dataset_info.yaml` names the data directory with `source: local`; train with
-  `USE_V1=1 llamafactory-cli sft --train_dataset OUT/dataset_info.yaml ...`. Its SFT loss is
-  sum_t w_t * nll_t / sum_t w_t over a micro-batch (`v1/trainers/sft_trainer.py`): a token-weighted mean, so a long
-  answer counts more than under `WeightedSFTTrainer`'s per-row mean (LLaMA-Factory's own convention).
+  [{"role", "content": [{"type": "text", "value"}], "loss_weight"}]}` with each assistant turn's weight on its message
+  (the row's weight when there are no turn weights) and 0.0 on the others (set explicitly: its renderer reads
+  `message.get("loss_weight", ...)`, so a null would break it). An assistant turn's content is its parts in the order
+  templates render them: `reasoning` (reasoning_content), `text`, then one `tool_call` per call, valued `{"name",
+  "arguments"}` as a JSON string with the arguments as an object (v1 `ToolCall`; its renderer writes
+  `json.dumps(arguments)`). v1 messages have no field for a tool turn's `tool_call_id` / `name`: they are left out.
+  Text rows and plain-string prompt/completion rows are refused (LLaMA-Factory renders every sample with a chat
+  template; drift scored these without one). v1 reads a dataset-info YAML, not v0's dataset_info.json
+  (`v1/core/data_engine.py`: a `.yaml` path is loaded with OmegaConf): `OUT/dataset_info.yaml` names the data
+  directory with `source: local`; train with `USE_V1=1 llamafactory-cli sft --train_dataset OUT/dataset_info.yaml
+  ...`. Its SFT loss is sum_t w_t * nll_t / sum_t w_t over a micro-batch (`v1/trainers/sft_trainer.py`): a
+  token-weighted mean, so a long answer counts more than under `WeightedSFTTrainer`'s per-row mean (LLaMA-Factory's
+  own convention).
 * ``repeat``: integer copies for trainers without weights, as `refine --policy repeat`: row i appears
   floor(w_i) + Bernoulli(w_i - floor(w_i)) times (expected w_i), drawn from `seed` and the shard's position; copies
   are shuffled within each output shard by an external shuffle (export_repeat.py), so memory stays flat whatever the
   shard's size. The trl layout without a weight column.
-* ``tokens``: `input_ids`, `labels`, `target_tokens` and float per-token `weights` (loss mask x the row's weight), as
+* ``tokens``: `input_ids`, `labels`, `target_tokens` and float per-token `weights` (loss mask x the token's turn
+  weight; labels -100 in a turn of weight 0), as
   the scoring run tokenized each row (export_tokens.py): for Tinker, SageMaker training sessions, and any trainer
   that reads pre-tokenized rows (axolotl, verl, torchtune). `tokenizer` replaces the recorded model path.
 * ``fireworks``: Fireworks' SFT JSONL, `{"messages": [...], "weight": w}` with the root-level weight on every row
-  (its documented rule: all rows or none). Conversations only; upload one file (`cat OUT/data/*.jsonl`).
+  (its documented rule: all rows or none); rows with turn weights also get Fireworks' per-message `"weight"` on
+  each assistant message, 0 (skipped) where the turn's weight is 0, else 1 (it takes 0 or 1 only). Conversations
+  only; upload one file (`cat OUT/data/*.jsonl`).
 """
 
 from __future__ import annotations
@@ -80,15 +91,18 @@ from drift_stream.refine.export_layouts import (
     lf_record,
     records_table,
     trl_record,
+    trl_trains_zero_turns,
 )
 from drift_stream.refine.export_repeat import RepeatShuffle
 from drift_stream.refine.export_source import (
     RefinedRun,
     example_form,
+    has_turn_columns,
     open_refined,
     row_weights,
     shard_batches,
     to_example,
+    turn_weights_out,
     weight_columns,
 )
 from drift_stream.refine.export_tokens import (
@@ -162,6 +176,7 @@ def _export_shard(src: RefinedRun, config: ExportConfig, chat, index: int, path:
             stack.callback(shuffle.close)
         sink = None
         first = 0  # the batch's first row in the shard: what errors name
+        zero_turns_trained = 0  # trl --layout messages: rows with a weight-0 turn before a trained one
         for table in shard_batches(src.fs, path):
             weights = row_weights(table, path, first)
             draws = rng.random(table.num_rows) if fmt == "repeat" else None
@@ -182,14 +197,18 @@ def _export_shard(src: RefinedRun, config: ExportConfig, chat, index: int, path:
                                      "prompt/completion strings and conversations need different layouts); export "
                                      "them apart")
                 counts["form"] = form
+                turns = turn_weights_out(row, example, w, path, first + j)
                 if fmt == "tokens":
-                    record = token_record(chat, example, w, path, first + j)
+                    record = token_record(chat, example, w, path, first + j, turns)
                 elif fmt == "fireworks":
-                    record = fireworks_line(example, w, path, first + j)
+                    marked = has_turn_columns(row) or any("weight" in m for m in example.messages or ())
+                    record = fireworks_line(example, w, path, first + j, turns if marked else None)
                 elif fmt == "llamafactory":
-                    record = lf_record(example, w, path, first + j)
+                    record = lf_record(example, turns, path, first + j)
                 else:
-                    record = trl_record(example, config.layout, path, first + j)
+                    record = trl_record(example, config.layout, path, first + j, turns)
+                    if config.layout == "messages" and trl_trains_zero_turns(example, turns):
+                        zero_turns_trained += 1
                 if isinstance(record, dict):
                     record[ID] = example.id
                     if fmt in ("trl", "llamafactory"):
@@ -218,6 +237,10 @@ def _export_shard(src: RefinedRun, config: ExportConfig, chat, index: int, path:
             sink = stack.enter_context(atomic_parquet_writer(out_fs, dest, schema))
             for table in shuffle.drain() if shuffle is not None else ():
                 sink.write(table)
+    if zero_turns_trained:
+        logger.warning("%s: %d rows have a weight-0 assistant turn before a trained one; TRL's assistant_only_loss "
+                       "trains every assistant turn of --layout messages: export per-turn weights with --format "
+                       "tokens or llamafactory", path, zero_turns_trained)
     return counts
 
 

@@ -38,20 +38,38 @@ def message_json(message, path: str, index: int) -> str:
         raise InputError(f"{path} row {index}: a {turn['role']} message cannot be written as JSON ({err})") from err
 
 
-def trl_record(example, layout: str, path: str, index: int) -> dict:
+def trl_record(example, layout: str, path: str, index: int, turns: tuple[float, ...] | None = None) -> dict:
+    """turns: each assistant turn's exported weight (export_source.turn_weights_out). TRL reads no per-turn weight:
+    the conversation is cut after its last assistant turn of weight > 0 (later turns are dropped, earlier ones stay);
+    prompt/completion then needs that turn to be the only one of weight > 0 (the earlier ones are its prompt)."""
     if example.text is not None:
         return {"text": example.text}
     if example.response is not None:  # scored without a chat template: TRL's standard (string) layout
         return {"prompt": example.prompt, "completion": example.response}
-    messages = [message_json(m, path, index) for m in example.messages]
+    positions = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+    turns = turns if turns is not None else (1.0,) * len(positions)
+    trained = [i for i, w in zip(positions, turns) if w > 0]
+    # cut only where a trailing assistant turn weighs 0 (a row without turn weights is written whole, as scored)
+    end = trained[-1] + 1 if trained and trained[-1] != positions[-1] else len(example.messages)
+    messages = [message_json(m, path, index) for m in example.messages[:end]]
     if layout == "messages":
         return {"messages": messages}
-    turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
-    if turns != [len(messages) - 1]:
-        raise InputError(f"{path} row {index} (id {example.id}) has {len(turns)} assistant turns or does not end "
-                         "with one: prompt/completion trains the last answer only. Pass --layout messages and "
-                         "train with assistant_only_loss=True")
+    if trained != [len(messages) - 1]:
+        weighted = "" if len(trained) == len(positions) else f" of weight > 0 (of {len(positions)})"
+        raise InputError(f"{path} row {index} (id {example.id}) has {len(trained)} assistant turns{weighted} or does "
+                         "not end with one: prompt/completion trains the last answer only. Pass --layout messages "
+                         "and train with assistant_only_loss=True (or export per-turn weights with --format tokens "
+                         "or llamafactory)")
     return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def trl_trains_zero_turns(example, turns: tuple[float, ...]) -> bool:
+    """A messages-layout row in which TRL's assistant_only_loss trains a turn whose weight is 0 (one before the
+    last assistant turn of weight > 0: the conversation cannot be cut there)."""
+    if example.messages is None:
+        return False
+    trained = [k for k, w in enumerate(turns) if w > 0]
+    return bool(trained) and any(w == 0 for w in turns[: trained[-1]])
 
 
 def _lf_content(message) -> list[dict]:
@@ -84,17 +102,26 @@ def _needs_chat(example, path: str, index: int, trainer: str) -> None:
                          f"{trainer} renders every sample with one: export it with --format trl or tokens")
 
 
-def lf_record(example, weight: float, path: str, index: int) -> dict:
+def lf_record(example, turns: tuple[float, ...], path: str, index: int) -> dict:
+    """turns: each assistant turn's `loss_weight` (export_source.turn_weights_out); other messages get 0.0."""
     _needs_chat(example, path, index, "LLaMA-Factory")
+    weights = iter(turns)
     return {"messages": [{"role": m["role"], "content": _lf_content(m),
-                          "loss_weight": float(weight) if m["role"] == "assistant" else 0.0}
+                          "loss_weight": float(next(weights)) if m["role"] == "assistant" else 0.0}
                          for m in example.messages]}
 
 
-def fireworks_line(example, weight: float, path: str, index: int) -> bytes:
-    """One line of Fireworks' SFT JSONL: {"messages": [...], "weight": w} (root-level weight on every row)."""
+def fireworks_line(example, weight: float, path: str, index: int, turns: tuple[float, ...] | None = None) -> bytes:
+    """One line of Fireworks' SFT JSONL: {"messages": [...], "weight": w} (root-level weight on every row). With
+    `turns`, each assistant message gets Fireworks' per-message `"weight"`: 0 (not trained) where the turn's weight
+    is 0, else 1 (it takes 0 or 1 only: a float turn weight is not carried, the root weight is the row's)."""
     _needs_chat(example, path, index, "Fireworks")
-    record = {"messages": [message_dict(m) for m in example.messages], "weight": float(weight)}
+    messages = [message_dict(m) for m in example.messages]
+    if turns is not None:
+        assistants = [m for m in messages if m["role"] == "assistant"]
+        for m, w in zip(assistants, turns):
+            m["weight"] = 0 if w == 0 else 1
+    record = {"messages": messages, "weight": float(weight)}
     try:
         return (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
     except (TypeError, ValueError) as err:

@@ -1,5 +1,6 @@
 """The input side of `drift-stream export`: a refined run's data shards, the adapter (and for `tokens` the chat
-tokenizer) its source run was scored with, each row's weight, and a row turned back into its conversation."""
+tokenizer) its source run was scored with, each row's weight and each assistant turn's, and a row turned back into its
+conversation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_stream.errors import IncompleteRunError, InputError
-from drift_stream.io.columns import KEEP, WEIGHT
+from drift_stream.io.columns import KEEP, TURN_KEEP, TURN_WEIGHTS, WEIGHT
 from drift_stream.io.run_dir import RunDirectory, open_path
 
 logger = logging.getLogger(__name__)
@@ -126,3 +127,36 @@ def to_example(adapter, row: dict, path: str, index: int):
 def example_form(example) -> str:
     """"text" (a `text` row), "plain" (prompt/completion strings) or "chat" (a conversation)."""
     return "text" if example.text is not None else "plain" if example.response is not None else "chat"
+
+
+def has_turn_columns(row: dict) -> bool:
+    """The row was refined per turn (`turn_weights` or `turn_keep` present and not null)."""
+    return row.get(TURN_WEIGHTS) is not None or row.get(TURN_KEEP) is not None
+
+
+def turn_weights_out(row: dict, example, weight: float, path: str, index: int) -> tuple[float, ...]:
+    """The exported weight of each assistant turn k (a text or plain prompt/completion row is one turn):
+    input_k x factor_k x base, input_k the message's `weight` (OpenAI 0/1, LLaMA-Factory `loss_weight`; else 1).
+
+    * `turn_weights` (refine per turn, --policy weights): factor_k = turn_weights[k], base 1: the row's `weight` is
+      the mean of these turn weights, so multiplying by it too would square them;
+    * `turn_keep` (a per-turn filter): factor_k = 1 / 0, base = the row's weight (`keep`: 1);
+    * neither: factor_k = 1, base = the row's weight (what every turn got before turn weights existed).
+    """
+    if example.messages is None:
+        inputs = [1.0]
+    else:
+        inputs = [float(m.get("weight", 1.0)) for m in example.messages if m.get("role") == "assistant"]
+    base = float(weight)
+    if row.get(TURN_WEIGHTS) is not None:
+        name, factors, base = TURN_WEIGHTS, list(row[TURN_WEIGHTS]), 1.0
+    elif row.get(TURN_KEEP) is not None:
+        name, factors = TURN_KEEP, [None if k is None else float(k) for k in row[TURN_KEEP]]
+    else:
+        return tuple(base * w for w in inputs)
+    if len(factors) != len(inputs):
+        raise InputError(f"{path} row {index} (id {example.id}): {name} has {len(factors)} entries for "
+                         f"{len(inputs)} assistant turns: was the run refined from another scored run?")
+    if not all(f is not None and np.isfinite(f) and f >= 0 for f in factors):
+        raise InputError(f"{path} row {index} (id {example.id}): {name} {factors} is not finite and >= 0")
+    return tuple(base * w * float(f) for w, f in zip(inputs, factors))

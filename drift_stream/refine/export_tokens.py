@@ -10,11 +10,16 @@ Columns (one row per refined row of weight > 0), with T the row's tokens:
 
 * `input_ids` [T] int32, `labels` [T] int32: Hugging Face's convention, labels[t] = input_ids[t] where token t is
   trained (predicted from tokens < t) and -100 elsewhere; labels[0] is always -100. The model shifts them.
-* `target_tokens` [T-1] int32 = input_ids[1:], `weights` [T-1] float32 = loss_mask[1:] x the row's weight: Tinker's
+* `target_tokens` [T-1] int32 = input_ids[1:], `weights` [T-1] float32 = loss_mask[1:] x f[turn_index[1:]]: Tinker's
   `Datum` alignment (https://tinker-docs.thinkingmachines.ai/tinker/losses): position t of the model input
   input_ids[:-1] predicts target_tokens[t] and its loss is multiplied by weights[t]. AWS SageMaker training sessions
   take the same `target_tokens` / `weights` pair.
 * `weight` float32: the row's weight (the refine output's `weight` or `keep` column).
+
+f[k] is assistant turn k's exported weight (export_source.turn_weights_out): input_k x turn_weights[k] after a
+per-turn weights refine, else the row's weight x input_k x turn_keep[k] (1 without turn_keep), input_k the message's
+input `weight` (1 when absent); 0 for tokens outside every turn. A turn of weight 0 (dropped by the refine, or
+`weight` 0 in the input) is out of `labels` too, for trainers that read labels only.
 
 Tinker's `cross_entropy` is a plain sum, sum_t -logp(target_t) * weights_t over every token of every Datum
 (tinker 0.38 `training_client.py`: "Backend CE is L = sum(-logprobs * weights)"), while WeightedSFTTrainer's
@@ -79,8 +84,10 @@ def chat_tokenizer_for_run(scorer: Mapping[str, Any], source: str, tokenizer_pat
     return chat
 
 
-def token_record(chat, example, weight: float, path: str, index: int) -> dict:
-    """The token columns of one row (module docstring), encoded by `chat.encode` exactly as scoring encoded it."""
+def token_record(chat, example, weight: float, path: str, index: int,
+                 turns: tuple[float, ...] | None = None) -> dict:
+    """The token columns of one row (module docstring), encoded by `chat.encode` exactly as scoring encoded it.
+    turns: each assistant turn's exported weight (export_source.turn_weights_out; None: `weight` on every turn)."""
     from drift_stream.data.example_types import RowError
 
     try:
@@ -90,11 +97,20 @@ def token_record(chat, example, weight: float, path: str, index: int) -> dict:
                          "was the run scored with another tokenizer?)") from err
     ids = np.asarray(encoded.input_ids, dtype=np.int32)  # [T]
     mask = np.asarray(encoded.loss_mask, dtype=bool)  # [T]
+    per_token = np.full(ids.size, np.float32(weight), dtype=np.float32)  # [T] f[turn of token t]
+    if turns is not None:
+        f = np.asarray(turns, dtype=np.float64).astype(np.float32)  # [K]
+        if encoded.turn_index is None:  # a text / plain prompt+completion row: one turn
+            per_token[:] = f[0]
+        else:
+            turn = np.asarray(encoded.turn_index, dtype=np.int64)  # [T], -1 outside every turn
+            per_token = np.where(turn >= 0, f[np.maximum(turn, 0)], np.float32(0.0)).astype(np.float32)
+    mask &= per_token != 0  # a dropped (or weight-0) turn is out of the labels too
     return {
         "input_ids": ids,
         "labels": np.where(mask, ids, IGNORE_INDEX).astype(np.int32),
         "target_tokens": ids[1:],
-        "weights": mask[1:].astype(np.float32) * np.float32(weight),
+        "weights": mask[1:].astype(np.float32) * per_token[1:],
         WEIGHT: float(weight),
     }
 
