@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 
 from drift_stream.cli.main import main
 from drift_stream.data.formats import load_adapter
-from drift_stream.io.columns import SOURCE_ID
-from drift_stream.io.columns import ID, REJECT_REASON
+from drift_stream.io.columns import ID, REJECT_REASON, SOURCE_ID
 from drift_stream.scoring.build import build_scorer
 
 
