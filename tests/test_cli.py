@@ -78,7 +78,7 @@ def test_resume_command_is_valid_cli_that_restores_the_settings():
     (issue 22: it printed `--use-chat-template False` and `--stop-tokens ('<x>',)`, which argparse refuses)."""
     import shlex
 
-    from drift_stream.cli.main import build_parser
+    from drift_stream.cli.parser import build_parser
     from drift_stream.cli.resume import resume_command
 
     scorer = {"model": "/m dir", "scorer": "less", "bank": "/b", "adapter": "sharegpt", "use_chat_template": False,

@@ -15,7 +15,8 @@ import pytest
 
 from drift_stream.bank.build import build_bank
 from drift_stream.bank.config import BankConfig
-from drift_stream.cli.main import build_parser, main
+from drift_stream.cli.main import main
+from drift_stream.cli.parser import build_parser
 from drift_stream.embedded.tiny_models import save_tiny_model
 from drift_stream.engines.local import RunConfig
 from drift_stream.grads.projection import FeatureConfig

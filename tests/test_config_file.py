@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_stream.cli.config_file import apply_config_file
-from drift_stream.cli.main import build_parser, main
+from drift_stream.cli.main import main
+from drift_stream.cli.parser import build_parser
 from drift_stream.errors import ConfigError
 
 # (subcommand argv, a flag of it as a config key, a value, the parsed attribute and value)

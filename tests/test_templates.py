@@ -346,7 +346,7 @@ def test_truncated_rollouts_counted_and_excluded_on_request(tmp_path, caplog):
 
 def test_chat_template_choice_on_cli_and_python_entry_points(tmp_path):
     from drift_stream.bank.config import BankConfig
-    from drift_stream.cli.main import build_parser
+    from drift_stream.cli.parser import build_parser
     from drift_stream.embedded.vocabs import site_file
     from drift_stream.errors import ConfigError
     from drift_stream.scoring.build import build_scorer

@@ -32,14 +32,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from drift_stream.bank.checkpoint import BankCheckpoints, kill_point, queries_digest
+from drift_stream.bank.chunks import ChunkContext, build_chunk, merge_adaptive
 from drift_stream.bank.config import (
     TRUNCATION_WARN_SHARE,
     BankConfig,
     truncated_share,
     truncation_warning,
 )
-from drift_stream.bank.checkpoint import BankCheckpoints, kill_point, queries_digest
-from drift_stream.bank.chunks import ChunkContext, build_chunk, merge_adaptive
 from drift_stream.bank.contrast import contrast_counts, query_weights
 from drift_stream.bank.store import (
     BANK_FORMAT_VERSION,

@@ -144,12 +144,12 @@ def write_bank(out_dir: Path, tensors: dict, manifest: dict, rollout_rows: list[
 
     The rollouts are `rollout_rows`, or the rows of the parquet `rollout_files` in order (bank build's chunk
     checkpoints, read one at a time); `streamed`: tensors concatenated from chunk files
-    (`bank.checkpoint.write_safetensors`), e.g. rollout_vectors [R, D] without holding them in memory."""
+    (`bank.tensor_files.write_safetensors`), e.g. rollout_vectors [R, D] without holding them in memory."""
     import jsonschema
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from drift_stream.bank.checkpoint import concat_parquet, write_safetensors
+    from drift_stream.bank.tensor_files import concat_parquet, write_safetensors
 
     jsonschema.validate(manifest, _manifest_schema())
     out_dir.mkdir(parents=True, exist_ok=True)

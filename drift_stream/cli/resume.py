@@ -56,7 +56,7 @@ def resume_command(url: str, config: Mapping[str, Any]) -> str:
     Output-changing settings that differ from the CLI's defaults are given; execution-only ones (batch size, device)
     are left to the user. Inputs are listed when there are at most 8 of them, else a placeholder says so.
     """
-    from drift_stream.cli.main import build_parser
+    from drift_stream.cli.parser import build_parser
 
     parser = build_parser()
     actions = _actions(parser)
