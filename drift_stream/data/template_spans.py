@@ -181,22 +181,12 @@ def _first_stop(text: str, pos: int, stop_texts: Sequence[str], limit: int | Non
 def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
     """1 for each token whose character range overlaps a span (a token straddling a span's edge counts, as in
     HF's `return_assistant_tokens_mask`); spans sorted and disjoint. Cost O(tokens + spans)."""
-    mask = [0] * len(offsets)
-    j = 0
-    for i, (s, e) in enumerate(offsets):
-        while j < len(spans) and spans[j][1] <= s:
-            j += 1
-        if j == len(spans):
-            break
-        lo, hi = spans[j]
-        if (e > lo and s < hi) or (s == e and lo <= s < hi):
-            mask[i] = 1
-    return mask
+    return [int(k >= 0) for k in token_turns(offsets, spans)]
 
 
 def token_turns(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
-    """For each token, the index of the span it overlaps (as `token_mask` decides overlap), -1 for none:
-    `token_mask` is `[int(k >= 0) for k in token_turns(...)]`. Cost O(tokens + spans)."""
+    """For each token, the index of the span its character range overlaps (or, empty, lies inside), -1 for none;
+    spans sorted and disjoint. Cost O(tokens + spans)."""
     turns = [-1] * len(offsets)
     j = 0
     for i, (s, e) in enumerate(offsets):
