@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 from drift_stream.errors import RunDirMismatchError
+from drift_stream.io.atomic import write_bytes_atomic
 from drift_stream.io.manifest import config_diff
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,9 @@ RECORD_FILE = "build.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from fsspec.implementations.local import LocalFileSystem
+
+    write_bytes_atomic(LocalFileSystem(), str(path), data)
 
 
 def queries_digest(queries) -> str:

@@ -35,6 +35,47 @@ def atomic_parquet_writer(fs: Any, path: str, schema: pa.Schema) -> Iterator["_A
     writer.close()
 
 
+def _local_temp(path: str) -> str:
+    """The temp name a local atomic writer of `path` uses: in the same directory, with pid + a random suffix, so a
+    writer that is still dying (an old Ray actor, a resubmitted array task) never shares it; temps of killed writers
+    of this file are removed first."""
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    for stale in globlib.glob(os.path.join(globlib.escape(directory), globlib.escape(f".{name}.tmp") + "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_binary_writer(fs: Any, path: str) -> Iterator[Any]:
+    """A binary handle (e.g. for JSON Lines) whose file appears at `path` only if the block exits without error: the
+    parquet writer's rule (local: temp file + fsync + rename; object stores: one upload, discarded on error)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()
+            handle.closed = True  # so that __del__ does not complete the upload
+            raise
+        handle.close()
+        return
+    temp = _local_temp(path)
+    with open(temp, "wb") as handle:
+        try:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            os.remove(temp)
+            raise
+    os.replace(temp, path)
+
+
 def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
     """Write a small file so that readers see the old content or the new, never a part.
 
@@ -64,14 +105,7 @@ class _AtomicParquet:
         self.final = path
         self.schema = schema
         if isinstance(fs, LocalFileSystem):
-            directory, name = os.path.split(self.final)
-            os.makedirs(directory, exist_ok=True)
-            # Temps of killed writers of this shard go; ours gets pid + a random suffix, so a writer that is still
-            # dying (an old Ray actor, a resubmitted array task) never shares a temp file with us.
-            for stale in globlib.glob(os.path.join(globlib.escape(directory), globlib.escape(f".{name}.tmp") + "*")):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(stale)
-            self.temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            self.temp = _local_temp(self.final)
             self.handle = open(self.temp, "wb")
         else:
             self.temp = None

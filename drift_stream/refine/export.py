@@ -80,12 +80,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from drift_stream.errors import ConfigError, InputError, RunDirMismatchError
-from drift_stream.io.atomic import atomic_parquet_writer, write_bytes_atomic
+from drift_stream.io.atomic import (
+    atomic_binary_writer,
+    atomic_parquet_writer,
+    write_bytes_atomic,
+)
 from drift_stream.io.columns import ID, WEIGHT
 from drift_stream.io.manifest import provenance
 from drift_stream.io.run_dir import RunDirectory
 from drift_stream.refine.export_layouts import (
-    atomic_lines_writer,
     fireworks_line,
     layout_schema,
     lf_record,
@@ -219,7 +222,7 @@ def _export_shard(src: RefinedRun, config: ExportConfig, chat, index: int, path:
                 continue
             counts["rows_written"] += len(records)
             if fmt == "fireworks":
-                sink = sink or stack.enter_context(atomic_lines_writer(out_fs, dest))
+                sink = sink or stack.enter_context(atomic_binary_writer(out_fs, dest))
                 sink.write(b"".join(records))
                 continue
             schema = TOKENS_SCHEMA if fmt == "tokens" else layout_schema(fmt, config.layout, counts["form"])
@@ -230,7 +233,7 @@ def _export_shard(src: RefinedRun, config: ExportConfig, chat, index: int, path:
             sink = sink or stack.enter_context(atomic_parquet_writer(out_fs, dest, schema))
             sink.write(batch)
         if sink is None and fmt == "fireworks":
-            stack.enter_context(atomic_lines_writer(out_fs, dest))  # an empty file
+            stack.enter_context(atomic_binary_writer(out_fs, dest))  # an empty file
         elif sink is None:
             form = counts["form"] or form_hint or "chat"
             schema = TOKENS_SCHEMA if fmt == "tokens" else layout_schema(fmt, config.layout, form)

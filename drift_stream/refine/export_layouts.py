@@ -4,12 +4,7 @@ and their Arrow schemas, Fireworks' JSONL lines, and an atomic writer for JSONL 
 from __future__ import annotations
 
 import contextlib
-import glob as globlib
 import json
-import os
-import uuid
-from collections.abc import Iterator
-from typing import Any
 
 import pyarrow as pa
 
@@ -159,38 +154,3 @@ def records_table(records: list[dict], schema: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.array(values, type=field.type))
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-@contextlib.contextmanager
-def atomic_lines_writer(fs: Any, path: str) -> Iterator[Any]:
-    """A binary handle whose file appears at `path` only if the block exits without error: io/atomic.py's rule for
-    parquet (local: temp file + fsync + rename, stale temps of killed writers removed; object stores: one upload,
-    discarded on error), for JSONL."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if not isinstance(fs, LocalFileSystem):
-        handle = fs.open(path, "wb")
-        try:
-            yield handle
-        except BaseException:
-            handle.discard()
-            handle.closed = True  # so that __del__ does not complete the upload
-            raise
-        handle.close()
-        return
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    for stale in globlib.glob(os.path.join(globlib.escape(directory), globlib.escape(f".{name}.tmp") + "*")):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(stale)
-    temp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(temp, "wb") as handle:
-        try:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            os.remove(temp)
-            raise
-    os.replace(temp, path)
