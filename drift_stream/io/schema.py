@@ -271,3 +271,25 @@ def one_output_schema(schemas: Iterable[pa.Schema]) -> list[pa.Schema]:
     metas = {tuple(sorted((s.metadata or {}).items())) for s in schemas}
     out = plan.schema.with_metadata(schemas[0].metadata) if len(metas) == 1 and schemas[0].metadata else plan.schema
     return [out] * len(schemas)
+
+
+def append_fields(schema: pa.Schema, *fields: pa.Field) -> pa.Schema:
+    """`schema` with `fields` appended (refine's keep / weight and per-turn list columns), keeping its metadata and
+    updating a `datasets` feature list in it so HF readers see the new columns (bool, or float32 for the rest; a
+    list field as a Sequence of them); an unreadable feature list is dropped."""
+    meta = dict(schema.metadata or {})
+    if b"huggingface" in meta:
+        try:
+            hf = json.loads(meta[b"huggingface"])
+            feats = hf.get("info", {}).get("features")
+            if isinstance(feats, dict):
+                for field in fields:
+                    inner = field.type.value_type if pa.types.is_list(field.type) else field.type
+                    value = {"dtype": "bool" if inner == pa.bool_() else "float32", "_type": "Value"}
+                    feats[field.name] = {"feature": value, "_type": "Sequence"} if inner is not field.type else value
+                meta[b"huggingface"] = json.dumps(hf).encode()
+        except ValueError:
+            del meta[b"huggingface"]
+    for field in fields:
+        schema = schema.append(field)
+    return schema.with_metadata(meta)

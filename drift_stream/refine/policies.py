@@ -51,7 +51,7 @@ from drift_stream.io.columns import ID, KEEP, NUM_TOKENS, SCORE, TURN_SCORES, WE
 from drift_stream.io.manifest import provenance
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import read_completed_shards
-from drift_stream.io.schema import conform_table, one_output_schema
+from drift_stream.io.schema import append_fields, conform_table, one_output_schema
 from drift_stream.refine.chain import Prefilter, survivor_mask
 from drift_stream.refine.plan import fit_plan
 from drift_stream.refine.repeat import write_repeat
@@ -206,22 +206,6 @@ def _shard_schema(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Schema, 
             return pf.schema_arrow, pf.metadata.num_rows
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"cannot read shard {path}: {e}") from e
-
-
-def _add_field(schema: pa.Schema, field: pa.Field) -> pa.Schema:
-    """Append `field`; keep the metadata, updating a `datasets` feature list so HF readers see the new column."""
-    meta = dict(schema.metadata or {})
-    if b"huggingface" in meta:
-        try:
-            hf = json.loads(meta[b"huggingface"])
-            feats = hf.get("info", {}).get("features")
-            if isinstance(feats, dict):
-                dtype = {pa.bool_(): "bool", pa.float32(): "float32"}[field.type]
-                feats[field.name] = {"dtype": dtype, "_type": "Value"}
-                meta[b"huggingface"] = json.dumps(hf).encode()
-        except ValueError:
-            del meta[b"huggingface"]
-    return schema.append(field).with_metadata(meta)
 
 
 # ------------------------------------------------------------------------------------------------------- policies
@@ -428,7 +412,7 @@ def _write_shard(src_fs, path: str, schema: pa.Schema, out_fs, dest: str, policy
     """One input shard -> one output shard for the filter and weights policies; returns rows written.
     survive: [run rows] bool, the rows the prefilters keep (None: all)."""
     column = KEEP if policy.is_filter else WEIGHT
-    out_schema = _add_field(schema, pa.field(column, pa.bool_() if policy.is_filter else pa.float32()))
+    out_schema = append_fields(schema, pa.field(column, pa.bool_() if policy.is_filter else pa.float32()))
     written = 0
     with atomic_parquet_writer(out_fs, dest, out_schema) as writer:
         for batch in _iter_batches(src_fs, path):

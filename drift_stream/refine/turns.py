@@ -14,7 +14,6 @@ repeat, --prefilter and stratification work on rows only and are refused with tu
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -33,7 +32,7 @@ from drift_stream.io.columns import (
     TURN_WEIGHTS,
     WEIGHT,
 )
-from drift_stream.io.schema import conform_table
+from drift_stream.io.schema import append_fields, conform_table
 from drift_stream.refine.plan import check_scores
 from drift_stream.refine.selection import TopCut, top_cut, top_mask
 from drift_stream.refine.weight_map import WeightMap, fit_weight_map
@@ -102,30 +101,12 @@ def turn_policy_scores(lf: pl.LazyFrame) -> pl.LazyFrame:
     return turn_frame(lf).select(SCORE)
 
 
-def _add_fields(schema: pa.Schema, row_field: pa.Field, list_field: pa.Field) -> pa.Schema:
-    """Append the row and list fields; a `datasets` feature list in the metadata learns both."""
-    meta = dict(schema.metadata or {})
-    if b"huggingface" in meta:
-        try:
-            hf = json.loads(meta[b"huggingface"])
-            feats = hf.get("info", {}).get("features")
-            if isinstance(feats, dict):
-                for field in (row_field, list_field):
-                    inner = field.type.value_type if pa.types.is_list(field.type) else field.type
-                    value = {"dtype": "bool" if inner == pa.bool_() else "float32", "_type": "Value"}
-                    feats[field.name] = {"feature": value, "_type": "Sequence"} if inner is not field.type else value
-                meta[b"huggingface"] = json.dumps(hf).encode()
-        except ValueError:
-            del meta[b"huggingface"]
-    return schema.append(row_field).append(list_field).with_metadata(meta)
-
-
 def write_turn_shard(batches, schema: pa.Schema, out_fs, dest: str, policy, config, top: TopCut | None,
                      wmap: WeightMap | None, first_turn: int, acc, bar) -> int:
     """One scored shard -> one refined shard, per turn. batches: the shard's record batches; first_turn: the
     position of the shard's first turn entry in the run (`turn_offsets`). Returns the rows written."""
     filtering = policy.is_filter
-    out_schema = _add_fields(schema, pa.field(KEEP if filtering else WEIGHT, pa.bool_() if filtering else pa.float32()),
+    out_schema = append_fields(schema, pa.field(KEEP if filtering else WEIGHT, pa.bool_() if filtering else pa.float32()),
                              pa.field(TURN_KEEP if filtering else TURN_WEIGHTS,
                                       pa.list_(pa.bool_() if filtering else pa.float32())))
     written = 0
