@@ -67,7 +67,7 @@ class RealBenchConfig:
     last_n_blocks: int | None = 4  # of 30: 0.49 s/row against 1.05 s/row for every block (measured here)
     fisher_rows: int = 600
     sft_steps: int = 8  # x 8 rows: 11 s per step on one loaded thread here
-    sft_lr: float = 2e-4  # continued SFT (the warm-up uses lr)
+    sft_lr: float = 5e-5  # continued SFT (the warm-up uses lr); 2e-4 hurt even clean rows (results/real/sft_lr_probe.md)
     fraction: float = 0.25
     eval_max_new_tokens: int = 24
     seeds: tuple = (0, 1, 2)
@@ -99,6 +99,9 @@ DRIFT = {
     "drift_t0.7": (0.7, {}),
     "drift_t0.7_advantage": (0.7, {"signing": "advantage"}),
 }
+# DRIFT after the library's loss prefilter (`refine --prefilter LOSS_RUN 1-P`, refine/chain.py): rows outside the
+# lowest-loss share P rank last; the DRIFT score ranks the rest. name -> (DRIFT scorer, P)
+PREFILTERED = {"drift_advantage_pf0.5": ("drift_advantage", 0.5), "drift_advantage_pf0.8": ("drift_advantage", 0.8)}
 OFF_POLICY = {"less_prose": {"targets": "off-policy", "beta": 1.0, "references": "prose"},
               "if_prose": {"targets": "off-policy", "beta": 0.0, "references": "prose"}}
 # name -> (scorer, selection, group)
@@ -118,6 +121,8 @@ METHODS = {
     "drift learnability": ("drift_learn", "top", "drift"),
     "drift T=0.7": ("drift_t0.7", "top", "drift"),
     "drift T=0.7 advantage": ("drift_t0.7_advantage", "top", "drift"),
+    "drift advantage after loss prefilter 50%": ("drift_advantage_pf0.5", "top", "drift"),
+    "drift advantage after loss prefilter 80%": ("drift_advantage_pf0.8", "top", "drift"),
 }
 CUDA_ONLY = ("drift T=0.7 advantage",)  # left out of the CPU scale to fit its hour
 QUICK_METHODS = ("warmed base (no continued SFT)", "full", "loss", "less prose-refs", "rds+ (embedding cosine)",
@@ -332,9 +337,11 @@ def drift_variant(ctx, scorer: str) -> tuple[float, rl.DriftVariant]:
 
 
 def variant_scores(ctx, scorer: str):
-    """(S [n], per-query scores [n, m'], kept query positions [m'], query weights or None, temperature)."""
+    """(S [n], per-query scores [n, m'], kept query positions [m'], query weights or None, temperature); a
+    prefiltered scorer gives its DRIFT scorer's (the prefilter is not per query)."""
     from drift_stream.bank.contrast import query_weights
 
+    scorer = ctx["prefiltered"].get(scorer, (scorer, None))[0]
     temp, variant = drift_variant(ctx, scorer)
     f, rows = ctx["feats"], ctx["rollouts"][temp]
     g, kept, pass_rate = rl.query_targets(
@@ -369,6 +376,9 @@ def method_scores(ctx, scorer: str, seed: int) -> np.ndarray:
         s = f["ifd"]
     elif scorer == "length":
         s = np.array([sum(e.loss_mask) for e in ctx["pool_ex"]], dtype=np.float64)
+    elif scorer in ctx["prefiltered"]:
+        base, share = ctx["prefiltered"][scorer]
+        s = prefiltered(method_scores(ctx, base, seed), f["pool_loss"].astype(np.float64), share)
     elif scorer == "rds":
         p = f["pool_emb"] / np.linalg.norm(f["pool_emb"], axis=1, keepdims=True)
         q = f["query_emb"] / np.linalg.norm(f["query_emb"], axis=1, keepdims=True)
@@ -377,6 +387,23 @@ def method_scores(ctx, scorer: str, seed: int) -> np.ndarray:
         s = variant_scores(ctx, scorer)[0]
     cached[key] = s
     return s
+
+
+def prefiltered(score: np.ndarray, loss: np.ndarray, share: float) -> np.ndarray:
+    """Rank order of `score` among the rows whose loss is in the lowest `share` (ties by position), every other row
+    below them in order of loss: the order `refine --prefilter LOSS_RUN 1-share` then `--policy top` gives (ties
+    here by position, there by id)."""
+    n = len(score)
+    by_loss = np.argsort(loss, kind="stable")
+    kept = np.zeros(n, dtype=bool)
+    kept[by_loss[: round(share * n)]] = True
+    out = np.empty(n)
+    out[by_loss] = -(n + 1.0 + np.arange(n))  # dropped rows: -n-1 (lowest loss) .. -2n
+    order = np.argsort(score[kept], kind="stable")
+    ranks = np.empty(int(kept.sum()))
+    ranks[order] = np.arange(int(kept.sum()), dtype=np.float64)
+    out[kept] = ranks
+    return out
 
 
 def query_outcomes(rows, m: int) -> np.ndarray:
@@ -496,6 +523,7 @@ def run(cfg: RealBenchConfig, workdir: Path, out: Path, mode: str, workers: int,
     timer = Timer()
     ctx = build_cache(cfg, workdir, timer)
     ctx["variants"] = dict(DRIFT)
+    ctx["prefiltered"] = dict(PREFILTERED)
     pool = ctx["splits"].pool
     labels = [r["kind"] for r in pool]
     kinds = ["clean"] + sorted(set(labels) - {"clean"})
@@ -566,11 +594,15 @@ def run(cfg: RealBenchConfig, workdir: Path, out: Path, mode: str, workers: int,
         choice.update(choose_best(rows, methods))
         logger.info("DRIFT setting chosen on dev: %s", choice["chosen"])
         scorer, selection, _ = methods[choice["chosen"]]
-        temp, change = ctx["variants"][scorer]
+        base, share = ctx["prefiltered"].get(scorer, (scorer, None))
+        temp, change = ctx["variants"][base]
         ablations = {}
         for name, extra in ABLATIONS.items():
-            key = f"{scorer}|{name}"
+            key = f"{base}|{name}"
             ctx["variants"][key] = (temp, {**change, **extra})
+            if share is not None:  # the ablation keeps the chosen setting's prefilter
+                ctx["prefiltered"][f"{scorer}|{name}"] = (key, share)
+                key = f"{scorer}|{name}"
             ablations[name] = (key, selection, "ablation")
         methods.update(ablations)
         diag.update(diagnostics(ctx, [s for s, _, _ in ablations.values()]))
@@ -594,6 +626,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="continued-SFT runs in parallel (forked, one torch thread each; CPU only)")
+    parser.add_argument("--sft-lr", type=float, default=None, help="continued-SFT learning rate (config's default)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="continued-SFT steps (config's default)")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only re-render results.md / results.png from a results.json into --out")
     args = parser.parse_args(argv)
@@ -601,6 +635,10 @@ def main(argv=None) -> int:
     cfg = QUICK if args.quick else CUDA if args.device == "cuda" else CPU
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(args.seeds))
+    if args.sft_lr is not None:
+        cfg = replace(cfg, sft_lr=args.sft_lr)
+    if args.sft_steps is not None:
+        cfg = replace(cfg, sft_steps=args.sft_steps)
     out = args.out or (REPO / "benchmarks" / "results" / "real" / ("quick" if args.quick else ""))
     if args.render is not None:
         real_report.write_outputs(out, json.loads(args.render.read_text()))
