@@ -171,6 +171,39 @@ def test_a_homogeneous_lake_is_settled_without_rewriting_a_shard(tmp_path, make_
     assert "source_id_column" not in manifest
 
 
+def test_a_complete_run_is_scanned_once_and_its_summary_reads_the_manifest(tmp_path, make_scorer, monkeypatch):
+    """The settling process reads the data shards once, for the repeated ids and the summary's numbers together
+    (engines/run_summary.py), and the summary printed after the run reads manifest.json, no data or rejects shard
+    (before: one scan for the ids, two more and every rejects file for the summary)."""
+    from drift_stream.io.run_reader import CompletedShards
+    from drift_stream.refine.report import gather, summarize_run
+
+    root = tmp_path / "pool"
+    root.mkdir()
+    for f in range(3):
+        rows = [chat(10 * f + i, id=f"d{f}-{i % 3}") for i in range(5)]
+        rows[-1]["messages"][1]["content"] = ""  # rejected: empty_response
+        pq.write_table(pa.Table.from_pylist(rows), root / f"p{f}.parquet")
+    scans, opened = [], []
+    scan, open_data = CompletedShards.scan, CompletedShards.open_data
+    monkeypatch.setattr(CompletedShards, "scan", lambda self: scans.append(self.url) or scan(self))
+    monkeypatch.setattr(CompletedShards, "open_data", lambda self, path: opened.append(path) or open_data(self, path))
+    out = tmp_path / "run"
+    manifest = run_score(RunConfig(data=(str(root),), out=str(out), on_bad_row="reject"), make_scorer(),
+                         progress=False)
+    assert manifest["complete"] and manifest["rejected_by_reason"] == {"empty_response": 3}
+    assert len(scans) == 1 and not opened  # the one scan of the data
+    jsonschema.validate(manifest, SCHEMA)
+    assert manifest["repeated_ids"]["ids"] == 3 and set(manifest["summary"]) == {"score_stats", "spearman"}
+    scans.clear()
+    text = summarize_run(str(out), allow_incomplete=True)  # as `drift-stream score` prints it
+    assert not scans and not opened
+    s = gather(str(out), top_k=0)
+    st = s.score_stats
+    assert f"median {st['median']:.4g}" in text and "rejected 3 (empty_response: 3)" in text
+    assert [manifest["summary"]["score_stats"][k] for k in st] == list(st.values())
+
+
 def test_the_driver_reads_no_input_before_the_engine_starts(tmp_path, make_scorer, monkeypatch):
     """What `--engine ray` relies on: run_score lists the files and checks the config, then hands the files to the
     engine (`score_files`, a RayEngine there) without opening one of them (no schema pass on the driver)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -144,6 +145,46 @@ def test_summarize_run_is_short_and_true(tmp_path):
     assert f"drift_score vs drift_grad_norm {spearman(score, full['drift_grad_norm'].to_numpy()):.3g}" in text
     assert "bank: 2 queries, mean pass rate 0.75" in text and "proximity gap 0.5 over 2 queries" in text
     assert "debias: beta 1 (fixed)" in text
+
+
+@pytest.mark.parametrize("max_rows", [1_000_000, 30])  # 30: correlations on every 4th of 100 rows
+def test_the_summary_of_a_settled_run_reads_its_manifest_and_prints_what_the_data_gives(tmp_path, monkeypatch,
+                                                                                        max_rows):
+    """Issue 23: the process that settles a run records the summary's numbers from its one scan of the data
+    (engines/run_summary.py); summarize_run then reads no data shard and prints exactly what `gather` computes
+    from the data (score stats, Spearman of the score and of the raw score, rejects, debias, bank)."""
+    import drift_stream.engines.run_summary as run_summary
+    import drift_stream.refine.report as report
+    from drift_stream.io.run_dir import RunDirectory
+    from drift_stream.io.run_reader import CompletedShards, read_completed_shards
+
+    bank = tmp_path / "bank"
+    write_bank(bank, {"q0": (8, 0), "q1": (4, 4)})
+    run = tmp_path / "run"
+    full = write_run(str(run), raw=True, bank=str(bank))  # beta 0.93: the raw score's correlations too
+    for module in (report, run_summary):
+        monkeypatch.setattr(module, "MAX_SPEARMAN_ROWS", max_rows)
+    from_data = summarize_run(str(run))  # the manifest has no summary: gather reads the data
+    manifest = json.loads((run / "manifest.json").read_text())
+    found, manifest["summary"] = run_summary.scan_complete_run(read_completed_shards(RunDirectory(str(run))),
+                                                               manifest)
+    repeats = {i: n for i, n in Counter(full["id"].to_pylist()).items() if n > 1}
+    assert (found["ids"], found["rows"]) == (len(repeats), sum(repeats.values()))
+    s = gather(str(run), top_k=0)
+    stats, rho = run_summary.summary_numbers(json.loads(json.dumps(manifest["summary"])))
+    assert stats == s.score_stats and rho == s.spearman and "raw score~drift_grad_norm" in rho  # bit for bit
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the summary of a settled run read a data or rejects shard")
+
+    monkeypatch.setattr(CompletedShards, "scan", no_data)
+    monkeypatch.setattr(CompletedShards, "open_data", no_data)
+    assert summarize_run(str(run)) == from_data
+    assert summarize_run(str(run), allow_incomplete=True) == from_data
+    (run / "completions" / "00003.json").unlink()  # a marker removed since the run settled: read the data again
+    with pytest.raises(AssertionError, match="read a data"):
+        summarize_run(str(run), allow_incomplete=True)
 
 
 def test_bank_pass_rates_from_rollouts_parquet(tmp_path):

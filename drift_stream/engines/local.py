@@ -31,14 +31,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from drift_stream.engines.run_checks import check_rejections
+from drift_stream.engines.run_summary import scan_complete_run, warn_repeated_ids
 from drift_stream.errors import BadRowError, ConfigError, DriftError
 from drift_stream.io.background import Publisher, prefetch
 from drift_stream.io.columns import (
@@ -160,9 +162,10 @@ def run_score(
 def finish_run(run: RunDirectory, record: dict[str, Any], files: list[InputFile],
                mine: list[InputFile]) -> dict[str, Any]:
     """O(files) bookkeeping: the process that sees the last marker (one listing of names) settles the run once,
-    reading each marker once (one schema over every shard, schema.json, repeated ids, manifest.json); any other
-    process reads only its own markers and returns their counts (`complete` false, `num_completed_files` of the
-    run). Two processes finishing together may both settle: the result is the same."""
+    reading each marker once (one schema over every shard, schema.json, ONE scan of the data for the repeated ids
+    and the summary's numbers, manifest.json); any other process reads only its own markers and returns their
+    counts (`complete` false, `num_completed_files` of the run). Two processes finishing together may both settle:
+    the result is the same."""
     urls = [f.url for f in files]
     names = run.completed_indexes()
     if len(names) < len(files):
@@ -186,7 +189,9 @@ def finish_run(run: RunDirectory, record: dict[str, Any], files: list[InputFile]
             logger.warning("column(s) %s hold values of different JSON types in different rows: they are carried as "
                            "JSON text (%s records it)", ", ".join(plan_record["json_columns"]),
                            f"{run.url}/{PLAN_FILE}")
-    extra["repeated_ids"] = report_repeated_ids(run, markers=markers)
+    extra["repeated_ids"], summary = scan_settled_run(run, record, markers)
+    if summary is not None:  # what summarize_run prints, so that it reads this manifest and not the data
+        extra["summary"] = summary
     manifest = run.write_manifest(record, urls, markers, extra)
     logger.info("run complete: %d rows in, %d scored, %d rejected", manifest["rows_in"],
                 manifest["rows_scored"], manifest["rows_rejected"])
@@ -205,36 +210,17 @@ def _source_id_column(markers: Mapping[int, dict]) -> dict[str, str] | None:
     return {"name": SOURCE_ID, "type": str(kept)}
 
 
-def report_repeated_ids(run: RunDirectory, examples: int = 5, markers: Mapping[int, dict] | None = None
-                        ) -> dict[str, Any]:
-    """Warn when ids repeat across the scored rows of a complete run: {"ids", "rows", "examples"} (recorded in the
-    run manifest as `repeated_ids`). `markers`: the run's markers, when the caller has read them already.
+def scan_settled_run(run: RunDirectory, record: dict[str, Any], markers: Mapping[int, dict]
+                     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(repeated_ids, summary) of a complete run (`markers`: every marker, read once by the settling process) from
+    ONE scan of its data shards (engines/run_summary.py); warns when ids repeat."""
+    from drift_stream.io.run_reader import CompletedShards
 
-    DESIGN.md section 4: every input column passes through and rows in = rows scored + rows rejected, so rows with a
-    repeated id (identical rows share their content hash; inputs repeat their own ids) are kept as they are. The id
-    is what outputs are joined on: refine --prefilter joins the k-th row of an id with the k-th row of that id in the
-    other run (refine/chain.py)."""
-    import polars as pl
-
-    from drift_stream.io.run_reader import CompletedShards, read_completed_shards
-
-    if markers is None:
-        shards = read_completed_shards(run)
-    else:  # the settling process: no second read of the markers
-        config = (run.read_config() or {}).get("config") or {}
-        shards = CompletedShards(run, tuple(config.get("input_files") or ()), dict(sorted(markers.items())), None,
-                                 config)
-    counts = (shards.scan().select(ID).group_by(ID).len(name="_n")
-              .filter(pl.col("_n") > 1).sort(["_n", ID], descending=[True, False]).collect())
-    found = {"ids": counts.height, "rows": int(counts["_n"].sum()) if counts.height else 0,
-             "examples": [{"id": i, "rows": int(n)} for i, n in counts.head(examples).iter_rows()]}
-    if found["ids"]:
-        shown = ", ".join(f"{e['id']!r} x{e['rows']}" for e in found["examples"])
-        logger.warning("%s: %d ids are repeated, on %d scored rows (e.g. %s): rows keep their ids (identical rows "
-                       "share their content hash); refine --prefilter joins the k-th row of an id with the k-th row "
-                       "of that id in the other run. Give such rows distinct ids in the input to join them by "
-                       "meaning", run.url, found["ids"], found["rows"], shown)
-    return found
+    ordered = dict(sorted(markers.items()))
+    shards = CompletedShards(run, tuple(record["input_files"]), ordered, None, record)
+    found, summary = scan_complete_run(shards, {"scorer_info": next(iter(ordered.values())).get("scorer_info", {})})
+    warn_repeated_ids(run.url, found)
+    return found, summary
 
 
 def _strict(scorer: Any) -> tuple[str, ...]:

@@ -396,7 +396,7 @@ class RunDirectory:
     def write_manifest(self, config: Mapping[str, Any], input_files: list[str], markers: Mapping[int, dict],
                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """manifest.json from markers the caller has read (each once), validated; written only if it changed.
-        `extra`: the settled facts (`source_id_column`, `repeated_ids`)."""
+        `extra`: the settled facts (`source_id_column`, `repeated_ids`, `summary`)."""
         import jsonschema
 
         manifest = {**self.build_manifest(config, input_files, markers), **(extra or {})}

@@ -9,27 +9,31 @@ weights the refine manifest records (`weight_summary`).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from drift_stream.engines.run_summary import (
+    MAX_SPEARMAN_ROWS,
+    SUMMARY_COLUMNS,
+    correlations,
+    find_debias,
+    sample_step,
+    score_stats,
+    summary_numbers,
+)
 from drift_stream.errors import InputError
 from drift_stream.io.atomic import write_bytes_atomic
-from drift_stream.io.columns import GRAD_NORM as NORM
-from drift_stream.io.columns import NUM_TOKENS as TOKENS
 from drift_stream.io.columns import REJECT_REASON, SCORE, WEIGHT
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import CompletedShards, read_completed_shards
 from drift_stream.refine.policies import read_json
-from drift_stream.refine.report_html import RAW, RunSummary, _fmt, render_html
-from drift_stream.scoring.stats import spearman
+from drift_stream.refine.report_html import RunSummary, _fmt, render_html
 
 logger = logging.getLogger(__name__)
 
-MAX_SPEARMAN_ROWS = 1_000_000  # ranks of 1M rows take ~0.3 s; larger runs use a seeded sample
 MAX_SCATTER_POINTS = 1_500
 
 
@@ -37,22 +41,6 @@ MAX_SCATTER_POINTS = 1_500
 
 
 # ---------------------------------------------------------------------------------------------------- gathering
-
-
-def _find_debias(manifest: dict | None) -> dict | None:
-    """Debiasing facts of a run manifest: `scorer_info` (beta, beta_mode, its `debias` block) or a top-level
-    `debias` block."""
-    if not manifest:
-        return None
-    for holder in (manifest, manifest.get("scorer_info")):
-        if not isinstance(holder, dict):
-            continue
-        facts = {k: holder[k] for k in ("beta", "beta_mode") if isinstance(holder.get(k), (int, float, str))}
-        if isinstance(holder.get("debias"), dict):
-            facts.update(holder["debias"])
-        if facts:
-            return facts
-    return None
 
 
 def _find_bank(config: Any) -> str | None:
@@ -201,35 +189,18 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     shards = completed.data_files
     lf = completed.scan()
     names = lf.collect_schema().names()
-    cols = [c for c in (SCORE, NORM, TOKENS) if c in names]
+    cols = [c for c in SUMMARY_COLUMNS if c in names]
     if SCORE not in cols:
         raise InputError(f"shards under {root}/data have no {SCORE} column: is this a scored run directory?")
     score = lf.select(SCORE).collect()[SCORE].to_numpy()  # [N], the one column read in full
     n = int(score.size)
-    finite = score[np.isfinite(score)].astype(np.float64)
-    q = np.quantile(finite, [0.1, 0.5, 0.9]) if finite.size else [math.nan] * 3
-    stats = {"mean": float(finite.mean()) if finite.size else math.nan,
-             "std": float(finite.std()) if finite.size else math.nan,
-             "min": float(finite.min()) if finite.size else math.nan, "p10": float(q[0]), "median": float(q[1]),
-             "p90": float(q[2]), "max": float(finite.max()) if finite.size else math.nan,
-             "positive_fraction": float((finite > 0).mean()) if finite.size else math.nan}
+    stats, finite = score_stats(score)
     counts, edges = np.histogram(finite, bins=bins) if finite.size else (np.zeros(0), np.zeros(1))
 
-    # Correlations on every row up to MAX_SPEARMAN_ROWS, else on every step-th row (a systematic sample).
-    step = max(1, math.ceil(n / MAX_SPEARMAN_ROWS))
+    step = sample_step(n, MAX_SPEARMAN_ROWS)
     sample = lf.select(cols).gather_every(step).collect() if step > 1 else lf.select(cols).collect()
-    data = {c: sample[c].cast(pl.Float64).to_numpy() for c in cols}
-    data = {c: v for c, v in data.items() if c == SCORE or np.isfinite(v).any()}  # e.g. no grad norm for `loss`
-    beta = (_find_debias(manifest) or {}).get("beta")
-    if NORM in data and isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta != 0:
-        # the score before debiasing, recovered exactly: S(z) = raw(z) / ||u(z)||^beta (DESIGN.md section 2)
-        data[RAW] = data[SCORE] * np.power(data[NORM], float(beta))
-    rho: dict[str, float] = {}
-    for other in (NORM, TOKENS):
-        if other in data:
-            rho[f"{SCORE}~{other}"] = spearman(data[SCORE], data[other])
-            if RAW in data:
-                rho[f"{RAW}~{other}"] = spearman(data[RAW], data[other])
+    data, rho = correlations({c: sample[c].cast(pl.Float64).to_numpy() for c in cols},
+                             (find_debias(manifest) or {}).get("beta"))
     m = len(data[SCORE])
     pts = np.sort(np.random.default_rng(seed).choice(m, min(m, MAX_SCATTER_POINTS), replace=False))
     scatter = {c: v[pts] for c, v in data.items()}
@@ -237,7 +208,7 @@ def gather(run_dir: str, *, top_k: int = 10, bins: int = 40, storage_options: di
     fetched = _fetch_rows(fs, shards, top_rows + bottom_rows)
     return RunSummary(
         run_dir=str(run_dir), manifest=manifest, rows_scored=n, score_stats=stats, hist_counts=counts,
-        hist_edges=edges, spearman=rho, scatter=scatter, debias=_find_debias(manifest),
+        hist_edges=edges, spearman=rho, scatter=scatter, debias=find_debias(manifest),
         rejects=_reject_counts(completed), bank=_bank_info(manifest, fs, root, storage_options),
         top=[fetched[i] for i in top_rows], bottom=[fetched[i] for i in bottom_rows], completed=completed)
 
@@ -271,22 +242,28 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
     """A few lines for the terminal: rows, score distribution, correlations, bank, and for a refine output
     directory its weights (IncompleteRunError: `gather`).
 
-    With `allow_incomplete`, a score run whose manifest.json is not yet complete (a shard of an array that finished
-    before the others; the manifest is written once, by the process that settles the run) gets one line from a
-    listing of its markers, reading no data: the full summary (which reads the score column once) is printed by the
-    process that completes the run, so an N-task array does one full-run read, not N."""
-    if allow_incomplete:
-        partial = _incomplete_score_run(run_dir, storage_options)
+    A complete score run reads its manifest, not its data: the process that settled the run recorded the summary's
+    numbers there from the one scan it makes of the data (engines/run_summary.py); a run settled by an earlier
+    version, or one a marker has been removed from since, is read by `gather`. With `allow_incomplete`, a score run
+    whose manifest.json is not yet complete (a shard of an array that finished before the others; the manifest is
+    written once, by the process that settles the run) gets one line from a listing of its markers, reading no data:
+    the full summary is printed by the process that completes the run, so an N-task array reads its data once (to
+    settle it), not N times."""
+    run, manifest = _score_run(run_dir, storage_options)
+    if allow_incomplete and run is not None:
+        partial = _incomplete_score_run(run, manifest)
         if partial is not None:
             return partial
-    s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
-               command="the run summary")
+    s = _settled_summary(run_dir, run, manifest, storage_options) if run is not None else None
+    if s is None:
+        s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
+                   command="the run summary")
     st = s.score_stats
     lines = [f"run {s.run_dir}" + ("" if s.completed is None or s.completed.complete else
                                  f"  (INCOMPLETE: {s.completed.describe()})"), _rows_line(s),
-             f"drift_score: mean {_fmt(st['mean'])}  std {_fmt(st['std'])}  min {_fmt(st['min'])}  "
-             f"p10 {_fmt(st['p10'])}  median {_fmt(st['median'])}  p90 {_fmt(st['p90'])}  max {_fmt(st['max'])}  "
-             f"positive {_fmt(100 * st['positive_fraction'], 3)}%"]
+             (f"drift_score: mean {_fmt(st['mean'])}  std {_fmt(st['std'])}  min {_fmt(st['min'])}  "
+              f"p10 {_fmt(st['p10'])}  median {_fmt(st['median'])}  p90 {_fmt(st['p90'])}  max {_fmt(st['max'])}  "
+              f"positive {_fmt(100 * st['positive_fraction'], 3)}%")]
     if s.spearman:
         lines.append("spearman: " + "  ".join(f"{k.replace('~', ' vs ')} {_fmt(v, 3)}" for k, v in s.spearman.items()))
     if s.debias:
@@ -309,14 +286,21 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
     return "\n".join(lines)
 
 
-def _incomplete_score_run(run_dir: str, storage_options: dict | None) -> str | None:
-    """One line for a score run directory whose input files are not all marked done yet, else None."""
+def _score_run(run_dir: str, storage_options: dict | None) -> tuple[RunDirectory | None, dict | None]:
+    """(the run directory, its manifest or None) of a score run directory; (None, None) for anything else."""
     try:
         run = RunDirectory.open(run_dir, storage_options)
     except InputError:
-        return None
+        return None, None
     manifest = run.read_manifest()
-    if manifest is not None and (manifest.get("kind") != "score" or manifest.get("complete")):
+    if manifest is not None and manifest.get("kind") != "score":
+        return None, None
+    return run, manifest
+
+
+def _incomplete_score_run(run: RunDirectory, manifest: dict | None) -> str | None:
+    """One line for a score run directory whose input files are not all marked done yet, else None."""
+    if manifest is not None and manifest.get("complete"):
         return None
     inputs = ((run.read_config() or {}).get("config") or {}).get("input_files")
     if not inputs:
@@ -326,6 +310,23 @@ def _incomplete_score_run(run_dir: str, storage_options: dict | None) -> str | N
     done = len(run.completed_indexes())
     return (f"run {run.url}  (INCOMPLETE: not settled yet, {done} of {len(inputs)} input files scored; the "
             f"process that completes the run prints its summary, or run `drift-stream report {run.url}`)")
+
+
+def _settled_summary(run_dir: str, run: RunDirectory, manifest: dict | None,
+                     storage_options: dict | None) -> RunSummary | None:
+    """The summary of a complete score run from its manifest's `summary` block (no data read), or None when the
+    manifest has none or a marker has gone since it was written (one listing of the markers)."""
+    if not manifest or not manifest.get("complete") or "summary" not in manifest:
+        return None
+    if len(run.completed_indexes()) != len(manifest.get("input_files") or ()):
+        return None
+    stats, rho = summary_numbers(manifest["summary"])
+    by_reason = manifest.get("rejected_by_reason") or {}
+    rejects = dict(sorted(by_reason.items(), key=lambda kv: -kv[1]))  # as gather: most first (ties by name)
+    return RunSummary(run_dir=str(run_dir), manifest=manifest, rows_scored=int(manifest["rows_scored"]),
+                      score_stats=stats, hist_counts=np.zeros(0), hist_edges=np.zeros(1), spearman=rho, scatter={},
+                      debias=find_debias(manifest), rejects=rejects,
+                      bank=_bank_info(manifest, run.fs, run.root, storage_options))
 
 
 def _gap_text(gap: Any) -> str:

@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from drift_stream.engines.run_summary import RAW
 from drift_stream.io.columns import GRAD_NORM as NORM
 from drift_stream.io.columns import NUM_TOKENS as TOKENS
 from drift_stream.io.columns import SCORE
 from drift_stream.version import __version__
-
-RAW = "raw score"  # S(z) x ||u(z)||^beta: the score before debiasing, computed by report.gather (not a column)
 
 MAX_TEXT_CHARS = 1_500
 
