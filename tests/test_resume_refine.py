@@ -3,6 +3,9 @@ finished; a changed config is refused; repeat's streaming shuffle (several parts
 
 Real subprocesses and a real SIGKILL: the child runs refine_run with DRIFT_STREAM_KILL_AT=refine:K, which kills it
 right after output shard K's completion marker (bank/checkpoint.py `kill_point`).
+
+`python tests/test_resume_refine.py --rss 10000 100000 1000000` prints the peak RSS (VmHWM) of `refine --policy
+repeat` over a run of one shard of that many rows (distinct scores), for each weight map, each in a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_refine import read_out, write_run
+from test_refine import MESSAGES, mark_complete, read_out, write_run
 
 from drift_stream.errors import RunDirMismatchError
 from drift_stream.refine.policies import refine_run
@@ -27,6 +30,13 @@ CHILD = """
 import sys
 from drift_stream.refine.policies import refine_run
 refine_run(sys.argv[1], sys.argv[2], sys.argv[3], seed=5, progress=False)
+"""
+# VmHWM: the child's own peak (ru_maxrss carries the parent's high-water mark over fork + exec)
+RSS_CHILD = """
+import sys
+from drift_stream.refine.policies import refine_run
+refine_run(sys.argv[1], "repeat", sys.argv[2], seed=5, weight_map=sys.argv[3], progress=False)
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0])
 """
 SIZES = (40, 0, 25, 35, 30)  # five input shards, one of them empty: five output shards
 
@@ -129,3 +139,74 @@ def test_repeat_with_several_parts_per_shard_keeps_every_rows_copies(tmp_path):
     assert np.array_equal(count(one), count(many)) and count(one).sum() > 0
     assert [t.equals(u) for t, u in zip(many, again)] == [True] * 5
     assert all(np.any(np.diff(t["row_no"].to_numpy()) < 0) for t in many if t.num_rows > 20)  # shuffled
+
+
+@pytest.mark.parametrize("weight_map", ["rank", "exp_z"])
+def test_refine_repeat_reads_its_shard_a_row_group_at_a_time(tmp_path, monkeypatch, weight_map):
+    """pyarrow's ParquetFile pre-buffers every row group iter_batches will read: one read of the whole shard (24 MiB
+    held at once for 10^6 short rows). refine reads with pre_buffer off, so no read of the shard (rank fit, copies)
+    is much larger than a row group."""
+    from fsspec.implementations import local
+
+    src = write_scored_shard(tmp_path / "run", 40_000, row_group=2_000)
+    shard = tmp_path / "run" / "data" / "train-00000-of-00001.parquet"
+    reads: list[int] = []  # bytes of each read of the shard
+    read = local.LocalFileOpener.read
+
+    def observed(self, *args, **kwargs):
+        data = read(self, *args, **kwargs)
+        if str(self.path) == str(shard):
+            reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", observed)
+    manifest = refine_run(src, "repeat", str(tmp_path / "out"), seed=5, weight_map=weight_map, progress=False)
+    assert manifest["rows_written"] > 0 and len(reads) > 20  # 20 row groups
+    assert max(reads) < shard.stat().st_size / 10, (max(reads), shard.stat().st_size)
+
+
+def write_scored_shard(root: Path, rows: int, row_group: int = 8192, seed: int = 0) -> str:
+    """A complete score run of one shard of `rows` rows: id, a two-message conversation, distinct float32 scores
+    (the rank map's table then has a row per row). Returns its directory."""
+    rng = np.random.default_rng(seed)
+    (root / "data").mkdir(parents=True)
+    schema = pa.schema([("id", pa.string()), ("messages", MESSAGES), ("drift_score", pa.float32())])
+    with pq.ParquetWriter(root / "data" / "train-00000-of-00001.parquet", schema) as writer:
+        for lo in range(0, rows, row_group):
+            r = np.arange(lo, min(rows, lo + row_group))
+            turns = pa.StructArray.from_arrays(
+                [pa.array(["user", "assistant"] * r.size),
+                 pa.array([t for i in r.tolist() for t in (f"What is {i} + 1?", str(i + 1))])], ["role", "content"])
+            messages = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * r.size + 1, 2, dtype=np.int32)), turns)
+            writer.write_table(pa.table([pa.array([f"ex-{i}" for i in r.tolist()]), messages.cast(MESSAGES),
+                                         pa.array(rng.normal(size=r.size).astype(np.float32))], schema=schema))
+    mark_complete(str(root), [rows])
+    return str(root)
+
+
+def repeat_peak_rss_mib(src: str, out: str, weight_map: str) -> float:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", RSS_CHILD, src, out, weight_map], check=False, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+    import time
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rss", type=int, nargs="+", required=True, metavar="ROWS")
+    parser.add_argument("--weight-maps", nargs="+", default=["rank", "exp_z"])
+    args = parser.parse_args()
+    for rows in args.rss:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = write_scored_shard(Path(tmp) / "run", rows)
+            for weight_map in args.weight_maps:
+                start = time.perf_counter()
+                hwm = repeat_peak_rss_mib(src, str(Path(tmp) / f"out-{weight_map}"), weight_map)
+                print(f"{rows:>9} rows  repeat, weight_map {weight_map:<9} peak RSS (VmHWM) {hwm:7.1f} MiB  "
+                      f"({time.perf_counter() - start:.1f} s)", flush=True)

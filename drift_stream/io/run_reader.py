@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from drift_stream.errors import IncompleteRunError, InputError
 from drift_stream.io.run_dir import CONFIG_FILE, MANIFEST_FILE, RunDirectory
@@ -127,6 +130,17 @@ class CompletedShards:
 
         return pl.scan_pyarrow_dataset(pads.dataset(self.data_files, filesystem=arrow_filesystem(self.fs),
                                                     format="parquet"))
+
+    def iter_column(self, name: str, batch_rows: int = 65_536) -> Iterator[np.ndarray]:
+        """Column `name` of the data shards in input order, as numpy arrays of at most `batch_rows` rows: for a
+        caller that copies a whole column into one array of its own (a polars collect would hold it twice)."""
+        import pyarrow.parquet as pq
+
+        for path in self.data_files:
+            with self.open_data(path) as f:
+                # no pre_buffer: it reads the column of every row group in one go (the column held twice)
+                for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=[name]):
+                    yield batch.column(0).to_numpy(zero_copy_only=False)
 
     def open_data(self, path: str):
         """A binary file object for one of `data_files` / `rejects_files` (close it, or use `with`)."""

@@ -87,7 +87,8 @@ def read_json(fs, path: str) -> dict | None:
 def shard_batches(fs, path: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The shard's rows, BATCH_ROWS at a time (one row group decoded at a time)."""
     with fs.open(path, "rb") as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        # pre_buffer (pyarrow's default) would read every row group at once: the whole shard held in memory
+        for batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
 
 

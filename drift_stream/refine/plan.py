@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -86,7 +87,16 @@ def fit_plan(lf: pl.LazyFrame, completed, config, policy, survive: np.ndarray | 
         cut = {"score": float(policy.value or 0.0)}
     else:
         wmap = fit_weight_map(policy_scores, stats, n_policy, kind=config.weight_map,
-                              temperature=config.temperature, clip_z=config.clip_z)
+                              temperature=config.temperature, clip_z=config.clip_z,
+                              batches=lambda: _policy_batches(completed, survive))
     plan = {"rows_in": n, "score_stats_in": stats, "rows_after_prefilters": n_policy, "prefilters": chained,
             "cut": cut, "top": None if top is None else asdict(top), "strata": strata}
     return plan, wmap
+
+
+def _policy_batches(completed, survive: np.ndarray | None) -> Iterator[np.ndarray]:
+    """The scores of the rows the policy sees, shard by shard in run order (survive: [run rows] bool or None)."""
+    row = 0
+    for batch in completed.iter_column(SCORE):
+        yield batch if survive is None else batch[survive[row: row + batch.size]]
+        row += batch.size

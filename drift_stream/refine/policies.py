@@ -35,8 +35,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -193,7 +193,8 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
 def _iter_batches(fs: fsspec.AbstractFileSystem, path: str, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     try:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            # pre_buffer (pyarrow's default) reads every row group asked for in one go: the whole shard held at once
+            pf = pq.ParquetFile(f, pre_buffer=False)
             yield from pf.iter_batches(batch_size=rows)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"cannot read shard {path}: {e}") from e
@@ -293,7 +294,9 @@ def refine_run(run_dir: str, policy: str | Policy, out: str, *, seed: int = 0, t
         plan = fit_turn_plan(turn_lf, config, policy, src) if turns else \
             fit_plan(lf, completed, config, policy, survive, offsets, src, run_dir, storage_options, allow_incomplete)
         target.check_config(*identity, record=True)  # before the plan: a plan is always under its config
-        loaded = target.save_plan(*plan)
+        target.save_plan(*plan)
+        del plan  # the fitted map: every shard uses what is read back (to the bit), and one copy is held
+        loaded = target.load_plan()
     else:
         logger.info("refine %s: resuming with the cut / weight map recorded in %s", out, target.url)
     plan, wmap = loaded
@@ -387,7 +390,7 @@ class _Accumulator:
         self.scores, self.weights = Moments(), Moments()
 
     @classmethod
-    def merged(cls, markers) -> "_Accumulator":
+    def merged(cls, markers) -> _Accumulator:
         """The moments of the shards' markers, added in shard order (the same sums whether or not a run resumed)."""
         out = cls()
         for marker in markers:

@@ -24,6 +24,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,6 +42,7 @@ PLAN_FILE = "refine_plan.json"
 RANK_TABLE_FILE = "refine_weight_map.parquet"
 MANIFEST_FILE = "manifest.json"
 MARKERS = "completions"
+RANK_TABLE_ROWS = 65_536  # rows per row group of the rank table: its writer and reader hold one group, not the table
 
 
 def source_identities(fs, paths: list[str], root: str, local: bool) -> dict[str, dict]:
@@ -112,22 +114,23 @@ class RefineOutput:
             path = self.path(RANK_TABLE_FILE)
             try:
                 with self.fs.open(path, "rb") as f:
-                    t = pq.read_table(f)
+                    values, table = _read_rank_table(f)
             except (OSError, pa.ArrowException) as e:
                 raise InputError(f"cannot read {path}, which {PLAN_FILE} relies on: {e}; delete {self.url} and "
                                  "refine again") from e
-            values, table = t.column("score").to_numpy(), t.column("weight").to_numpy()
         return plan, WeightMap.from_record(record, values, table)
 
-    def save_plan(self, plan: dict, wmap: WeightMap | None) -> tuple[dict, WeightMap | None]:
-        """Record the plan (write-once; rank's table first) and return what the directory then holds."""
+    def save_plan(self, plan: dict, wmap: WeightMap | None) -> None:
+        """Record the plan (write-once; rank's table first, in row groups of RANK_TABLE_ROWS). Refine then drops
+        the fitted map and uses what `load_plan` reads back."""
         plan = dict(plan, weight_map=None if wmap is None else wmap.to_record())
         if wmap is not None and wmap.kind == "rank":
             schema = pa.schema([("score", pa.float64()), ("weight", pa.float64())])
             with atomic_parquet_writer(self.fs, self.path(RANK_TABLE_FILE), schema) as writer:
-                writer.write(pa.table({"score": wmap.values, "weight": wmap.table}, schema=schema))
+                for lo in range(0, wmap.values.size, RANK_TABLE_ROWS):
+                    writer.write(pa.table({"score": wmap.values[lo: lo + RANK_TABLE_ROWS],
+                                           "weight": wmap.table[lo: lo + RANK_TABLE_ROWS]}, schema=schema))
         self.dir.write_json_once(PLAN_FILE, json.loads(json.dumps(plan)))
-        return self.load_plan()
 
     # ------------------------------------------------------------------ markers
     def finished(self, names: list[str]) -> dict[int, dict]:
@@ -155,3 +158,16 @@ class RefineOutput:
     def write_manifest(self, manifest: dict) -> None:
         write_bytes_atomic(self.fs, self.path(MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
 
+
+
+def _read_rank_table(f) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, weights) of a rank table, [u] float64 each, filled row group by row group into arrays of their own
+    (16 bytes a row; read_table + to_numpy held the table twice)."""
+    pf = pq.ParquetFile(f, pre_buffer=False)  # pre_buffer would read every row group at once
+    values, table = np.empty(pf.metadata.num_rows), np.empty(pf.metadata.num_rows)
+    at = 0
+    for batch in pf.iter_batches(batch_size=RANK_TABLE_ROWS, columns=["score", "weight"]):
+        values[at: at + batch.num_rows] = batch.column(0).to_numpy()
+        table[at: at + batch.num_rows] = batch.column(1).to_numpy()
+        at += batch.num_rows
+    return values, table
