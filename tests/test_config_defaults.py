@@ -51,7 +51,8 @@ def library_defaults() -> dict[tuple[str, str], object]:
     out: dict[tuple[str, str], object] = {}
     for f in dataclasses.fields(ScoreConfig):
         out[("score", f.name)] = _field_default(ScoreConfig, f.name)
-    for name in ("batch_rows", "on_bad_row", "num_shards", "shard_index", "storage_options", "allow_all_rejected"):
+    for name in ("batch_rows", "tokenize_workers", "on_bad_row", "num_shards", "shard_index", "storage_options",
+                 "allow_all_rejected"):
         out[("score", name)] = _field_default(RunConfig, name)
     out[("score", "allow_mismatch")] = _param_default(build, "allow_mismatch")
     out[("score", "bank")] = _param_default(build, "bank")

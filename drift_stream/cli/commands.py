@@ -51,6 +51,7 @@ def score_cmd(args, progress: bool = True) -> int:
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         batch_rows=args.batch_rows,
+        tokenize_workers=args.tokenize_workers,
         on_bad_row=args.on_bad_row,
         allow_all_rejected=getattr(args, "allow_all_rejected", False),
         storage_options=args.storage_options,

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded tokens per forward/backward instead of --batch-size rows: rows of each --batch-rows "
                         "batch sorted by length and cut at N (speed and memory only; scores are the same)")
     p.add_argument("--batch-rows", type=int, default=1024, help="rows read and written per batch")
+    p.add_argument("--tokenize-workers", type=int, default=0, metavar="N",
+                   help="processes that tokenize the next batches while the model scores this one, for when "
+                        "tokenizing on a thread holds the model back and cores are free (local engine; 0: a thread "
+                        "of this process; speed only, scores are the same)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="reject")
     _add_template(p)

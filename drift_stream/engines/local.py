@@ -15,8 +15,8 @@ What is compared on resume (`config.json`, written once): the expanded input fil
 (its output-changing fields), and each input's identity (size and mtime / ETag; an IterableDataset's fingerprint:
 io/run_dir.py, InputChangedError). Not compared, because they do not change any output row: the scorer's
 execution-only fields (`batch_size`, `device`: recorded under "execution", config_fields.py), `out`, `num_shards`,
-`shard_index`, `batch_rows`, `prefetch_batches`, `on_bad_row`, `allow_all_rejected` and the storage options
-(never recorded). beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
+`shard_index`, `batch_rows`, `prefetch_batches`, `tokenize_workers`, `on_bad_row`, `allow_all_rejected` and the
+storage options (never recorded). beta `auto` is resolved once per run into `OUT/beta.json` (beta.py).
 
 Planning reads nothing twice and nothing of another shard's files: each file is planned from its own footer or first
 rows while it is read (io/streams.py `iter_planned`), its plan recorded in its marker; the run's one schema (DESIGN.md
@@ -69,6 +69,11 @@ from drift_stream.io.streams import (
     shard_files,
 )
 from drift_stream.scoring.beta import resolve_beta
+from drift_stream.scoring.prepare_workers import (
+    PendingRows,
+    TokenizeWorkers,
+    tokenize_workers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,8 @@ class RunConfig:
     batch_rows: int = execution_only(1024)  # rows per chunk handed to the scorer; bounds memory
     on_bad_row: str = "reject"  # reject: bad rows go to rejects/; error: the first bad row stops the run
     prefetch_batches: int = execution_only(2)  # chunks read ahead on the background thread
+    # processes that tokenize the chunks read ahead (scoring/prepare_workers.py); 0: the prefetch thread does
+    tokenize_workers: int = execution_only(0)
     allow_all_rejected: bool = False  # else a run whose every row is rejected raises AllRejectedError (CLI exit 2)
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)  # never recorded
 
@@ -110,6 +117,8 @@ class RunConfig:
             raise ConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.tokenize_workers < 0:
+            raise ConfigError(f"tokenize_workers must be >= 0, got {self.tokenize_workers}")
         if self.on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"on_bad_row must be 'reject' or 'error', got {self.on_bad_row!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
@@ -275,20 +284,23 @@ def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, strict_c
     return pa.concat_tables([conform_table(t, plan.schema) for t in tables])
 
 
-def _events(todo: list[InputFile], config: RunConfig, scorer) -> Iterator[tuple[str, InputFile, Any]]:
+def _events(todo: list[InputFile], config: RunConfig, scorer, workers: TokenizeWorkers | None = None
+            ) -> Iterator[tuple[str, InputFile, Any]]:
     """("start", file, its plan), ("chunk", file, (Chunk, prepared rows))..., ("end", file, None) for every file,
     in order. Runs on the prefetch thread: each file is planned from its own first rows / footer while it is read
-    (io/streams.py iter_planned), and each chunk is tokenized here (`prepare_chunk`), so chunk i+1 is read and
-    tokenized while the model runs chunk i."""
+    (io/streams.py iter_planned), and each chunk is tokenized here (`prepare_chunk`) or sent to the `workers`
+    processes, so chunk i+1 is read and tokenized while the model runs chunk i."""
     for file in todo:
-        for item in _planned_items(file, config, scorer):
+        for item in _planned_items(file, config, scorer, workers):
             yield ("start", file, item) if isinstance(item, SchemaPlan) else ("chunk", file, item)
         yield "end", file, None
 
 
-def _planned_items(file: InputFile, config: RunConfig, scorer) -> Iterator[Any]:
-    """The file's plan, then (Chunk, PreparedRows | None) per chunk."""
+def _planned_items(file: InputFile, config: RunConfig, scorer, workers: TokenizeWorkers | None = None
+                   ) -> Iterator[Any]:
+    """The file's plan, then (Chunk, PreparedRows | PendingRows (in `workers`) | None) per chunk."""
     prepare = getattr(scorer, "prepare_chunk", None)
+    prepare = workers.submit if workers is not None else prepare
     items = iter_planned(file, config.batch_rows, config.storage_options, _strict(scorer))
     try:
         for item in items:
@@ -305,19 +317,24 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
 
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
-    events = prefetch(_events(todo, config, scorer), config.prefetch_batches)
+    workers = tokenize_workers(scorer, config.tokenize_workers)  # None: tokenized on the prefetch thread
+    events = prefetch(_events(todo, config, scorer, workers), config.prefetch_batches)
     publisher = Publisher(depth=2)  # a finished file's shards and marker are uploaded while the next is scored
     try:
         for kind, file, payload in events:
             if kind == "start":
                 current = _FileScoring.start(run, file, payload, scorer, config.on_bad_row)
             elif kind == "chunk":
-                bar.update(current.score(*payload, scorer=scorer))
+                chunk, prepared = payload
+                prepared = prepared.result() if isinstance(prepared, PendingRows) else prepared
+                bar.update(current.score(chunk, prepared, scorer=scorer))
             else:
                 publisher.submit(_publish, current.writer, current.counts(scorer), current.scores, then=_log_marker)
                 current = None
     finally:
         events.close()  # stops the reader thread now, even when an error is propagating
+        if workers is not None:
+            workers.close()  # what was not started is cancelled; the worker processes are joined
         if current is not None:
             current.writer.abort()
         try:

@@ -152,14 +152,39 @@ def random_unit(seed: int, row_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def adapter_columns(table: pa.Table, adapter) -> list[str]:
+    """The columns of `table` that `adapter` reads (its fields and id column), in its order; all of them when the
+    adapter does not say."""
+    return [c for c in dict.fromkeys(getattr(adapter, "columns", None) or table.column_names)
+            if c in table.column_names]
+
+
 def adapter_rows(table: pa.Table, adapter) -> list[dict]:
     """The rows of `table` as dicts of the columns `adapter` reads (its fields and id column) that the table has:
     the other columns (a long `meta`, a pass-through blob) stay in Arrow."""
-    names = [c for c in dict.fromkeys(getattr(adapter, "columns", None) or table.column_names)
-             if c in table.column_names]
+    names = adapter_columns(table, adapter)
     if not names:
         return [{} for _ in range(table.num_rows)]
     return table.select(names).to_pylist()
+
+
+def prepare_rows(table: pa.Table, adapter, chat) -> tuple[list[str], list[Any], list[str | None]]:
+    """ids, tokenized examples (None where rejected) and reject reasons, one per row: the one tokenization path of
+    every scorer, in this thread or in a worker process (scoring/prepare_workers.py)."""
+    from drift_stream.data.example_types import RowError
+
+    ids: list[str] = []
+    tokenized: list[Any] = []
+    reasons: list[str | None] = []
+    for row in adapter_rows(table, adapter):
+        ids.append(adapter.row_id(row))
+        try:
+            tokenized.append(chat.encode(adapter.to_example(row)))
+            reasons.append(None)
+        except RowError as err:
+            tokenized.append(None)
+            reasons.append(err.reason)
+    return ids, tokenized, reasons
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +198,19 @@ class PreparedRows:
     tokenized: list[Any]  # TokenizedExample, or None where rejected
     reasons: list[str | None]
     tokenization: dict  # the tokenizer's counters for these rows (ChatTokenizer.pop_stats)
+
+
+@dataclass
+class ChunkPreparer:
+    """`BatchScorer.prepare_chunk` as a picklable object (adapter + chat tokenizer, no model): what a tokenization
+    worker process runs (scoring/prepare_workers.py). Its counters are its own copy's, popped per chunk."""
+
+    adapter: Any
+    chat: Any
+
+    def __call__(self, table: pa.Table) -> PreparedRows:
+        ids, tokenized, reasons = prepare_rows(table, self.adapter, self.chat)
+        return PreparedRows(ids, tokenized, reasons, self.chat.pop_stats() if hasattr(self.chat, "pop_stats") else {})
 
 
 @dataclass
@@ -243,26 +281,17 @@ class BatchScorer:
     def prepare(self, table: pa.Table) -> tuple[list[str], list[Any], list[str | None]]:
         """ids, tokenized examples (None where rejected) and reject reasons, one per row. Only the columns the
         adapter reads become Python objects (`adapter_rows`)."""
-        from drift_stream.data.example_types import RowError
-
-        ids: list[str] = []
-        tokenized: list[Any] = []
-        reasons: list[str | None] = []
-        for row in adapter_rows(table, self.adapter):
-            ids.append(self.adapter.row_id(row))
-            try:
-                tokenized.append(self.chat.encode(self.adapter.to_example(row)))
-                reasons.append(None)
-            except RowError as err:
-                tokenized.append(None)
-                reasons.append(err.reason)
-        return ids, tokenized, reasons
+        return prepare_rows(table, self.adapter, self.chat)
 
     def prepare_chunk(self, table: pa.Table) -> "PreparedRows":
-        """`prepare` plus the tokenizer's counters of this chunk alone: what a worker thread computes for chunk i+1
-        while the model runs chunk i (engines/local.py). The scores do not depend on where it ran (tested)."""
+        """`prepare` plus the tokenizer's counters of this chunk alone: what the prefetch thread computes for chunk
+        i+1 while the model runs chunk i (engines/local.py). The scores do not depend on where it ran (tested)."""
         ids, tokenized, reasons = self.prepare(table)
         return PreparedRows(ids, tokenized, reasons, self.pop_tokenization_stats())
+
+    def chunk_preparer(self) -> ChunkPreparer:
+        """`prepare_chunk` without the model: a picklable copy of the adapter and tokenizer for a worker process."""
+        return ChunkPreparer(self.adapter, self.chat)
 
     def score_table(self, table: pa.Table, prepared: "PreparedRows | None" = None) -> pa.Table:
         """`table` plus the score columns; `prepared`: `prepare_chunk(table)`, computed ahead."""
