@@ -92,6 +92,7 @@ def scan_complete_run(shards: Any, manifest: Mapping[str, Any], examples: int = 
     found = repeated_ids(frame.select(ID), examples)
     if SCORE not in cols:
         return found, None
+    frame = frame.drop(ID)  # the ids are the largest column: not held while the summary is computed
     stats, _ = score_stats(frame[SCORE].to_numpy())
     step = sample_step(frame.height, MAX_SPEARMAN_ROWS)  # read here: tests lower it
     sample = frame.select(cols).gather_every(step) if step > 1 else frame.select(cols)
