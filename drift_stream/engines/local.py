@@ -68,12 +68,8 @@ from drift_stream.io.streams import (
     iter_planned,
     shard_files,
 )
+from drift_stream.scoring import prepare_workers
 from drift_stream.scoring.beta import resolve_beta
-from drift_stream.scoring.prepare_workers import (
-    PendingRows,
-    TokenizeWorkers,
-    tokenize_workers,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +280,7 @@ def head_rows(files: list[InputFile], num_rows: int, config: RunConfig, strict_c
     return pa.concat_tables([conform_table(t, plan.schema) for t in tables])
 
 
-def _events(todo: list[InputFile], config: RunConfig, scorer, workers: TokenizeWorkers | None = None
+def _events(todo: list[InputFile], config: RunConfig, scorer, workers: prepare_workers.TokenizeWorkers | None = None
             ) -> Iterator[tuple[str, InputFile, Any]]:
     """("start", file, its plan), ("chunk", file, (Chunk, prepared rows))..., ("end", file, None) for every file,
     in order. Runs on the prefetch thread: each file is planned from its own first rows / footer while it is read
@@ -296,11 +292,10 @@ def _events(todo: list[InputFile], config: RunConfig, scorer, workers: TokenizeW
         yield "end", file, None
 
 
-def _planned_items(file: InputFile, config: RunConfig, scorer, workers: TokenizeWorkers | None = None
-                   ) -> Iterator[Any]:
+def _planned_items(file: InputFile, config: RunConfig, scorer,
+                   workers: prepare_workers.TokenizeWorkers | None = None) -> Iterator[Any]:
     """The file's plan, then (Chunk, PreparedRows | PendingRows (in `workers`) | None) per chunk."""
-    prepare = getattr(scorer, "prepare_chunk", None)
-    prepare = workers.submit if workers is not None else prepare
+    prepare = workers.submit if workers is not None else getattr(scorer, "prepare_chunk", None)
     items = iter_planned(file, config.batch_rows, config.storage_options, _strict(scorer))
     try:
         for item in items:
@@ -317,7 +312,9 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
 
     bar = tqdm(desc="scoring", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     current: _FileScoring | None = None
-    workers = tokenize_workers(scorer, config.tokenize_workers)  # None: tokenized on the prefetch thread
+    workers = prepare_workers.tokenize_workers(scorer, config.tokenize_workers)  # None: on the prefetch thread
+    if workers is not None:  # a lazy model loads while the workers start, not after the first chunk waited for them
+        getattr(scorer, "model", None)
     events = prefetch(_events(todo, config, scorer, workers), config.prefetch_batches)
     publisher = Publisher(depth=2)  # a finished file's shards and marker are uploaded while the next is scored
     try:
@@ -326,7 +323,7 @@ def _score_files(todo: list[InputFile], run: RunDirectory, scorer, config: RunCo
                 current = _FileScoring.start(run, file, payload, scorer, config.on_bad_row)
             elif kind == "chunk":
                 chunk, prepared = payload
-                prepared = prepared.result() if isinstance(prepared, PendingRows) else prepared
+                prepared = prepared.result() if isinstance(prepared, prepare_workers.PendingRows) else prepared
                 bar.update(current.score(chunk, prepared, scorer=scorer))
             else:
                 publisher.submit(_publish, current.writer, current.counts(scorer), current.scores, then=_log_marker)

@@ -129,7 +129,7 @@ class WorkerProcesses:
     `if __name__ == "__main__":` guard would score its input again there). A worker ignores SIGINT (Ctrl-C reaches
     the whole process group; the parent's `close` stops it) and exits when its parent is gone (SIGKILL, SIGTERM:
     its end of the socket closes), so no worker outlives the run. `close()` (call it in a `finally`) stops and
-    reaps every worker; calls not answered yet are cancelled.
+    reaps every worker (killed when it still owes answers: those futures fail with WorkerDiedError).
     """
 
     def __init__(self, state: Any, workers: int) -> None:
