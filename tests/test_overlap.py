@@ -118,15 +118,15 @@ def test_ctrl_c_while_scoring_stops_the_workers(tmp_path, loss_scorer, monkeypat
     assert not multiprocessing.active_children()
 
 
+# No `if __name__ == "__main__":` guard: a worker never runs its parent's script (multiprocessing's spawn would).
 PARENT_SCRIPT = """
-import sys, time
+import time
 from drift_stream.io.background import WorkerProcesses
 from helper import pid  # a module the worker imports from the parent's sys.path
 
-if __name__ == "__main__":
-    workers = WorkerProcesses(None, 1)
-    print(workers.submit(pid).result(), flush=True)
-    time.sleep(60)
+workers = WorkerProcesses(None, 1)
+print(workers.submit(pid).result(), flush=True)
+time.sleep(60)
 """
 
 
