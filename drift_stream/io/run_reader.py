@@ -9,13 +9,12 @@ them and the score command that completes it, unless `allow_incomplete`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
 from drift_stream.errors import IncompleteRunError, InputError
+from drift_stream.io.arrow_s3 import arrow_filesystem
 from drift_stream.io.run_dir import CONFIG_FILE, MANIFEST_FILE, RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -155,32 +154,3 @@ def _data_files(run: RunDirectory) -> set[str]:
         return {run._path(f"data/{p.rstrip('/').rsplit('/', 1)[-1]}") for p in run.fs.ls(directory, detail=False)}
     except FileNotFoundError:
         return set()
-
-
-def arrow_filesystem(fs: Any) -> Any:
-    """pyarrow's own S3 client for an s3fs filesystem whose options map onto it (key, secret, token, endpoint,
-    region), else `fs` itself. Arrow's client reads many small shards concurrently, without the GIL: scanning
-    1,000 shards of a run through s3fs costs ~4 ms of round trips each, one after another."""
-    options = dict(getattr(fs, "storage_options", None) or {})
-    if type(fs).__module__.split(".")[0] != "s3fs" or set(options) - _ARROW_S3_OPTIONS:
-        return fs
-    client = dict(options.pop("client_kwargs", None) or {})
-    if set(client) - {"endpoint_url", "region_name"}:
-        return fs
-    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
-    kwargs: dict[str, Any] = {"access_key": options.get("key"), "secret_key": options.get("secret"),
-                              "session_token": options.get("token"), "anonymous": bool(options.get("anon")),
-                              "region": client.get("region_name") or os.environ.get("AWS_DEFAULT_REGION")
-                              or os.environ.get("AWS_REGION") or "us-east-1"}
-    if endpoint:
-        scheme, _, host = str(endpoint).partition("://")
-        kwargs.update(scheme=scheme or "https", endpoint_override=host.rstrip("/") or scheme)
-    try:
-        from pyarrow.fs import S3FileSystem
-
-        return S3FileSystem(**kwargs)
-    except (ImportError, OSError, ValueError, TypeError):  # an Arrow build without S3, options it refuses
-        return fs
-
-
-_ARROW_S3_OPTIONS = {"key", "secret", "token", "endpoint_url", "client_kwargs", "anon"}
