@@ -566,8 +566,10 @@ def run(cfg: RealBenchConfig, workdir: Path, out: Path, mode: str, workers: int,
                     row.get("dev_nontarget_acc", math.nan), wall)
         real_report.write_outputs(out, assemble(f"{mode}, partial: {len(rows)} runs"))
 
+    known: dict = {}  # (seed, selection hash) -> saved run: the same rows and seed train the same model
+
     def run_methods(batch: dict) -> None:
-        todo = []
+        todo, followers = [], {}
         for seed in cfg.seeds:  # seed-major: a stopped run has every method on the first seeds
             for name, (scorer, selection, group) in batch.items():
                 weights = select(ctx, method_scores(ctx, scorer, seed), selection)
@@ -576,17 +578,30 @@ def run(cfg: RealBenchConfig, workdir: Path, out: Path, mode: str, workers: int,
                     record(name, seed, {**ev, "deterministic": True}, 0.0, weights)
                     continue
                 path = done_dir / f"{_slug(name)}-s{seed}-{cfg.sft_steps}-{cfg.sft_lr}-{cfg.fraction}.json"
+                need_dev = group != "baseline" or name == "full"  # dev only where the choice reads it
+                key = (seed, hashlib.sha1(np.asarray(weights, dtype=np.float64).tobytes()).hexdigest())
+                if not path.exists() and key in known and ("dev_target_acc" in known[key]["acc"] or not need_dev):
+                    path.write_text(json.dumps({**known[key], "same_selection_as": known[key]["method"]}))
                 if path.exists():
                     saved = json.loads(path.read_text())
+                    known.setdefault(key, {**saved, "method": saved.get("same_selection_as", name)})
                     record(name, seed, saved["acc"], saved["wall_s"], weights)
-                else:  # dev (which chooses) only where the choice reads it: DRIFT, its ablations, the full pool
-                    todo.append((name, seed, weights, path, group != "baseline" or name == "full"))
-        paths = {(n, s): (p, w) for n, s, w, p, _ in todo}
+                else:  # a selection already waiting (with dev where this one needs it) is trained once, below
+                    job = (name, seed, weights, path, need_dev)
+                    lead = next((k for k in (key + (True,), key + (need_dev,)) if k in followers), None)
+                    if lead is not None and (lead[-1] or not need_dev):
+                        followers[lead].append(job)
+                    else:
+                        followers[key + (need_dev,)] = [job]
+                        todo.append(job)
+        by_job = {(n, s): k for k, runs in followers.items() for n, s, _, _, _ in runs[:1]}
         t = time.perf_counter()
         for name, seed, acc, wall in run_jobs(ctx, [(n, s, w, d) for n, s, w, _, d in todo], workers):
-            path, weights = paths[(name, seed)]
-            path.write_text(json.dumps({"acc": acc, "wall_s": wall}))
-            record(name, seed, acc, wall, weights)
+            runs = followers[by_job[(name, seed)]]
+            for i, (n, s, w, path, _) in enumerate(runs):
+                extra = {"same_selection_as": name} if i else {}
+                path.write_text(json.dumps({"acc": acc, "wall_s": wall, **extra}))
+                record(n, s, acc, wall, w)
         timer.add("continued_sft", time.perf_counter() - t)
 
     run_methods(methods)
