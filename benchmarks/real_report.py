@@ -45,6 +45,16 @@ def _pm(ms) -> str:
     return "" if not np.isfinite(m) else f"{m:.3f} ± {s:.3f}"
 
 
+def _stage_line(result: dict) -> str:
+    """Each stage's time where it was computed (stage_times.json of the cache) and the continued-SFT runs' own."""
+    parts = [f"{k} {v:.0f} s" for k, v in (result.get("stage_times") or {}).items()]
+    trained = {(r["seed"], r["wall_s"]) for r in result["rows"] if r["wall_s"] > 0}  # a reused run repeats its wall
+    sft = sum(w for _, w in trained)
+    parts.append(f"continued SFT + evaluation {len(trained)} runs trained, {sft / len(trained) if trained else 0:.0f} s "
+                 f"each on average, {sft / 60:.0f} min of run time in all")
+    return "; ".join(parts) + "."
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     wall = result["wall_s"]
@@ -54,7 +64,7 @@ def markdown(result: dict) -> str:
              f"Pass-rate sweep that chose the tasks: `{result['sweep']}`.", "",
              f"Wall time: {wall.get('total', float('nan')) / 60:.1f} min in this process "
              f"({', '.join(f'{k} {v:.0f}s' for k, v in wall.items() if k != 'total')}); {result['machine']}. "
-             "Stages cached by an earlier process are loaded, not re-timed.", "",
+             "Stages cached by an earlier process are loaded, not re-timed: " + _stage_line(result), "",
              f"Pool {cfg['pool_size']} rows, {100 * (1 - result['pool_shares']['clean']):.0f}% corrupted; "
              f"{cfg['queries']} validation queries x K = {cfg['num_rollouts']}; test {cfg['test_target']} target + "
              f"2 x {cfg['test_nontarget']} non-target items, dev {cfg['dev_target']} + 2 x {cfg['dev_nontarget']}; "

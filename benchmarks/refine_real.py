@@ -210,7 +210,9 @@ def build_cache(cfg: RealBenchConfig, workdir: Path, timer: Timer) -> dict:
     tok = load_tokenizer(src)
     base_dir = cache / "base"
     t = time.perf_counter()
+    built = set()  # the stages this process computes (their times go to stage_times.json; cached ones are read)
     if not (base_dir / "base_eval.json").exists():  # zero-shot eval, warm-up SFT, warmed eval
+        built.add("warmup")
         model = load_model(src, device=cfg.device)
         zero = evaluate(model, tok, cfg, splits)
         model.train()
@@ -236,6 +238,7 @@ def build_cache(cfg: RealBenchConfig, workdir: Path, timer: Timer) -> dict:
     for temp in cfg.temperatures:
         path = cache / f"rollouts_T{temp}.json"
         if not path.exists():
+            built.add("rollouts")
             qs = [Query(id=q["id"], messages=({"role": "user", "content": q["question"]},), answer=q["answer"],
                         task=q["task"]) for q in splits.queries]
             out = generate_rollouts(model, tok, chat, qs, RolloutConfig(
@@ -256,6 +259,7 @@ def build_cache(cfg: RealBenchConfig, workdir: Path, timer: Timer) -> dict:
     feats = {}
     path = cache / "features_pool.npz"
     if not path.exists():
+        built.add("features")
         ref_ex = [chat.encode(Example(id=q["id"], messages=({"role": "user", "content": q["question"]},
                                                             {"role": "assistant", "content": q["reference_prose"]})))
                   for q in splits.queries]
@@ -266,6 +270,7 @@ def build_cache(cfg: RealBenchConfig, workdir: Path, timer: Timer) -> dict:
     for temp in cfg.temperatures:
         path = cache / f"features_roll_T{temp}.npz"
         if not path.exists():
+            built.add("features")
             ex = [chat.encode_rollout(r["prompt_ids"], r["completion_ids"], id=f"r{i}")
                   for i, r in enumerate(rollouts[temp])]
             rf, _, _, _ = rl.featurize(model, ex, feature_config=fc, batch_size=16)
@@ -277,6 +282,7 @@ def build_cache(cfg: RealBenchConfig, workdir: Path, timer: Timer) -> dict:
     t = time.perf_counter()
     path = cache / "scores_other.npz"
     if not path.exists():
+        built.add("other_scores")
         ifd = library_scores(model, tok, cfg, splits.pool, "ifd")
         pool_emb = embeddings(model, [e.input_ids for e in pool_ex], tok.pad_token_id or 0)
         query_emb = embeddings(model, [chat.encode_prompt([{"role": "user", "content": q["question"]}])
@@ -284,9 +290,14 @@ def build_cache(cfg: RealBenchConfig, workdir: Path, timer: Timer) -> dict:
         np.savez(path, ifd=ifd, pool_emb=pool_emb, query_emb=query_emb)
     feats.update({k: v for k, v in np.load(path).items()})
     timer.add("other_scores", time.perf_counter() - t)
+    times_path = cache / "stage_times.json"
+    stage_times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    if built:
+        stage_times.update({k: timer.stages[k] for k in built})
+        times_path.write_text(json.dumps(stage_times))
     torch.manual_seed(0)
     return {"cfg": cfg, "cache": cache, "splits": splits, "tok": tok, "model": model, "pool_ex": pool_ex,
-            "rollouts": rollouts, "feats": feats, "base_eval": base_eval, "fc": fc}
+            "rollouts": rollouts, "feats": feats, "base_eval": base_eval, "fc": fc, "stage_times": stage_times}
 
 
 def library_scores(model, tok, cfg, pool, name: str) -> np.ndarray:
@@ -551,7 +562,7 @@ def run(cfg: RealBenchConfig, workdir: Path, out: Path, mode: str, workers: int,
                              for T, rs in ctx["rollouts"].items()},
                 "questions": ctx["splits"].questions, "wall_s": {**timer.stages,
                                                                  "total": time.perf_counter() - t0},
-                "cache": str(ctx["cache"]), "sweep": "benchmarks/results/real/sweep.md",
+                "stage_times": ctx["stage_times"], "cache": str(ctx["cache"]), "sweep": "benchmarks/results/real/sweep.md",
                 "machine": f"{platform.machine()}, 1 torch thread x {workers} worker(s), {os.cpu_count()} cores, "
                            f"device {cfg.device}", "versions": real_report.versions()}
 
