@@ -120,7 +120,7 @@ def test_shards_plan_their_own_files_and_the_last_one_settles_one_schema(tmp_pat
     first = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=0), make_scorer(),
                       progress=False)
     assert not first["complete"] and first["num_completed_files"] == 1 and first["rows_scored"] == 6
-    assert seen.markers() == ["completions/00000.json"]  # its own marker only
+    assert seen.markers() == []  # its counts are those of the marker it wrote: no marker is read back
     assert not (out / "manifest.json").exists() and not (out / "schema.json").exists()
     shard0 = pq.read_schema(out / "data" / "train-00000-of-00002.parquet")
     assert shard0.field("meta").type == pa.struct([("lang", pa.string())])  # planned from its own file
@@ -130,7 +130,7 @@ def test_shards_plan_their_own_files_and_the_last_one_settles_one_schema(tmp_pat
     last = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=1), make_scorer(),
                      progress=False)
     assert last["complete"] and (last["rows_in"], last["rows_scored"]) == (11, 11)
-    assert sorted(seen.markers()) == ["completions/00000.json", "completions/00001.json"]  # each read once
+    assert seen.markers() == ["completions/00000.json"]  # each other process's marker read once, not its own
     jsonschema.validate(last, SCHEMA)
     schemas = [pq.read_schema(p) for p in sorted((out / "data").glob("*.parquet"))]
     assert all(s.remove_metadata().equals(schemas[0].remove_metadata()) for s in schemas)
@@ -150,6 +150,27 @@ def test_shards_plan_their_own_files_and_the_last_one_settles_one_schema(tmp_pat
     again = run_score(RunConfig(data=tuple(paths), out=str(out)), make_scorer(), progress=False)
     assert again == last
     assert {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")} == before
+
+
+def test_a_shard_reads_back_only_the_markers_of_files_an_earlier_process_finished(tmp_path, make_scorer,
+                                                                                    monkeypatch):
+    """Issue 23, O(files) bookkeeping: a shard process that does not settle prints its counts from the markers it
+    wrote (kept in memory as they read back), and reads only those of its files finished before it started."""
+    root = tmp_path / "pool"
+    root.mkdir()
+    for f in range(3):
+        pq.write_table(pa.Table.from_pylist([chat(10 * f + i, id=f"d{f}-{i}") for i in range(4 + f)]),
+                       root / f"p{f}.parquet")
+    out = tmp_path / "run"
+    config = RunConfig(data=(str(root),), out=str(out), num_shards=2, shard_index=0)  # files 0 and 2 of 3
+    first = run_score(config, make_scorer(), progress=False)
+    assert not first["complete"] and first["rows_in"] == 4 + 6
+    (out / "completions" / "00002.json").unlink()  # as if killed before file 2's marker
+    seen = CountingReads(monkeypatch)
+    run_dir._MARKERS.clear()  # as in another process
+    resumed = run_score(config, make_scorer(), progress=False)
+    assert seen.markers() == ["completions/00000.json"]  # file 0, finished by the first process; not file 2
+    assert resumed == first
 
 
 def test_a_homogeneous_lake_is_settled_without_rewriting_a_shard(tmp_path, make_scorer):

@@ -21,6 +21,7 @@ from killable import KILLABLE_RUN
 from drift_stream.engines.local import RunConfig, run_score
 from drift_stream.errors import InputError
 from drift_stream.io.run_dir import RunDirectory
+from drift_stream.io.run_reader import read_completed_shards
 from drift_stream.io.streams import InputFile, expand_inputs, input_schema, iter_chunks
 
 pytestmark = pytest.mark.s3
@@ -87,6 +88,24 @@ def test_corrupt_parquet_on_s3_names_the_file(s3_server):
         input_schema(files[0], s3_server.storage_options)
 
 
+def test_small_objects_are_read_through_arrow_and_a_missing_one_is_returned_as_its_error(s3_server):
+    """The settling process's marker reads (io/arrow_s3.read_objects): Arrow's own S3 client for s3fs options that
+    map onto it, objects in order, an object gone since the listing given back as its error (as fsspec cat_ranges
+    gives it), names with glob characters taken literally."""
+    import pyarrow.fs
+
+    from drift_stream.io.arrow_s3 import arrow_filesystem, read_objects
+
+    fs, bucket = s3_server.filesystem(), s3_server.new_bucket("small")
+    assert isinstance(arrow_filesystem(fs), pyarrow.fs.S3FileSystem)
+    paths = [f"{bucket}/runs/pool[v2]/{i}.json" for i in range(5)]
+    for i, path in enumerate(paths):
+        fs.pipe_file(path, json.dumps({"i": i}).encode())
+    got = read_objects(fs, [*paths[:3], f"{bucket}/runs/gone.json", *paths[3:]])
+    assert [json.loads(b) for b in got[:3] + got[4:]] == [{"i": i} for i in range(5)]
+    assert isinstance(got[3], FileNotFoundError)
+
+
 def test_aborted_shard_leaves_no_object_on_s3(s3_server):
     bucket = s3_server.new_bucket("abort")
     run = RunDirectory(f"s3://{bucket}/run", s3_server.storage_options)
@@ -124,6 +143,11 @@ def test_10k_pool_from_s3_to_s3(s3_server, make_scorer, caplog):
     direct = scorer(pa.Table.from_pylist(parquet_records[0]))
     direct = direct.filter(pc.is_null(direct.column("drift_reject_reason"))).drop_columns(["drift_reject_reason"])
     assert data.slice(0, direct.num_rows).equals(direct)
+    # the settling process's one read of the data shards (several shards in flight) keeps the input order
+    shards = read_completed_shards(RunDirectory.open(out, s3_server.storage_options))
+    columns = shards.read_columns(["k", "drift_score", "no_such_column"])
+    assert columns.columns == ["k", "drift_score"]
+    assert columns.to_arrow().equals(data.select(["k", "drift_score"]))
     assert read_prefix(fs, f"{bucket}/runs/r1/rejects").num_rows == 98
     assert json.loads(fs.cat_file(f"{bucket}/runs/r1/manifest.json")) == manifest
 

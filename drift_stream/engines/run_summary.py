@@ -85,10 +85,8 @@ def scan_complete_run(shards: Any, manifest: Mapping[str, Any], examples: int = 
     have no score column (every row rejected): the summary then reads the data and says so."""
     import polars as pl
 
-    lf = shards.scan()
-    names = lf.collect_schema().names()
-    cols = [c for c in SUMMARY_COLUMNS if c in names]
-    frame = lf.select([ID, *cols]).collect()  # the one read of the data shards
+    frame = shards.read_columns([ID, *SUMMARY_COLUMNS])  # the one read of the data shards
+    cols = [c for c in SUMMARY_COLUMNS if c in frame.columns]
     found = repeated_ids(frame.select(ID), examples)
     if SCORE not in cols:
         return found, None

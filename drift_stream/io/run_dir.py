@@ -33,9 +33,11 @@ import os
 from importlib import resources
 from typing import Any, Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from drift_stream.errors import InputChangedError, InputError, RunDirMismatchError
+from drift_stream.io.arrow_s3 import read_objects
 from drift_stream.io.atomic import _AtomicParquet, write_bytes_atomic
 from drift_stream.io.columns import ID, RAW_LINE, REJECT_REASON, ROW_INDEX
 from drift_stream.io.manifest import (
@@ -142,7 +144,7 @@ class ShardWriter:
             **({"rejects_schema": schema_to_text(self._rejects.schema)} if self._rejects is not None else {}),
             "score_summary": scores.to_dict(),
         }
-        self.run._write_json(f"completions/{self.file.index:05d}.json", marker)
+        self.run._write_marker(self.file.index, marker)
         return marker
 
     def abort(self) -> None:
@@ -182,6 +184,9 @@ class RunDirectory:
         self.url = redact_url(str(url))
         self.fs, self.root = open_path(str(url), storage_options)
         self.is_local = is_local_fs(self.fs)
+        # markers written through this object, as they read back: `completed` serves them without a GET (a shard
+        # process prints its own counts, the settling one reads only the others' markers)
+        self._written: dict[int, dict] = {}
         if not create:
             if not self.fs.isdir(self.root):
                 raise InputError(f"run directory {self.url} does not exist (expected the --out of `drift-stream score`)")
@@ -209,9 +214,23 @@ class RunDirectory:
         except FileNotFoundError:
             return None
 
-    def _write_json(self, rel: str, value: Any) -> None:
+    def _write_json(self, rel: str, value: Any) -> bytes:
         data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
         write_bytes_atomic(self.fs, self._path(rel), data)
+        return data
+
+    def _write_marker(self, index: int, marker: Mapping[str, Any]) -> None:
+        """Write the completion marker of input file `index`; keep what a reader of it would get, its score sketch
+        as float64 (up to 4,096 values: 32 KiB instead of a list's ~130 KiB, for each file this process scores)."""
+        kept = json.loads(self._write_json(f"completions/{index:05d}.json", marker).decode("utf-8"))
+        kept["score_summary"]["order_stats"] = np.asarray(kept["score_summary"]["order_stats"], dtype=np.float64)
+        self._written[index] = kept
+
+    def _written_marker(self, index: int) -> dict:
+        """A marker `_write_marker` kept, as its file reads back."""
+        kept = self._written[index]
+        return {**kept, "score_summary": {**kept["score_summary"],
+                                          "order_stats": kept["score_summary"]["order_stats"].tolist()}}
 
     def _remove(self, rel: str) -> None:
         path = self._path(rel)
@@ -330,19 +349,22 @@ class RunDirectory:
     def completed(self, indexes: set[int] | None = None) -> dict[int, dict]:
         """Markers of finished input files, by input index (treat them as read-only); `indexes`: only those.
 
-        Each marker version is read once per process (`_MARKERS`: the settling process, its summary and a refine
-        in the same process share the reads), and on an object store the rest are fetched in one batched,
-        concurrent call (fsspec `cat_ranges`): 1,000 markers one GET after another cost ~1,000 round trips."""
+        A marker this object wrote is not read back (a shard process of an array lists, and reads only the markers
+        of its files finished by an earlier process); each other marker version is read once per process
+        (`_MARKERS`: the settling process, its summary and a refine in the same process share the reads), and on
+        an object store they are fetched concurrently (`arrow_s3.read_objects`): 1,000 markers one GET after
+        another cost ~1,000 round trips."""
         entries = self._marker_entries()
         keys = {name: (self.url, self.root, name, version) for name, version in entries.items()
                 if indexes is None or (name[:-5].isdigit() and int(name[:-5]) in indexes)}
+        own = {name: self._written_marker(int(name[:-5])) for name in keys
+               if name[:-5].isdigit() and int(name[:-5]) in self._written}
+        keys = {name: key for name, key in keys.items() if name not in own}
         todo = [name for name, key in keys.items() if key not in _MARKERS]
         if self.is_local or len(todo) < 2:
             fetched = {name: self._read_json(f"completions/{name}") for name in todo}
-        else:
-            # cat_ranges, not cat: no glob expansion of names like "runs/pool[v2]"; a marker gone since the
-            # listing comes back as its exception and is skipped
-            blobs = self.fs.cat_ranges([self._path(f"completions/{name}") for name in todo], None, None)
+        else:  # a marker gone since the listing comes back as its exception and is skipped
+            blobs = read_objects(self.fs, [self._path(f"completions/{name}") for name in todo])
             fetched = {name: json.loads(blob.decode("utf-8")) for name, blob in zip(todo, blobs)
                        if isinstance(blob, bytes)}
         if len(_MARKERS) + len(fetched) > _MARKERS_MAX:
@@ -350,8 +372,8 @@ class RunDirectory:
         for name, marker in fetched.items():
             if marker is not None:
                 _MARKERS[keys[name]] = marker
-        markers = (_MARKERS.get(key) or fetched.get(name) for name, key in keys.items())
-        return {int(marker["input_index"]): marker for marker in markers if marker is not None}
+        markers = [*own.values(), *(_MARKERS.get(key) or fetched.get(name) for name, key in keys.items())]
+        return dict(sorted(((int(m["input_index"]), m) for m in markers if m is not None), key=lambda im: im[0]))
 
     def shard_writer(self, file: InputFile, input_schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self, file, input_schema)

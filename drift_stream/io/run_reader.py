@@ -19,6 +19,8 @@ from drift_stream.io.run_dir import CONFIG_FILE, MANIFEST_FILE, RunDirectory
 
 logger = logging.getLogger(__name__)
 
+READ_AHEAD_SHARDS = 32  # data shards a remote `read_columns` reads at once
+
 
 def read_completed_shards(run: RunDirectory, *, allow_incomplete: bool = False, command: str = "this command") -> "CompletedShards":
     """The data shards of the run's finished input files: THE way to read a run directory.
@@ -121,14 +123,36 @@ class CompletedShards:
         """A polars LazyFrame over the data shards in input order (native scan locally, pyarrow dataset else)."""
         import polars as pl
 
+        if self.run.is_local:
+            self._check_some()
+            return pl.scan_parquet(self.data_files, glob=False)  # paths may hold glob characters: "runs/pool[v2]"
+        return pl.scan_pyarrow_dataset(self._dataset())
+
+    def read_columns(self, names: list[str]):
+        """Those of `names` that the data shards hold, as one polars DataFrame in input order (the rows `scan`
+        gives). On an object store Arrow's scanner keeps READ_AHEAD_SHARDS shards in flight, not its default 4 (what
+        `scan` gets): four columns of 1,000 small shards on a local SeaweedFS in 0.97 s instead of 1.24 s (medians
+        of 7, in turn, on a loaded 2-core box)."""
+        import polars as pl
+
+        if self.run.is_local:
+            lf = self.scan()
+            have = set(lf.collect_schema().names())
+            return lf.select([n for n in names if n in have]).collect()
+        dataset = self._dataset()
+        have = set(dataset.schema.names)
+        return pl.from_arrow(dataset.to_table(columns=[n for n in names if n in have],
+                                              fragment_readahead=READ_AHEAD_SHARDS))
+
+    def _check_some(self) -> None:
         if not self.data_files:
             raise InputError(f"{self.url} has no finished input file: nothing to read")
-        if self.run.is_local:
-            return pl.scan_parquet(self.data_files, glob=False)  # paths may hold glob characters: "runs/pool[v2]"
+
+    def _dataset(self):
         import pyarrow.dataset as pads
 
-        return pl.scan_pyarrow_dataset(pads.dataset(self.data_files, filesystem=arrow_filesystem(self.fs),
-                                                    format="parquet"))
+        self._check_some()
+        return pads.dataset(self.data_files, filesystem=arrow_filesystem(self.fs), format="parquet")
 
     def iter_column(self, name: str, batch_rows: int = 65_536) -> Iterator[np.ndarray]:
         """Column `name` of the data shards in input order, as numpy arrays of at most `batch_rows` rows: for a
