@@ -97,7 +97,7 @@ def _rewrite(run: Any, rel: str, target: SchemaPlan, json_before: tuple[str, ...
     """Conform one shard to `target`, streaming its row groups into an atomic replacement."""
     path = run._path(rel)
     with run.fs.open(path, "rb") as handle:
-        reader = pq.ParquetFile(handle)
+        reader = pq.ParquetFile(handle, pre_buffer=False)  # a row group at a time, not the whole shard at once
         meta = reader.schema_arrow.metadata or {}
         if JSON_TEXT_KEY in meta:  # settled before (an interrupted settle): trust the footer, not the marker
             json_before = tuple(json.loads(meta[JSON_TEXT_KEY]))

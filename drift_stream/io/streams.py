@@ -361,7 +361,9 @@ def _open_text_stream(file: InputFile, storage_options) -> Iterator[Any]:
 
 def _parquet_file(file: InputFile, handle) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(handle)
+        # no pre_buffer (pyarrow's default): it fetches every row group iter_batches will read in one go, so a large
+        # file would be held whole while its chunks are scored
+        return pq.ParquetFile(handle, pre_buffer=False)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(f"input file {file.url} is not a readable parquet file ({exc}); replace or remove it") from exc
 
