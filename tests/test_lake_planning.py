@@ -167,10 +167,28 @@ def test_a_shard_reads_back_only_the_markers_of_files_an_earlier_process_finishe
     assert not first["complete"] and first["rows_in"] == 4 + 6
     (out / "completions" / "00002.json").unlink()  # as if killed before file 2's marker
     seen = CountingReads(monkeypatch)
+    listings: list[str] = []
+    list_markers = RunDirectory.list_markers
+    monkeypatch.setattr(RunDirectory, "list_markers", lambda run: listings.append(run.url) or list_markers(run))
     run_dir._MARKERS.clear()  # as in another process
     resumed = run_score(config, make_scorer(), progress=False)
     assert seen.markers() == ["completions/00000.json"]  # file 0, finished by the first process; not file 2
     assert resumed == first
+    assert len(listings) == 2  # the markers listed once to skip finished files, once to finish
+
+
+def test_a_shard_that_does_not_settle_prints_its_line_without_reading_the_run(tmp_path, make_scorer, monkeypatch):
+    """`drift-stream score` hands run_score's result to summarize_run: a shard's line comes from its own counts."""
+    from drift_stream.refine.report import summarize_run
+
+    paths = two_writers(tmp_path / "pool")
+    out = tmp_path / "run"
+    first = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=0), make_scorer(),
+                      progress=False)
+    line = summarize_run(str(out), allow_incomplete=True)  # from the run directory
+    assert "(INCOMPLETE: not settled yet, 1 of 2 input files scored;" in line
+    monkeypatch.setattr(RunDirectory, "__init__", lambda *a, **k: pytest.fail("the run directory was opened"))
+    assert summarize_run(str(out), allow_incomplete=True, result=first) == line
 
 
 def test_a_homogeneous_lake_is_settled_without_rewriting_a_shard(tmp_path, make_scorer):

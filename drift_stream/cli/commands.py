@@ -61,12 +61,12 @@ def score_cmd(args, progress: bool = True) -> int:
 
         engine = RayEngine(scorer_kwargs, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                            cpus_per_actor=args.cpus_per_actor, threads=args.threads)
-        score_on_ray(config, scorer_kwargs, engine, address=args.ray_address, progress=progress)
+        result = score_on_ray(config, scorer_kwargs, engine, address=args.ray_address, progress=progress)
     else:
-        run_score(config, build_scorer(**scorer_kwargs), progress=progress)
+        result = run_score(config, build_scorer(**scorer_kwargs), progress=progress)
     if not args.quiet:
-        # a shard of an array may finish before the others: summarise what is done so far
-        print(summarize_run(args.out, storage_options=args.storage_options, allow_incomplete=True))
+        # a shard of an array may finish before the others: summarise what is done so far (from its own counts)
+        print(summarize_run(args.out, storage_options=args.storage_options, allow_incomplete=True, result=result))
     return 0
 
 

@@ -168,20 +168,21 @@ def finish_run(run: RunDirectory, record: dict[str, Any], files: list[InputFile]
                mine: list[InputFile]) -> dict[str, Any]:
     """O(files) bookkeeping: the process that sees the last marker (one listing of names) settles the run once,
     reading each marker once (one schema over every shard, schema.json, ONE scan of the data for the repeated ids
-    and the summary's numbers, manifest.json); any other process reads only its own markers and returns their
-    counts (`complete` false, `num_completed_files` of the run). Two processes finishing together may both settle:
+    and the summary's numbers, manifest.json); any other process returns the counts of its own markers, reading
+    back only those an earlier process wrote (`complete` false, `num_completed_files` of the run). Two processes finishing together may both settle:
     the result is the same."""
     urls = [f.url for f in files]
-    names = run.completed_indexes()
+    listing = run.list_markers()  # the one listing: whether this process settles, and which markers it reads
+    names = run.completed_indexes(listing)
     if len(names) < len(files):
-        own = run.completed({f.index for f in mine} & names)
+        own = run.completed({f.index for f in mine} & names, listing)  # read: only those of an earlier process
         counts = run.build_manifest(record, urls, own)
         counts.update(complete=False, num_completed_files=len(names))
         logger.info("this shard: %d rows in, %d scored, %d rejected; %d of %d input files of the run are done (the "
                     "process that finishes the last one writes the manifest)", counts["rows_in"],
                     counts["rows_scored"], counts["rows_rejected"], len(names), len(files))
         return counts
-    markers = run.completed()
+    markers = run.completed(listing=listing)
     plan_record = settle_shards(run, markers)
     extra: dict[str, Any] = {}
     if plan_record is not None:

@@ -322,7 +322,7 @@ class RunDirectory:
         return stored
 
     # ------------------------------------------------------------------ markers and shards
-    def _marker_entries(self) -> dict[str, tuple]:
+    def list_markers(self) -> dict[str, tuple]:
         """{marker name: version} from one listing; the version (size, ETag / mtime, inode) tells a marker from a
         rewritten one."""
         directory = self._path("completions")
@@ -340,21 +340,24 @@ class RunDirectory:
         return dict(sorted(out.items()))
 
     def _marker_names(self) -> list[str]:
-        return list(self._marker_entries())
+        return list(self.list_markers())
 
-    def completed_indexes(self) -> set[int]:
-        """Input indexes whose completion marker exists (reads names only)."""
-        return {int(name[:-5]) for name in self._marker_names() if name[:-5].isdigit()}
+    def completed_indexes(self, listing: Mapping[str, tuple] | None = None) -> set[int]:
+        """Input indexes whose completion marker exists (reads names only; `listing`: one `list_markers` made)."""
+        names = self._marker_names() if listing is None else listing
+        return {int(name[:-5]) for name in names if name[:-5].isdigit()}
 
-    def completed(self, indexes: set[int] | None = None) -> dict[int, dict]:
-        """Markers of finished input files, by input index (treat them as read-only); `indexes`: only those.
+    def completed(self, indexes: set[int] | None = None, listing: Mapping[str, tuple] | None = None
+                  ) -> dict[int, dict]:
+        """Markers of finished input files, by input index (treat them as read-only); `indexes`: only those;
+        `listing`: those of one `list_markers` the caller made (else this lists them).
 
         A marker this object wrote is not read back (a shard process of an array lists, and reads only the markers
         of its files finished by an earlier process); each other marker version is read once per process
         (`_MARKERS`: the settling process, its summary and a refine in the same process share the reads), and on
         an object store they are fetched concurrently (`arrow_s3.read_objects`): 1,000 markers one GET after
         another cost ~1,000 round trips."""
-        entries = self._marker_entries()
+        entries = self.list_markers() if listing is None else listing
         keys = {name: (self.url, self.root, name, version) for name, version in entries.items()
                 if indexes is None or (name[:-5].isdigit() and int(name[:-5]) in indexes)}
         own = {name: self._written_marker(int(name[:-5])) for name in keys

@@ -29,6 +29,7 @@ from drift_stream.io.atomic import write_bytes_atomic
 from drift_stream.io.columns import REJECT_REASON, SCORE, WEIGHT
 from drift_stream.io.run_dir import RunDirectory, open_path
 from drift_stream.io.run_reader import CompletedShards, read_completed_shards
+from drift_stream.io.streams import redact_url
 from drift_stream.refine.policies import read_json
 from drift_stream.refine.report_html import RunSummary, _fmt, render_html
 
@@ -238,7 +239,8 @@ def weight_summary_line(manifest: dict) -> str | None:
             f"top 1% of rows carry {_fmt(100 * w['top_1pct_weight_share'], 3)}% of the weight")
 
 
-def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> str:
+def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_incomplete: bool = False,
+                  result: dict | None = None) -> str:
     """A few lines for the terminal: rows, score distribution, correlations, bank, and for a refine output
     directory its weights (IncompleteRunError: `gather`).
 
@@ -248,7 +250,10 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
     whose manifest.json is not yet complete (a shard of an array that finished before the others; the manifest is
     written once, by the process that settles the run) gets one line from a listing of its markers, reading no data:
     the full summary is printed by the process that completes the run, so an N-task array reads its data once (to
-    settle it), not N times."""
+    settle it), not N times. `result`: what `run_score` returned for this run in this process; when it is a shard's
+    counts (the run not settled), that line is written from them, reading nothing."""
+    if allow_incomplete and result is not None and result.get("kind") == "score" and not result.get("complete"):
+        return _incomplete_line(redact_url(str(run_dir)), result["num_completed_files"], result["num_input_files"])
     run, manifest = _score_run(run_dir, storage_options)
     if allow_incomplete and run is not None:
         partial = _incomplete_score_run(run, manifest)
@@ -307,9 +312,12 @@ def _incomplete_score_run(run: RunDirectory, manifest: dict | None) -> str | Non
         return None
     # no complete manifest yet: the process settling the run (it writes the manifest, then prints the summary) may
     # be at work right now, even when every marker is there already
-    done = len(run.completed_indexes())
-    return (f"run {run.url}  (INCOMPLETE: not settled yet, {done} of {len(inputs)} input files scored; the "
-            f"process that completes the run prints its summary, or run `drift-stream report {run.url}`)")
+    return _incomplete_line(run.url, len(run.completed_indexes()), len(inputs))
+
+
+def _incomplete_line(url: str, done: int, inputs: int) -> str:
+    return (f"run {url}  (INCOMPLETE: not settled yet, {done} of {inputs} input files scored; the "
+            f"process that completes the run prints its summary, or run `drift-stream report {url}`)")
 
 
 def _settled_summary(run_dir: str, run: RunDirectory, manifest: dict | None,
