@@ -177,8 +177,9 @@ def test_a_shard_reads_back_only_the_markers_of_files_an_earlier_process_finishe
     assert len(listings) == 2  # the markers listed once to skip finished files, once to finish
 
 
-def test_a_shard_that_does_not_settle_prints_its_line_without_reading_the_run(tmp_path, make_scorer, monkeypatch):
-    """`drift-stream score` hands run_score's result to summarize_run: a shard's line comes from its own counts."""
+def test_a_shard_prints_its_summary_from_its_result_without_reading_the_run(tmp_path, make_scorer, monkeypatch):
+    """`drift-stream score` hands run_score's result to summarize_run: a shard's line comes from its own counts, and
+    the settling process's summary from the manifest it wrote, the same text as read from the run directory."""
     from drift_stream.refine.report import summarize_run
 
     paths = two_writers(tmp_path / "pool")
@@ -187,8 +188,13 @@ def test_a_shard_that_does_not_settle_prints_its_line_without_reading_the_run(tm
                       progress=False)
     line = summarize_run(str(out), allow_incomplete=True)  # from the run directory
     assert "(INCOMPLETE: not settled yet, 1 of 2 input files scored;" in line
+    last = run_score(RunConfig(data=tuple(paths), out=str(out), num_shards=2, shard_index=1), make_scorer(),
+                     progress=False)
+    full = summarize_run(str(out), allow_incomplete=True)
+    assert last["complete"] and "drift_score: mean" in full
     monkeypatch.setattr(RunDirectory, "__init__", lambda *a, **k: pytest.fail("the run directory was opened"))
     assert summarize_run(str(out), allow_incomplete=True, result=first) == line
+    assert summarize_run(str(out), allow_incomplete=True, result=last) == full
 
 
 def test_a_homogeneous_lake_is_settled_without_rewriting_a_shard(tmp_path, make_scorer):

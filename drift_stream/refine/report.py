@@ -251,15 +251,21 @@ def summarize_run(run_dir: str, *, storage_options: dict | None = None, allow_in
     written once, by the process that settles the run) gets one line from a listing of its markers, reading no data:
     the full summary is printed by the process that completes the run, so an N-task array reads its data once (to
     settle it), not N times. `result`: what `run_score` returned for this run in this process; when it is a shard's
-    counts (the run not settled), that line is written from them, reading nothing."""
-    if allow_incomplete and result is not None and result.get("kind") == "score" and not result.get("complete"):
-        return _incomplete_line(redact_url(str(run_dir)), result["num_completed_files"], result["num_input_files"])
-    run, manifest = _score_run(run_dir, storage_options)
-    if allow_incomplete and run is not None:
-        partial = _incomplete_score_run(run, manifest)
-        if partial is not None:
-            return partial
-    s = _settled_summary(run_dir, run, manifest, storage_options) if run is not None else None
+    counts (the run not settled), that line is written from them, and when it is the manifest this process settled,
+    the summary is, reading nothing of the run directory."""
+    s = None
+    if result is not None and result.get("kind") == "score":
+        if allow_incomplete and not result.get("complete"):
+            return _incomplete_line(redact_url(str(run_dir)), result["num_completed_files"], result["num_input_files"])
+        if result.get("complete") and "summary" in result:
+            s = _recorded_summary(str(run_dir), result, *open_path(str(run_dir), storage_options), storage_options)
+    if s is None:
+        run, manifest = _score_run(run_dir, storage_options)
+        if allow_incomplete and run is not None:
+            partial = _incomplete_score_run(run, manifest)
+            if partial is not None:
+                return partial
+        s = _settled_summary(run_dir, run, manifest, storage_options) if run is not None else None
     if s is None:
         s = gather(run_dir, top_k=0, storage_options=storage_options, allow_incomplete=allow_incomplete,
                    command="the run summary")
@@ -328,13 +334,19 @@ def _settled_summary(run_dir: str, run: RunDirectory, manifest: dict | None,
         return None
     if len(run.completed_indexes()) != len(manifest.get("input_files") or ()):
         return None
+    return _recorded_summary(str(run_dir), manifest, run.fs, run.root, storage_options)
+
+
+def _recorded_summary(run_dir: str, manifest: dict, run_fs, run_root: str, storage_options: dict | None
+                      ) -> RunSummary:
+    """The summary a complete score run's manifest records (its `summary` block and counts)."""
     stats, rho = summary_numbers(manifest["summary"])
     by_reason = manifest.get("rejected_by_reason") or {}
     rejects = dict(sorted(by_reason.items(), key=lambda kv: -kv[1]))  # as gather: most first (ties by name)
     return RunSummary(run_dir=str(run_dir), manifest=manifest, rows_scored=int(manifest["rows_scored"]),
                       score_stats=stats, hist_counts=np.zeros(0), hist_edges=np.zeros(1), spearman=rho, scatter={},
                       debias=find_debias(manifest), rejects=rejects,
-                      bank=_bank_info(manifest, run.fs, run.root, storage_options))
+                      bank=_bank_info(manifest, run_fs, run_root, storage_options))
 
 
 def _gap_text(gap: Any) -> str:
