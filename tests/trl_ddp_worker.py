@@ -29,6 +29,11 @@ def main(out: str) -> None:
             raise SystemExit(f"expected 2 processes, got {trainer.accelerator.num_processes}")
         if trainer.accelerator.is_main_process:
             torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, Path(out) / f"{weighting}.pt")
+    # tear the gloo group down before the interpreter exits: left to static destruction, its threads can still be
+    # joinable and the rank dies with "terminate called without an active exception" (SIGABRT, seen once in CI)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
