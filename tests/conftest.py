@@ -213,3 +213,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def record_local_reads(monkeypatch, path) -> list[int]:
+    """Bytes of each read of local file `path` through fsspec's LocalFileOpener (appended as they happen)."""
+    from fsspec.implementations import local
+
+    reads: list[int] = []
+    read = local.LocalFileOpener.read
+
+    def observed(self, *args, **kwargs):
+        data = read(self, *args, **kwargs)
+        if str(self.path) == str(path):
+            reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", observed)
+    return reads

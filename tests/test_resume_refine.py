@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import record_local_reads
 from test_refine import MESSAGES, mark_complete, read_out, write_run
 
 from drift_stream.errors import RunDirMismatchError
@@ -146,20 +147,10 @@ def test_refine_repeat_reads_its_shard_a_row_group_at_a_time(tmp_path, monkeypat
     """pyarrow's ParquetFile pre-buffers every row group iter_batches will read: one read of the whole shard (24 MiB
     held at once for 10^6 short rows). refine reads with pre_buffer off, so no read of the shard (rank fit, copies)
     is much larger than a row group."""
-    from fsspec.implementations import local
 
     src = write_scored_shard(tmp_path / "run", 40_000, row_group=2_000)
     shard = tmp_path / "run" / "data" / "train-00000-of-00001.parquet"
-    reads: list[int] = []  # bytes of each read of the shard
-    read = local.LocalFileOpener.read
-
-    def observed(self, *args, **kwargs):
-        data = read(self, *args, **kwargs)
-        if str(self.path) == str(shard):
-            reads.append(len(data))
-        return data
-
-    monkeypatch.setattr(local.LocalFileOpener, "read", observed)
+    reads = record_local_reads(monkeypatch, shard)  # bytes of each read of the file
     manifest = refine_run(src, "repeat", str(tmp_path / "out"), seed=5, weight_map=weight_map, progress=False)
     assert manifest["rows_written"] > 0 and len(reads) > 20  # 20 row groups
     assert max(reads) < shard.stat().st_size / 10, (max(reads), shard.stat().st_size)

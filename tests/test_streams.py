@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import record_local_reads
 import zstandard
 
 from drift_stream.errors import ConfigError, InputError
@@ -137,22 +138,12 @@ def test_a_parquet_input_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
     """pyarrow's ParquetFile pre-buffers every row group iter_batches will read (its default): one read of the whole
     input file, held while its chunks are scored (a 344 MiB file: +441 MiB of peak RSS, +141 MiB without). The
     reader passes pre_buffer=False, so no read is much larger than a row group."""
-    from fsspec.implementations import local
 
     from drift_stream.io.streams import iter_planned
 
     path = tmp_path / "big.parquet"
     pq.write_table(pa.Table.from_pylist(rows(100_000)), path, row_group_size=5_000)  # ~2 MiB; its footer 64 KiB
-    reads: list[int] = []  # bytes of each read of the input file
-    read = local.LocalFileOpener.read
-
-    def observed(self, *args, **kwargs):
-        data = read(self, *args, **kwargs)
-        if str(self.path) == str(path):
-            reads.append(len(data))
-        return data
-
-    monkeypatch.setattr(local.LocalFileOpener, "read", observed)
+    reads = record_local_reads(monkeypatch, path)  # bytes of each read of the file
     (file,) = expand_inputs([str(path)])
     chunks = [item for item in iter_planned(file, 4096) if hasattr(item, "table")]
     assert sum(c.table.num_rows for c in chunks) == 100_000 and len(reads) > 20  # 20 row groups
